@@ -1,0 +1,400 @@
+"""Per-token log-prob and entropy of an LM head without materialising the [N, V] logits, plus the R1V3
+critical-token entropy metric.
+
+GRPO needs, for every response token, log p(token) (ratio and loss) and the entropy of the policy's distribution
+(monitoring, and the checkpoint-selection metric of Skywork-R1V3). Full logits for 8K tokens x 152K vocab are 5 GB
+in fp32 before softmax and gradients, so `logprob_entropy` walks the logits in [chunk_tokens, chunk_vocab] blocks:
+forward keeps an online softmax per row in fp32 (max m, sum-exp s, sum exp*(z-m) u), backward recomputes each block
+and turns it into dz in place. Extra memory is O(chunk_tokens x chunk_vocab) plus O(N) row statistics and the fp32
+gradient accumulators, independent of the logits' N x V. Matrix products are torch (cuBLAS); the two elementwise
+passes over a block are Triton kernels, each next to its plain-torch twin.
+
+References: verl `verl/utils/kernel/` (fused linear cross-entropy returning log-prob and entropy, vocab splits,
+recompute in backward), Liger-Kernel `ops/fused_linear_cross_entropy`, Cut Cross-Entropy (Wijmans et al. 2024).
+
+    python entropy.py --bench        # fused vs naive reference on this device: fwd+bwd time and peak memory
+"""
+import argparse
+import math
+import os
+import statistics
+import time
+from collections.abc import Collection, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+import multiprocessing
+
+import torch
+import triton
+import triton.language as tl
+from tokenizers import Tokenizer
+
+IGNORE_INDEX = -100  # targets with this value (prompt, padding) give logprob = entropy = 0 and no gradient
+# A finite "minus infinity" for the running max: merging with the empty state computes (m_old - m_new) * s_old,
+# which must be 0 * finite = 0, not inf * 0 = nan.
+_EMPTY_MAX = -1e30
+
+
+@dataclass
+class Chunks:
+    """Block shape of the logits walk. Default block: 4096 x 8192 = 32M logits (64 MB bf16, 128 MB fp32), large
+    enough that each GEMM (4096 x D x 8192) runs near cuBLAS peak, small enough to be noise next to an 80 GB card."""
+    tokens: int = 4096   # rows of hidden per block
+    vocab: int = 8192    # rows of the LM head per block (a "vocab split")
+    block_v: int = 1024  # Triton kernels walk a block's row in pieces of this many logits (power of two)
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.vocab < 1 or self.block_v < 1 or self.block_v & (self.block_v - 1):
+            raise ValueError(f"Chunks needs tokens, vocab >= 1 and block_v a power of two, got {self}")
+
+
+def logprob_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: full logits, log_softmax. fp64 inputs stay fp64; anything narrower is upcast to fp32."""
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature  # (N, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    valid = targets != IGNORE_INDEX
+    logprob = logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(valid, logprob, 0.0), torch.where(valid, entropy, 0.0)
+
+
+# ---- forward block: update the per-row online-softmax state with one [nc, vc] block of raw logits ----------------
+# z = logits / T. State per row: m = running max of z, s = sum exp(z - m), u = sum exp(z - m) * (z - m), zt = the
+# target's z. Then lse = m + log s, E_p[z] = m + u / s, entropy = log s - u / s. Keeping u relative to m (rather than
+# sum exp*z) avoids cancellation when |z| is large; it also makes entropy >= 0 (u <= 0, s >= 1) and
+# logprob = (zt - m) - log s <= 0 exact in floating point, since zt is read from the same block as the max.
+
+@triton.jit
+def _stats_kernel(logits_ptr, stride, targets_ptr, m_ptr, s_ptr, u_ptr, zt_ptr, v0, vc, inv_temp,
+                  BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    u = tl.load(u_ptr + row)
+    for start in range(0, vc, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < vc
+        z = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+        m_blk = tl.max(z, axis=0)
+        zc = tl.where(inside, z - m_blk, 0.0)  # 0, not -inf, outside the row: e * zc must not be 0 * -inf = nan
+        e = tl.where(inside, tl.exp(zc), 0.0)
+        s_blk = tl.sum(e, axis=0)
+        u_blk = tl.sum(e * zc, axis=0)
+        m_new = tl.maximum(m, m_blk)
+        a = tl.exp(m - m_new)
+        b = tl.exp(m_blk - m_new)
+        u = a * (u + (m - m_new) * s) + b * (u_blk + (m_blk - m_new) * s_blk)
+        s = a * s + b * s_blk
+        m = m_new
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(u_ptr + row, u)
+    local = tl.load(targets_ptr + row) - v0
+    hit = (local >= 0) & (local < vc)
+    zt = tl.load(row_ptr + local, mask=hit, other=0.0).to(tl.float32) * inv_temp
+    tl.store(zt_ptr + row, zt, mask=hit)
+
+
+def _stats_torch(logits: torch.Tensor, targets: torch.Tensor, state: torch.Tensor, v0: int, inv_temp: float):
+    """Plain-torch twin of `_stats_kernel`: the whole block row at once instead of BLOCK_V pieces."""
+    m, s, u, zt = state  # each (nc,), views into state (4, nc)
+    z = logits.float() * inv_temp  # (nc, vc)
+    local = targets - v0
+    hit = (local >= 0) & (local < z.shape[1])
+    zt.copy_(torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), zt))
+    m_blk = z.amax(1)
+    z -= m_blk[:, None]  # z - m_blk, in place to keep two block-sized buffers at most
+    e = z.exp()
+    s_blk, u_blk = e.sum(1), (e * z).sum(1)
+    m_new = torch.maximum(m, m_blk)
+    a, b = (m - m_new).exp(), (m_blk - m_new).exp()
+    u.copy_(a * (u + (m - m_new) * s) + b * (u_blk + (m_blk - m_new) * s_blk))
+    s.copy_(a * s + b * s_blk)
+    m.copy_(m_new)
+
+
+# ---- backward block: overwrite a recomputed [nc, vc] block of raw logits with d loss / d logits ------------------
+# With p = softmax(z): d logp_t / dz = onehot_t - p and d H / dz = p * (E_p[z] - z), so
+# dz = dlogp * (onehot - p) + dH * p * (E_p[z] - z), and d/d logits = dz / T because z = logits / T.
+
+@triton.jit
+def _dlogits_kernel(logits_ptr, stride, targets_ptr, lse_ptr, ez_ptr, dlogp_ptr, dent_ptr, v0, vc, inv_temp,
+                    BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride
+    lse = tl.load(lse_ptr + row)
+    ez = tl.load(ez_ptr + row)
+    dlogp = tl.load(dlogp_ptr + row)
+    dent = tl.load(dent_ptr + row)
+    local = tl.load(targets_ptr + row) - v0
+    for start in range(0, vc, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < vc
+        z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp
+        p = tl.exp(z - lse)
+        dz = p * (dent * (ez - z) - dlogp) + tl.where(cols == local, dlogp, 0.0)
+        tl.store(row_ptr + cols, (dz * inv_temp).to(logits_ptr.dtype.element_ty), mask=inside)
+
+
+def _dlogits_torch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ez: torch.Tensor,
+                   dlogp: torch.Tensor, dent: torch.Tensor, v0: int, inv_temp: float):
+    """Plain-torch twin of `_dlogits_kernel`."""
+    z = logits.float() * inv_temp  # (nc, vc)
+    p = (z - lse[:, None]).exp_()
+    dz = z.neg_().add_(ez[:, None]).mul_(dent[:, None]).sub_(dlogp[:, None]).mul_(p)  # in z's buffer
+    local = targets - v0
+    rows = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
+    dz[rows, local[rows]] += dlogp[rows]
+    logits.copy_(dz.mul_(inv_temp))
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _update_stats(impl: str, logits, targets, state, v0: int, inv_temp: float, block_v: int):
+    if impl == "torch":
+        return _stats_torch(logits, targets, state, v0, inv_temp)
+    _stats_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, state[0], state[1], state[2], state[3],
+                                      v0, logits.shape[1], inv_temp, BLOCK_V=block_v)
+
+
+def _dlogits(impl: str, logits, targets, lse, ez, dlogp, dent, v0: int, inv_temp: float, block_v: int):
+    if impl == "torch":
+        return _dlogits_torch(logits, targets, lse, ez, dlogp, dent, v0, inv_temp)
+    _dlogits_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, lse, ez, dlogp, dent,
+                                        v0, logits.shape[1], inv_temp, BLOCK_V=block_v)
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    """Both loops walk vocab splits outermost so the backward's dW for a split is finished (in an fp32 [vc, D]
+    accumulator) before the next split starts: the only gradient-sized fp32 buffer is dh's [N, D], and N (tokens
+    per micro-batch) is far below V (152K). Logits blocks are GEMMs in the input dtype (fp32 accumulate inside
+    cuBLAS), exactly like an eager lm_head, and go to fp32 when the kernels load them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, impl: str, chunks: Chunks):
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # masked rows are dropped, not computed
+        h, t = hidden[rows], targets[rows]  # (n, D), (n,)
+        n, inv_temp = rows.numel(), 1.0 / temperature
+        state = torch.zeros(4, n, dtype=torch.float32, device=hidden.device)  # rows: m, s, u, zt
+        state[0] = _EMPTY_MAX
+        for v0 in range(0, weight.shape[0], chunks.vocab):
+            w = weight[v0:v0 + chunks.vocab]  # (vc, D)
+            for n0 in range(0, n, chunks.tokens):
+                n1 = n0 + chunks.tokens
+                logits = h[n0:n1] @ w.T  # (nc, vc)
+                _update_stats(impl, logits, t[n0:n1], state[:, n0:n1], v0, inv_temp, chunks.block_v)
+        m, s, u, zt = state
+        logprob = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(logprob)
+        logprob[rows] = (zt - m) - s.log()
+        entropy[rows] = s.log() - u / s
+        ctx.save_for_backward(hidden, weight, targets, rows, m + s.log(), m + u / s)  # lse, E_p[z]; h re-gathered
+        ctx.temperature, ctx.impl, ctx.chunks = temperature, impl, chunks
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, dlogprob, dentropy):
+        hidden, weight, targets, rows, lse, ez = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        chunks, inv_temp = ctx.chunks, 1.0 / ctx.temperature
+        h, t = hidden[rows], targets[rows]  # (n, D), (n,)
+        dlogp, dent = dlogprob[rows].float(), dentropy[rows].float()  # (n,)
+        n = rows.numel()
+        dh = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None  # fp32 accumulator
+        dw = torch.empty_like(weight) if need_w else None
+        for v0 in range(0, weight.shape[0], chunks.vocab):
+            w = weight[v0:v0 + chunks.vocab]  # (vc, D)
+            dw_split = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # fp32 accumulator over tokens
+            for n0 in range(0, n, chunks.tokens):
+                n1 = n0 + chunks.tokens
+                dz = h[n0:n1] @ w.T  # (nc, vc) recomputed logits, overwritten with d loss / d logits below
+                _dlogits(ctx.impl, dz, t[n0:n1], lse[n0:n1], ez[n0:n1], dlogp[n0:n1], dent[n0:n1], v0, inv_temp,
+                         chunks.block_v)
+                if need_h:
+                    dh[n0:n1] += dz @ w  # (nc, D)
+                if need_w:
+                    dw_split += dz.T @ h[n0:n1]  # (vc, D)
+            if need_w:
+                dw[v0:v0 + chunks.vocab] = dw_split
+        if need_h:
+            dh = torch.zeros_like(hidden).index_put_((rows,), dh.to(hidden.dtype))  # masked rows get exactly 0
+        return dh, dw, None, None, None, None
+
+
+def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    impl: str = "auto", chunks: Chunks = Chunks()) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(hidden @ weight.T / T)[targets] and the entropy of that softmax, both fp32 [N], without the
+    [N, V] logits. hidden [N, D] and weight [V, D] share a dtype (bf16 or fp32); targets [N] long, IGNORE_INDEX
+    rows give 0 and no gradient. Differentiable in hidden and weight. impl: "triton" (CUDA, or CPU under
+    TRITON_INTERPRET=1), "torch" (same blocks, plain torch), "auto" (triton on CUDA, torch elsewhere)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.dtype != torch.long:
+        raise ValueError(f"need targets [N] = [{hidden.shape[0]}] of dtype torch.long, got {tuple(targets.shape)} "
+                         f"{targets.dtype}")
+    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
+        raise ValueError(f"hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}")
+    if not hidden.device == weight.device == targets.device:
+        raise ValueError(f"inputs on different devices: {hidden.device}, {weight.device}, {targets.device}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bad.any():
+        raise ValueError(f"target id {targets[bad][0].item()} outside the vocabulary [0, {weight.shape[0]}) "
+                         f"(use {IGNORE_INDEX} to mask a position)")
+    if impl == "auto":
+        impl = "triton" if hidden.is_cuda else "torch"
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "triton" and not hidden.is_cuda and not _interpreted():
+        raise RuntimeError("impl='triton' on CPU needs TRITON_INTERPRET=1 in the environment before triton is imported")
+    return _LogprobEntropy.apply(hidden, weight, targets, temperature, impl, chunks)
+
+
+# ---- critical-token entropy (R1V3 checkpoint selection) --------------------------------------------------------
+# Reflective words; the paper does not publish its list. Matching is on tokens: a word-initial piece of a longer
+# word ("Ġcheck" in " checkpoint" if the tokenizer splits it so) counts too.
+CRITICAL_WORDS: tuple[str, ...] = ("wait", "hmm", "alternatively", "however", "but", "actually", "perhaps", "maybe",
+                                   "check", "verify", "recheck", "double-check", "reconsider", "mistake")
+
+
+def critical_token_ids(tokenizer: Tokenizer, words: Sequence[str] = CRITICAL_WORDS) -> dict[int, str]:
+    """Token id -> word for each spelling "wait", " wait", "Wait", " Wait" that encodes to exactly one token (a BPE
+    vocabulary keeps the leading space inside the token, "Ġwait", so mid-sentence and line-start forms differ).
+    Spellings needing several tokens are skipped: their first piece ("double" of "double-check") is not reflective
+    by itself. Words with no single-token spelling are `set(words) - set(ids.values())`; log them."""
+    ids = {}
+    for word in words:
+        for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+            pieces = tokenizer.encode(variant, add_special_tokens=False).ids
+            if len(pieces) == 1:
+                ids[pieces[0]] = word
+    return ids
+
+
+def critical_entropy(token_ids: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor | None,
+                     critical_ids: Collection[int]) -> dict[str, float | int]:
+    """Mean entropy over every critical-token occurrence in a set of sampled responses, and over all tokens.
+
+    token_ids, entropy, mask: same shape ([B, T] or [N]). entropy[t] is the entropy of the distribution that
+    produced token_ids[t] (both aligned on the response token, i.e. what `logprob_entropy` returns for targets =
+    token_ids). mask (bool, None = all) selects response tokens. An empty selection gives nan, not 0: 0 would read
+    as "collapsed"."""
+    if not token_ids.shape == entropy.shape == (token_ids.shape if mask is None else mask.shape):
+        raise ValueError(f"token_ids, entropy, mask shapes differ: {tuple(token_ids.shape)}, "
+                         f"{tuple(entropy.shape)}, {None if mask is None else tuple(mask.shape)}")
+    mask = torch.ones_like(token_ids, dtype=torch.bool) if mask is None else mask.bool()
+    ids = torch.tensor(sorted(critical_ids), dtype=token_ids.dtype, device=token_ids.device)
+    critical = torch.isin(token_ids, ids) & mask
+    entropy = entropy.detach().double()
+    num_critical, num_tokens = int(critical.sum()), int(mask.sum())
+    return dict(critical_entropy=entropy[critical].mean().item() if num_critical else math.nan,
+                mean_entropy=entropy[mask].mean().item() if num_tokens else math.nan,
+                num_critical=num_critical, num_tokens=num_tokens)
+
+
+# ---- benchmark ---------------------------------------------------------------------------------------------------
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _bench_variant(variant: str, n: int, d: int, v: int, dtype: str, iters: int, chunks: Chunks) -> dict:
+    """One variant in a fresh process: peak memory of the first fwd+bwd above the inputs, then median time."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+
+    def make(n):
+        hidden = torch.randn(n, d, device=device).to(getattr(torch, dtype)).requires_grad_()
+        weight = (torch.randn(v, d, device=device) / d**0.5).to(getattr(torch, dtype)).requires_grad_()
+        return hidden, weight, torch.randint(0, v, (n,), device=device)
+
+    def step(hidden, weight, targets):
+        if variant == "reference":
+            logprob, entropy = logprob_entropy_reference(hidden, weight, targets)
+        else:
+            logprob, entropy = logprob_entropy(hidden, weight, targets, impl=variant, chunks=chunks)
+        (logprob.sum() + entropy.sum()).backward()
+        hidden.grad = weight.grad = None
+
+    step(*make(8))  # library init (cuBLAS/oneDNN handles, Triton compile) stays out of the measurement
+    inputs = make(n)
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(*inputs)
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak resident set) to the current VmRSS
+            base = _rss_kib("VmRSS")
+            step(*inputs)
+            peak = (_rss_kib("VmHWM") - base) * 1024
+        times = []
+        for _ in range(iters):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(*inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        return dict(oom=True)
+    return dict(oom=False, ms=1e3 * statistics.median(times), mib=peak / 2**20)
+
+
+def bench(args: argparse.Namespace) -> None:
+    cuda = torch.cuda.is_available()
+    n, d, v = args.n or (16384 if cuda else 4096), args.d or (5120 if cuda else 512), args.v or (151936 if cuda else 32768)
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    impl = args.impl or ("triton" if cuda else "torch")
+    iters = args.iters or (5 if cuda else 3)
+    chunks = Chunks(tokens=args.chunk_tokens, vocab=args.chunk_vocab)
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {device} | torch {torch.__version__} triton {triton.__version__} | N={n} D={d} V={v} {dtype} "
+          f"| fused impl={impl} {chunks}")
+    if not cuda and impl == "torch":
+        print("(Triton on CPU runs in the numpy interpreter, far too slow to time: skipped; --impl triton forces it)")
+    if cuda:
+        print("memory: torch.cuda.max_memory_allocated during the first fwd+bwd minus what was allocated before it")
+    else:
+        print("memory: peak resident-set growth (VmHWM after clear_refs) during the first fwd+bwd, one fresh process "
+              "per variant, glibc mmap threshold 64 KiB so freed blocks go back to the OS")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned processes below
+    rows = {}
+    for variant in ("reference", impl):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows[variant] = pool.submit(_bench_variant, variant, n, d, v, dtype, iters, chunks).result()
+    print(f"{'variant':<18}{f'fwd+bwd ms (median of {iters})':>28}{'peak MiB':>12}")
+    for variant, r in rows.items():
+        name = "reference" if variant == "reference" else f"fused ({variant})"
+        print(f"{name:<18}{'OOM':>28}{'OOM':>12}" if r["oom"] else f"{name:<18}{r['ms']:>28.1f}{r['mib']:>12.1f}")
+    ref, fused = rows["reference"], rows[impl]
+    if not (ref["oom"] or fused["oom"]):
+        print(f"{'fused/reference':<18}{fused['ms'] / ref['ms']:>28.3f}{fused['mib'] / ref['mib']:>12.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", action="store_true", help="time fwd+bwd and peak memory, fused vs reference")
+    parser.add_argument("--n", type=int, help="tokens (default 16384 on CUDA, 4096 on CPU)")
+    parser.add_argument("--d", type=int, help="hidden size (default 5120 on CUDA, 512 on CPU)")
+    parser.add_argument("--v", type=int, help="vocabulary size (default 151936 on CUDA, 32768 on CPU)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--impl", choices=["torch", "triton"], help="fused impl (default triton on CUDA, torch on CPU)")
+    parser.add_argument("--iters", type=int, help="timed iterations after the first (default 5 CUDA, 3 CPU)")
+    parser.add_argument("--chunk-tokens", type=int, default=Chunks.tokens, help="Chunks.tokens of the fused path")
+    parser.add_argument("--chunk-vocab", type=int, default=Chunks.vocab, help="Chunks.vocab of the fused path")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.error("nothing to do: pass --bench")
+    bench(args)
