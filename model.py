@@ -116,7 +116,9 @@ def _pick(d: dict, *names, default=None):
 
 def _llm_config(d: dict, tie: bool | None) -> LLMConfig:
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+    # "dynamic" NTK scaling (some InternVL llm_configs) only changes positions past max_position_embeddings, which
+    # the sampler never reaches, so it is plain RoPE here; other scalings change every position.
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic", None):
         raise ValueError(f"RoPE scaling {rope} is not supported (only plain RoPE, as in Qwen2/2.5)")
     if d.get("use_sliding_window"):
         raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
