@@ -1,0 +1,623 @@
+"""Rule-based rewards for GRPO: answer extraction, answer equivalence, accuracy / format / overlong rewards.
+
+What it follows:
+- math-verify (HuggingFace) decides mathematical equivalence (numbers, LaTeX expressions, intervals, sets, tuples);
+  each call runs under a hard time limit of our own (`_with_time_limit`), after caps that keep pathological
+  answers away from sympy.
+- MMMU's official eval_utils.py answer parsing (`parse_multi_choice_response`, `parse_open_response`, `eval_open`)
+  is re-implemented here as `parse_multiple_choice`, `parse_open`, `match_open` so that eval.py reuses it.
+- DAPO (Yu et al. 2025, "soft overlong punishment") for the length penalty.
+
+A data row is the dict of the JSONL data files: {"question", "answer", "answer_type", "options", "image", "subject"}
+with answer_type one of multiple_choice / numeric / expression / text (see `validate_row`). Accuracy reads the final
+answer only after `</think>` (the reasoning may box intermediate values); a response without a think block is read
+whole; one whose `<think>` never closes (truncated) has no answer. Rewards are pure functions of (response, row).
+
+    python reward.py --bench        # responses/s on 1,000 realistic responses, serial and on all cores
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import random
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from fractions import Fraction
+
+from math_verify import parse as mv_parse, verify as mv_verify
+
+# Hard limit on one equivalence check (math-verify: parse gold, parse answer, verify). Warm calls take 1-50 ms, the
+# first of a kind in a fresh process up to ~0.5 s (sympy imports lazily); answers that get past the caps below but
+# explode inside sympy (a power tower such as 2^{2^{2^{2^{2}}}}) run until stopped. 1 s covers a cold start and bounds
+# what one bad response can cost a training step.
+DEFAULT_TIME_LIMIT_S = 1.0
+# Answers longer or more deeply bracketed than this never reach sympy; they are compared as normalised strings.
+# Real answers are < 100 characters and < 5 levels deep, while math-verify's LaTeX parser costs ~60 ms per bracket
+# level and blows up past ~10 levels.
+MAX_ANSWER_CHARS = 200
+MAX_ANSWER_DEPTH = 8
+# Below this many responses score_batch stays in-process: a pool round trip costs more than the scoring.
+SERIAL_BELOW = 64
+ANSWER_TYPES = ("multiple_choice", "numeric", "expression", "text")
+
+# We switch math-verify's own timeouts off (whole-second signal.alarm that would cancel our timer); it warns about
+# that once per process, which is noise here since the limit is enforced by _with_time_limit.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+class AnswerTimeout(TimeoutError):
+    """An equivalence check ran past its time limit."""
+
+
+# ----------------------------------------------------------------------------- data rows
+
+def validate_row(row: dict) -> dict:
+    """Check a data row and return a copy with `answer_type` set and, for multiple choice, `answer` as a letter.
+
+    A missing answer_type is inferred: options present -> multiple_choice, else numeric when the answer is one number
+    (units and % allowed), else expression. Free-text rows cannot be told from expressions: label them "text".
+    Raises ValueError on a data bug (unknown type, multiple choice without options or with an answer that names none).
+    """
+    if not isinstance(row, dict) or "answer" not in row:
+        raise ValueError(f"a data row must be a dict with an 'answer' key, got {type(row).__name__}")
+    answer, options = str(row["answer"]), row.get("options")
+    kind = row.get("answer_type")
+    if kind is None:
+        kind = "multiple_choice" if options else "numeric" if _split_number(_clean(answer), True) else "expression"
+    if kind not in ANSWER_TYPES:
+        raise ValueError(f"unknown answer_type {kind!r}, expected one of {ANSWER_TYPES}")
+    if kind == "multiple_choice":
+        if not options or not isinstance(options, (list, tuple)) or len(options) > 26:
+            raise ValueError(f"multiple_choice row needs 1-26 options, got {options!r}")
+        letter = _letter_of(answer, options)
+        if letter is None:
+            raise ValueError(f"multiple_choice answer {answer!r} is neither an option letter nor an option's text")
+        answer = letter
+    return {**row, "answer": answer, "answer_type": kind}
+
+
+# ----------------------------------------------------------------------------- answer extraction
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_TOKEN = re.compile(r"[^\s$]+")
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)  # an escaped char (\{ is a literal brace) or a brace
+_ANSWER_PHRASE = re.compile(r"\banswer\b\**\s*(?:is\b\s*:?|:)", re.I)  # "the answer is", "Answer:", "**Answer:**"
+_WRAPPERS = re.compile(r"\\?\$|\\[()\[\]]|\\displaystyle|\*\*|__")
+
+
+def _clean(s: str) -> str:
+    """Strip what surrounds an answer but is not part of it: $ and \\( \\[ delimiters, markdown bold, end punctuation."""
+    return _WRAPPERS.sub("", s).strip().rstrip(".,;:").strip()
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, \\fbox{...} or `\\boxed x`; None if there is none or the last never closes.
+
+    One left-to-right brace scan from the last command: linear time, whatever the nesting.
+    """
+    last = None
+    for last in _BOX.finditer(text):
+        pass
+    if last is None:
+        return None
+    i = last.end()
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    if i == len(text):
+        return None
+    if text[i] != "{":  # `\boxed 5`: a single token
+        m = _TOKEN.match(text, i)
+        return m.group(0) if m else None
+    depth = 0
+    for tok in _BRACE_TOKEN.finditer(text, i):
+        if tok.group() == "{":
+            depth += 1
+        elif tok.group() == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:tok.start()].strip()
+    return None
+
+
+def answer_region(response: str) -> str | None:
+    """The part of a response that holds its final answer: after the last `</think>`; the whole response if it has no
+    think block; None if `<think>` opens but never closes (the response was cut off while thinking)."""
+    end = response.rfind("</think>")
+    if end >= 0:
+        return response[end + len("</think>"):]
+    return None if "<think>" in response else response
+
+
+def extract_answer(text: str) -> str | None:
+    """The explicit final answer of `text`, first form found: the last \\boxed{}, the last <answer>...</answer>, the
+    line after the last "the answer is" / "Answer:". None when there is no such marker or it is empty."""
+    found = last_boxed(text)
+    if found is None:
+        start = text.rfind("<answer>")
+        end = text.find("</answer>", start) if start >= 0 else -1
+        if end >= 0:
+            found = text[start + len("<answer>"):end]
+    if found is None:
+        last = None
+        for last in _ANSWER_PHRASE.finditer(text):
+            pass
+        if last is not None:
+            tail = text[last.end():].lstrip()
+            line = tail[:tail.find("\n")] if "\n" in tail else tail
+            found = re.split(r"\.\s", line, maxsplit=1)[0]  # "The answer is 12. Let me check..." -> "12"
+    return (_clean(found) or None) if found is not None else None
+
+
+# ----------------------------------------------------------------------------- multiple choice (MMMU rules)
+
+_LETTER_FORM = re.compile(r"(?:(?:option|choice)\s*)?[(\[]?([A-Z])[)\]]?(?=$|[\s.:,)])", re.I)
+# A choice letter standing alone: MMMU accepts " B "; we also accept it next to punctuation or markdown
+# ("B.", "B)", "B:", "**B**", "[B]") but never inside a word ("B's", "AB", "\\Beta").
+_BARE_LETTER = re.compile(r"(?<![A-Za-z0-9_\\'’])([A-Z])(?![A-Za-z0-9_'’])")
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+
+
+def _letter_of(answer: str, options: list[str]) -> str | None:
+    """The option a short explicit answer names: "B", "(B)", "B.", "B) 42", "**B**", "option B", "\\text{B}", or the
+    option's own text (normalised, or the same number). None if it names none or several."""
+    a = _TEXT_CMD.sub(r"\1", _clean(answer)).strip()
+    m = _LETTER_FORM.match(a)
+    # A lower-case letter counts only alone ("b", "(b)"): "a cat" is an article, not option A.
+    if m and (m.group(1).isupper() or re.fullmatch(r"[(\[]?[a-z][)\]]?", a)):
+        index = ord(m.group(1).upper()) - 65
+        return chr(65 + index) if index < len(options) else None
+    norm = normalize_text(a)
+    hits = [i for i, o in enumerate(options) if norm and normalize_text(str(o)) == norm]
+    if not hits and (value := _number_value(a)) is not None:
+        hits = [i for i, o in enumerate(options) if _number_value(str(o)) == value]
+    return chr(65 + hits[0]) if len(hits) == 1 else None
+
+
+def parse_multiple_choice(response: str, options: list[str]) -> str | None:
+    """The letter a response chooses, option i having letter chr(65 + i); None if it chooses none.
+
+    An explicit answer (see `extract_answer`) that names an option wins. Otherwise MMMU's official rules
+    (parse_multi_choice_response): candidates are letters written "(B)"; failing those, letters standing alone; failing
+    those, and only in responses longer than 5 words, options whose text appears (case-insensitive). Several candidates
+    -> the one mentioned last. Deviation: MMMU picks a random letter when nothing matches; a reward must not, so None.
+    """
+    explicit = extract_answer(response)
+    if explicit is not None and (letter := _letter_of(explicit, options)) is not None:
+        return letter
+    letters = [chr(65 + i) for i in range(len(options))]
+    text = " " + response.strip().strip(",.!?;:'") + " "
+    found = {c: text.rfind(f"({c})") for c in letters if f"({c})" in text}
+    if not found:
+        found = {m.group(1): m.start() for m in _BARE_LETTER.finditer(text) if m.group(1) in letters}
+    if not found and len(text.split()) > 5:
+        low = text.lower()
+        found = {c: low.rfind(o) for c, o in zip(letters, (str(o).strip().lower() for o in options)) if o and o in low}
+    return max(found, key=found.get) if found else None
+
+
+# ----------------------------------------------------------------------------- open answers (MMMU rules, for eval.py)
+
+_OPEN_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+# MMMU's three number patterns; (?<!\d) only stops matches from starting mid-number, which keeps the scan linear on
+# long digit runs without changing what is found.
+_OPEN_NUMBERS = [re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b"),
+                 re.compile(r"-?(?<!\d)\d+(?:\.\d+)?[eE][+-]?\d+"),
+                 re.compile(r"-?(?:(?<!\d)\d+\.\d+|\.\d+|(?<!\d)\d+\b)(?![eE][+-]?\d+)(?![,\d])")]
+
+
+def _mmmu_normalize(s: str) -> list[str | float]:
+    """MMMU's normalize_str: a number becomes a float rounded to 2 places; a string is lower-cased, and a single
+    character is padded with a space on either side so that it cannot match inside a word."""
+    s = s.strip()
+    try:
+        return [round(float(s.replace(",", "")), 2)]
+    except ValueError:
+        s = s.lower()
+        return [" " + s, s + " "] if len(s) == 1 else [s]
+
+
+def parse_open(response: str) -> list[str | float]:
+    """MMMU's parse_open_response: candidate answers of an open question (strings and numbers), for `match_open`.
+
+    Each line's shortest tail after an indicator ("so ", "is ", "therefore ", ..., and "=" on the last line) is a key
+    response (the whole response if none); the candidates are those plus every number in them, normalised.
+    MMMU also splits on r"\\.\\s(?=[A-Z])" but only after lower-casing, so that split never fires: we split on lines.
+    """
+    lines = response.strip().strip(".").lower().split("\n")
+    keys = []
+    for i, line in enumerate(lines):
+        indicators = _OPEN_INDICATORS + (("=",) if i == len(lines) - 1 else ())
+        shortest = ""  # MMMU keeps the shortest tail, but an empty one is replaced by whatever comes next
+        for tail in (line.split(ind)[-1].strip() for ind in indicators if ind in line):
+            if not shortest or len(tail) < len(shortest):
+                shortest = tail
+        if shortest and shortest not in (":", ",", ".", "!", "?", ";", "'"):
+            keys.append(shortest)
+    keys = keys or [response.strip().strip(".").lower()]
+    candidates = keys + [n for k in keys for pattern in _OPEN_NUMBERS for n in pattern.findall(k)]
+    return list(dict.fromkeys(x for c in candidates for x in _mmmu_normalize(c)))
+
+
+def match_open(answer: str | list[str], candidates: list[str | float]) -> bool:
+    """MMMU's eval_open: a number candidate must equal a gold number; a string candidate must contain a gold string."""
+    golds = [x for a in ([answer] if isinstance(answer, str) else answer) for x in _mmmu_normalize(a)]
+    return any(any(isinstance(g, str) and g in c for g in golds) if isinstance(c, str) else c in golds
+               for c in candidates)
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+_NUMBER = re.compile(r"(?P<mant>[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+)"
+                     r"(?:[eE](?P<e1>[+-]?\d{1,3})(?![\d])|\s*(?:\\times|\\cdot|×)\s*10\^\{?(?P<e2>[+-]?\d{1,3})\}?)?")
+_UNIT_CMDS = re.compile(r"\\(?:text|textrm|mathrm|mbox|rm)\b|\\[,;:! ]|\^\{?-?\d+\}?")
+_UNIT_CHARS = re.compile(r"[A-Za-zµμΩÅ°/·.\s{}]*")
+_DEGREES = re.compile(r"\s*(?:\^\s*\{?\\circ\}?|°)\s*")
+
+
+def _is_unit(rest: str) -> bool:
+    """Whether what follows a number is a unit ("cm", " m/s^2", "\\,\\mathrm{kg}", "^\\circ") and not more maths
+    ("x", "\\pi", "/2", "+1"). One bare letter glued to the number ("5x") is a variable, not a unit."""
+    if not rest.strip() or _DEGREES.fullmatch(rest):
+        return True
+    bare = _UNIT_CMDS.sub(" ", rest)
+    if "\\" in bare or not _UNIT_CHARS.fullmatch(bare):
+        return False
+    letters = sum(c.isalpha() for c in bare)
+    return letters >= 2 or (letters == 1 and rest[0] in " \t\\")
+
+
+def _split_number(s: str, allow_unit: bool) -> tuple[str, int, bool] | None:
+    """(mantissa without thousands separators, power of ten, is_percent) if `s` is a single number, optionally in
+    scientific notation ("1.5e3", "1.5\\times 10^{3}"), followed by % or, if allowed, a unit; None otherwise."""
+    s = s.replace("{,}", ",").replace("\\!", "").strip()
+    m = _NUMBER.match(s)
+    if not m:
+        return None
+    rest = s[m.end():]
+    percent = rest.lstrip().startswith(("%", "\\%"))
+    if percent:
+        rest = rest.lstrip()[1 if rest.lstrip()[0] == "%" else 2:]
+    if rest.strip() and not (allow_unit and _is_unit(rest)):
+        return None
+    return m.group("mant").replace(",", ""), int(m.group("e1") or m.group("e2") or 0), percent
+
+
+def _number_value(s: str) -> Fraction | None:
+    """Exact value of a plain number (units allowed, % divides by 100); None if `s` is anything else."""
+    parts = _split_number(_clean(s), True) if len(s) <= MAX_ANSWER_CHARS else None
+    if parts is None:
+        return None
+    value = Fraction(parts[0]) * Fraction(10) ** parts[1]
+    return value / 100 if parts[2] else value
+
+
+def normalize_text(s: str) -> str:
+    """Free-text normal form: LaTeX text wrappers and markup removed, lower case, punctuation and articles dropped,
+    whitespace collapsed."""
+    s = re.sub(r"\\[A-Za-z]+|[{}$*_]", " ", _TEXT_CMD.sub(r"\1", s)).lower()
+    s = re.sub(r"\b(?:a|an|the)\b", " ", re.sub(r"[^\w\s]", " ", s))
+    return " ".join(s.split())
+
+
+def _prepare_math(s: str, answer_type: str) -> str:
+    """Rewrite what math-verify gets wrong: scientific "1.5e3" (it reads e as Euler's number), thousands separators
+    and, for numeric answers, a trailing unit it cannot strip itself ("5 m/s" would become 5*m/s)."""
+    s = _clean(s)
+    parts = _split_number(s, allow_unit=answer_type == "numeric") if len(s) <= MAX_ANSWER_CHARS else None
+    if parts is None:
+        return s
+    mantissa, exponent, percent = parts
+    return mantissa + (f"\\times 10^{{{exponent}}}" if exponent else "") + ("\\%" if percent else "")
+
+
+def _too_big(s: str) -> bool:
+    """Beyond the caps that keep sympy fast (see MAX_ANSWER_CHARS); the depth scan only runs on short strings."""
+    if len(s) > MAX_ANSWER_CHARS:
+        return True
+    depth = deepest = 0
+    for c in s:
+        if c in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")}]":
+            depth -= 1
+    return deepest > MAX_ANSWER_DEPTH
+
+
+class _Alarm(BaseException):
+    """Raised by our SIGALRM handler. A BaseException, so that `except Exception` in math-verify/sympy cannot swallow it."""
+
+
+def _with_time_limit(fn, seconds: float, *args):
+    """fn(*args), stopped with AnswerTimeout after `seconds` of wall time.
+
+    A SIGALRM interval timer interrupts pure-Python work anywhere (sympy, the ANTLR parser); if some library catches
+    the interrupt anyway, the handler fires again every 50 ms until fn gives up. Signals only exist in the main thread,
+    which is where we run: the trainer's main thread and the batch scorer's worker processes (a ProcessPoolExecutor
+    runs tasks in its workers' main threads). Called from another thread, fn runs unlimited and the answer caps above
+    are the only guard. An outer interval timer is restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    live = [True]
+
+    def on_alarm(signum, frame):
+        if live[0]:
+            raise _Alarm
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
+    try:
+        try:
+            return fn(*args)
+        finally:
+            live[0] = False  # first thing: from here on a late alarm is a no-op
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+            if outer_delay > 0:
+                signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - start), 1e-3),
+                                 outer_interval)
+    except _Alarm:
+        raise AnswerTimeout(f"equivalence check exceeded {seconds:g} s") from None
+
+
+def _verify_math(gold: str, pred: str) -> bool:
+    # Timeouts off (None): math-verify's are whole-second signal.alarm calls that would cancel our timer.
+    g = mv_parse(f"${gold}$", parsing_timeout=None)
+    p = mv_parse(f"${pred}$", parsing_timeout=None)
+    return bool(g and p) and mv_verify(g, p, timeout_seconds=None)
+
+
+def is_equivalent(pred: str, gold: str, answer_type: str = "expression",
+                  time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> bool:
+    """Whether answer `pred` equals `gold`: normalised strings for "text", math-verify for "numeric"/"expression"
+    (after `_prepare_math`; answers beyond the size caps are compared as strings). Raises AnswerTimeout."""
+    if answer_type == "text":
+        return normalize_text(pred) != "" and normalize_text(pred) == normalize_text(gold)
+    pred, gold = _prepare_math(pred, answer_type), _prepare_math(gold, answer_type)
+    if not pred or not gold or pred == gold:
+        return bool(pred) and pred == gold
+    if _too_big(pred) or _too_big(gold):
+        return False
+    return _with_time_limit(_verify_math, time_limit_s, gold, pred)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+def final_answer(response: str, row: dict) -> str | None:
+    """The answer a response gives for a (validated) row: a letter for multiple choice, else the explicit answer
+    string of the answer region (see `answer_region`, `extract_answer`); None if it gives none."""
+    region = answer_region(response)
+    if region is None:
+        return None
+    if row["answer_type"] == "multiple_choice":
+        return parse_multiple_choice(region, row["options"])
+    return extract_answer(region)
+
+
+def accuracy_reward(response: str, row: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> float:
+    """1.0 if the response's final answer is right, else 0.0. Raises AnswerTimeout (see `score` for the safe call)."""
+    row = validate_row(row)
+    answer = final_answer(response, row)
+    if answer is None:
+        return 0.0
+    if row["answer_type"] == "multiple_choice":
+        return float(answer == row["answer"])
+    return float(is_equivalent(answer, row["answer"], row["answer_type"], time_limit_s))
+
+
+def _think_ok(response: str) -> bool:
+    """Exactly one <think>, then exactly one </think>, with something in between."""
+    if response.count("<think>") != 1 or response.count("</think>") != 1:
+        return False
+    start, end = response.find("<think>"), response.find("</think>")
+    return start < end and response[start + len("<think>"):end].strip() != ""
+
+
+def format_reward(response: str, row: dict, require_think: bool = True) -> float:
+    """1.0 if the response gives a final answer and, when required, one non-empty <think>...</think> block before it
+    (the answer is only read after </think>). A template that pre-fills "<think>" must prepend it to the response."""
+    has_answer = final_answer(response, validate_row(row)) is not None
+    return float(has_answer and (not require_think or _think_ok(response)))
+
+
+def overlong_penalty(num_tokens: int, max_len: int, cache_len: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_len - cache_len tokens, then linear down to -1 at max_len, -1
+    beyond."""
+    if num_tokens <= max_len - cache_len:
+        return 0.0
+    if num_tokens > max_len:
+        return -1.0
+    return (max_len - cache_len - num_tokens) / cache_len
+
+
+@dataclass
+class RewardConfig:
+    accuracy_weight: float = 1.0
+    format_weight: float = 0.1  # small: format only has to be learnt once, accuracy is the signal
+    overlong_weight: float = 1.0
+    max_len: int = 16384  # L_max, response tokens (R1V3 evaluates with 16K-64K)
+    cache_len: int = 4096  # L_cache, the soft-penalty band below L_max (DAPO: 4096 of 20480)
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per equivalence check
+    require_think: bool = True  # format reward needs a <think>...</think> block
+
+    def __post_init__(self):
+        if not 0 <= self.cache_len <= self.max_len:
+            raise ValueError(f"need 0 <= cache_len <= max_len, got {self.cache_len}, {self.max_len}")
+        if self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s must be > 0, got {self.time_limit_s}")
+
+
+def _failed(error: str) -> dict:
+    return {"accuracy": 0.0, "format": 0.0, "overlong": 0.0, "reward": 0.0, "error": error}
+
+
+def score(response: str, row: dict, cfg: RewardConfig | None = None, num_tokens: int | None = None) -> dict:
+    """Reward components of one response: {"accuracy", "format", "overlong", "reward", "error"}.
+
+    reward = weighted sum of accuracy (1/0), format (1/0) and overlong penalty (0..-1, 0 when num_tokens is None).
+    Never raises for a bad response: a timeout or error gives all components 0 and an "error" string (else None).
+    Raises ValueError for a bad row, which is a data bug.
+    """
+    cfg = cfg or RewardConfig()
+    row = validate_row(row)
+    try:
+        answer = final_answer(response, row)
+        if answer is None:
+            accuracy = 0.0
+        elif row["answer_type"] == "multiple_choice":
+            accuracy = float(answer == row["answer"])
+        else:
+            accuracy = float(is_equivalent(answer, row["answer"], row["answer_type"], cfg.time_limit_s))
+        fmt = float(answer is not None and (not cfg.require_think or _think_ok(response)))
+        over = overlong_penalty(num_tokens, cfg.max_len, cfg.cache_len) if num_tokens is not None else 0.0
+    except Exception as e:  # noqa: BLE001 - one bad response must not stop training
+        return _failed(f"{type(e).__name__}: {str(e)[:200]}")
+    total = cfg.accuracy_weight * accuracy + cfg.format_weight * fmt + cfg.overlong_weight * over
+    return {"accuracy": accuracy, "format": fmt, "overlong": over, "reward": total, "error": None}
+
+
+def reward(response: str, row: dict, cfg: RewardConfig | None = None, num_tokens: int | None = None) -> float:
+    """The combined scalar reward (see `score`)."""
+    return score(response, row, cfg, num_tokens)["reward"]
+
+
+# ----------------------------------------------------------------------------- batch scoring
+
+def _score_chunk(items: list[tuple], cfg: RewardConfig) -> list[dict]:
+    return [score(response, row, cfg, n) for response, row, n in items]
+
+
+def _warm_up() -> None:
+    """Pool initializer: pay sympy's lazy imports before the first timed check, not inside it."""
+    for gold, pred in (("\\frac{1}{2}", "0.5"), ("(x+1)^2", "x^2+2x+1"), ("[1,2)", "\\{1,2\\}")):
+        _verify_math(gold, pred)
+
+
+# One pool per process, reused across calls: a fresh one costs ~1.5 s (each worker imports sympy). spawn, never
+# fork: forking a training process with CUDA state or threads is unsafe.
+_pool: ProcessPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _get_pool(workers: int) -> ProcessPoolExecutor:
+    global _pool, _pool_workers
+    if _pool is None or _pool_workers != workers:
+        if _pool is not None:
+            _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_warm_up)
+        _pool_workers = workers
+    return _pool
+
+
+def _drop_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+    _pool = None
+
+
+def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None = None,
+                num_tokens: list[int] | None = None, workers: int | None = None) -> list[dict]:
+    """`score` for each (response, row[, num_tokens]) pair, in order; a process pool on all cores (or `workers`) when
+    there are at least SERIAL_BELOW responses. A failing item gets zero rewards and an "error" string, the rest are
+    scored; a crashed or hung worker fails only the items it held. Rows are validated first (ValueError)."""
+    cfg = cfg or RewardConfig()
+    n = len(responses)
+    if len(rows) != n or (num_tokens is not None and len(num_tokens) != n):
+        raise ValueError(f"{n} responses but {len(rows)} rows / {len(num_tokens or [])} token counts")
+    items = list(zip(responses, [validate_row(r) for r in rows], num_tokens or [None] * n))
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or n < SERIAL_BELOW:
+        return _score_chunk(items, cfg)
+    size = -(-n // (4 * workers))  # ~4 chunks per worker: a slow item delays a quarter of a worker's share
+    chunks = [items[i:i + size] for i in range(0, n, size)]
+    pool = _get_pool(workers)
+    futures = [pool.submit(_score_chunk, chunk, cfg) for chunk in chunks]
+    # Each item is bounded by cfg.time_limit_s inside its worker; this deadline only catches a worker stuck outside
+    # Python (it covers pool start-up and every item timing out, with 2x slack).
+    done, _ = wait(futures, timeout=60 + 2 * (n / workers + size) * (cfg.time_limit_s + 0.1))
+    results = []
+    for chunk, future in zip(chunks, futures):
+        if future in done and future.exception() is None:
+            results.extend(future.result())
+        else:
+            error = "worker deadline exceeded" if future not in done else f"worker failed: {future.exception()!r}"
+            results.extend(_failed(error) for _ in chunk)
+    if len(done) < len(futures) or any(f.exception() for f in done):
+        _drop_pool()  # broken or hung: the next call starts a fresh one
+    return results
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _bench_data(n: int, seed: int = 0) -> tuple[list[str], list[dict], list[float]]:
+    """n realistic (response, row, expected accuracy) triples: a think block of reasoning, then a final answer in one
+    of the forms models write; numeric / expression / multiple-choice / text rows, about half of them answered right."""
+    rng = random.Random(seed)
+    problems = [  # (row, right answers as a model might write them, wrong answers)
+        ({"answer": "12", "answer_type": "numeric"}, ["12", "12.0", "12 cm"], ["13", "-12"]),
+        ({"answer": "0.5", "answer_type": "numeric"}, ["\\frac{1}{2}", "1/2", "50\\%"], ["\\frac{1}{3}", "0.05"]),
+        ({"answer": "1200", "answer_type": "numeric"}, ["1,200", "1.2\\times 10^{3}", "1.2e3"], ["120", "1.2e4"]),
+        ({"answer": "\\frac{\\sqrt{3}}{2}", "answer_type": "expression"}, ["\\frac{\\sqrt3}{2}", "\\sqrt{3}/2"],
+         ["\\frac{\\sqrt{2}}{2}", "\\frac{1}{2}"]),
+        ({"answer": "x^2+2x+1", "answer_type": "expression"}, ["(x+1)^2", "x^{2}+2x+1"], ["(x-1)^2", "x^2+1"]),
+        ({"answer": "[1, 3)", "answer_type": "expression"}, ["[1,3)", "\\left[1, 3\\right)"], ["(1,3)", "[1,3]"]),
+        ({"answer": "\\{2, 3\\}", "answer_type": "expression"}, ["\\{3, 2\\}", "\\{2,3\\}"], ["\\{2\\}", "\\{2,4\\}"]),
+        ({"answer": "C", "answer_type": "multiple_choice", "options": ["30°", "45°", "60°", "90°"]},
+         ["C", "(C)", "C. 60°", "60°"], ["A", "(B)", "D. 90°"]),
+        ({"answer": "A", "answer_type": "multiple_choice", "options": ["mitosis", "meiosis", "fission"]},
+         ["A", "**A**", "option A"], ["B", "(C)"]),
+        ({"answer": "photosynthesis", "answer_type": "text"}, ["Photosynthesis", "photosynthesis."], ["respiration"]),
+    ]
+    steps = ["Let me look at the figure carefully.", "The diagram shows a right triangle with legs 3 and 4.",
+             "Wait, I should check the units first.", "So the area is $\\frac{1}{2} \\cdot 3 \\cdot 4 = 6$.",
+             "Hmm, but the question asks for something else.", "Alternatively, we can set up an equation $2x + 3 = 7$.",
+             "Let me verify: substituting back gives the same value.", "Therefore the intermediate result is $\\boxed{6}$."]
+    finals = ["The answer is $\\boxed{{{}}}$.", "Therefore, the final answer is \\boxed{{{}}}.", "Answer: {}",
+              "<answer>{}</answer>", "So the answer is **{}**."]
+    out = []
+    for _ in range(n):
+        row, right, wrong = rng.choice(problems)
+        ok = rng.random() < 0.5
+        thought = " ".join(rng.choice(steps) for _ in range(rng.randint(20, 60)))
+        final = rng.choice(finals).format(rng.choice(right if ok else wrong))
+        out.append((f"<think>\n{thought}\n</think>\n\nPutting it together. {final}", dict(row), float(ok)))
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", action="store_true", help="time scoring of realistic responses and print one line")
+    parser.add_argument("--n", type=int, default=1000, help="number of responses to score in the benchmark")
+    parser.add_argument("--workers", type=int, default=None, help="batch scorer processes (default: all cores)")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.print_help()
+        return
+    responses, rows, expected = _bench_data(args.n)
+    workers = args.workers or os.cpu_count() or 1
+    cfg = RewardConfig()
+    t0 = time.perf_counter()
+    serial = [score(r, row, cfg) for r, row in zip(responses, rows)]
+    t1 = time.perf_counter()
+    score_batch(responses[:SERIAL_BELOW], rows[:SERIAL_BELOW], cfg, workers=workers)  # start and warm the pool
+    t2 = time.perf_counter()
+    batch = score_batch(responses, rows, cfg, workers=workers)
+    t3 = time.perf_counter()
+    agree = sum(s["accuracy"] == b["accuracy"] == e for s, b, e in zip(serial, batch, expected))
+    errors = sum(s["error"] is not None for s in serial + batch)
+    print(f"reward bench: {args.n} responses | serial {args.n / (t1 - t0):.0f}/s | score_batch {workers} workers "
+          f"{args.n / (t3 - t2):.0f}/s (pool start {t2 - t1:.1f} s, not counted) | accuracy matches labels "
+          f"{agree}/{args.n} | errors {errors}")
+
+
+if __name__ == "__main__":
+    main()
