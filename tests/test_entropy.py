@@ -41,9 +41,11 @@ def run(fn, hidden, weight, targets, a, b, dtype=None, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_matches_fp64_reference(impl, temperature, dtype):
-    hidden, weight, targets = make_inputs(dtype)
-    a, b = torch.randn(N), torch.randn(N)  # loss = sum a * logprob + b * entropy
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: Triton is checked in the interpreter only"))])
+def test_matches_fp64_reference(device, impl, temperature, dtype):
+    hidden, weight, targets = (x.to(device) for x in make_inputs(dtype))
+    a, b = torch.randn(N, device=device), torch.randn(N, device=device)  # loss = sum a * logprob + b * entropy
     got = run(logprob_entropy, hidden, weight, targets, a, b, temperature=temperature, impl=impl, chunks=SMALL)
     want = run(logprob_entropy_reference, hidden, weight, targets, a.double(), b.double(), dtype=torch.float64,
                temperature=temperature)
