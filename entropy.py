@@ -20,9 +20,9 @@ import os
 import statistics
 import time
 from collections.abc import Collection, Sequence
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-import multiprocessing
 
 import torch
 import triton
@@ -37,8 +37,9 @@ _EMPTY_MAX = -1e30
 
 @dataclass
 class Chunks:
-    """Block shape of the logits walk. Default block: 4096 x 8192 = 32M logits (64 MB bf16, 128 MB fp32), large
-    enough that each GEMM (4096 x D x 8192) runs near cuBLAS peak, small enough to be noise next to an 80 GB card."""
+    """Block shape of the logits walk. Default block: 4096 x 8192 = 32M logits (64 MB bf16, 128 MB fp32): noise next
+    to an 80 GB card, and GEMMs of 4096 x D x 8192 are the sizes cuBLAS runs efficiently (unmeasured: no GPU yet).
+    On CPU, smaller blocks cut peak memory further (1024 x 2048: 108 MiB vs 530 MiB at the bench shape)."""
     tokens: int = 4096   # rows of hidden per block
     vocab: int = 8192    # rows of the LM head per block (a "vocab split")
     block_v: int = 1024  # Triton kernels walk a block's row in pieces of this many logits (power of two)
@@ -204,11 +205,12 @@ class _LogprobEntropy(torch.autograd.Function):
         h, t = hidden[rows], targets[rows]  # (n, D), (n,)
         dlogp, dent = dlogprob[rows].float(), dentropy[rows].float()  # (n,)
         n = rows.numel()
-        dh = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None  # fp32 accumulator
+        f32 = dict(dtype=torch.float32, device=hidden.device)  # gradient accumulators: sums over blocks stay fp32
+        dh = torch.zeros(n, hidden.shape[1], **f32) if need_h else None
         dw = torch.empty_like(weight) if need_w else None
         for v0 in range(0, weight.shape[0], chunks.vocab):
             w = weight[v0:v0 + chunks.vocab]  # (vc, D)
-            dw_split = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # fp32 accumulator over tokens
+            dw_split = torch.zeros(w.shape, **f32) if need_w else None  # sums over token chunks
             for n0 in range(0, n, chunks.tokens):
                 n1 = n0 + chunks.tokens
                 dz = h[n0:n1] @ w.T  # (nc, vc) recomputed logits, overwritten with d loss / d logits below
@@ -354,7 +356,8 @@ def _bench_variant(variant: str, n: int, d: int, v: int, dtype: str, iters: int,
 
 def bench(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
-    n, d, v = args.n or (16384 if cuda else 4096), args.d or (5120 if cuda else 512), args.v or (151936 if cuda else 32768)
+    n, d, v = (args.n or (16384 if cuda else 4096), args.d or (5120 if cuda else 512),
+               args.v or (151936 if cuda else 32768))
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     impl = args.impl or ("triton" if cuda else "torch")
     iters = args.iters or (5 if cuda else 3)
