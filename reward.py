@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
@@ -87,7 +88,7 @@ def validate_row(row: dict) -> dict:
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _TOKEN = re.compile(r"[^\s$]+")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)  # an escaped char (\{ is a literal brace) or a brace
-_ANSWER_PHRASE = re.compile(r"\banswer\b\**\s*(?:is\b\s*:?|:)", re.I)  # "the answer is", "Answer:", "**Answer:**"
+_ANSWER_PHRASE = re.compile(r"\banswer\b\**\s*(?:is\b\s*:?|:)\**", re.I)  # "the answer is", "Answer:", "**Answer:**"
 _WRAPPERS = re.compile(r"\\?\$|\\[()\[\]]|\\displaystyle|\*\*|__")
 
 
@@ -368,10 +369,32 @@ def _with_time_limit(fn, seconds: float, *args):
         raise AnswerTimeout(f"equivalence check exceeded {seconds:g} s") from None
 
 
+def _log10_size(e) -> float:
+    """log10 of an upper bound on the numbers in a parsed (unevaluated) answer; inf if building them could stall.
+
+    The signal cannot stop C code: evaluating a power tower such as 10^{10^{10^{10}}} makes mpmath shift an integer to
+    billions of bits (minutes, gigabytes). So a numeric power whose exponent may exceed 10^5, or a factorial of more
+    than 10^5, never reaches math-verify's comparison. Symbols count as 10: x^{100000} is harmless symbolically.
+    """
+    if getattr(e, "is_Rational", False):
+        return max(abs(e.p).bit_length(), e.q.bit_length()) * 0.302
+    sizes = [_log10_size(a) for a in getattr(e, "args", ())]
+    if not sizes or math.inf in sizes:
+        return math.inf if sizes else 1.0
+    if getattr(e, "is_Pow", False) or type(e).__name__ in ("exp", "factorial"):
+        base, exponent = (sizes[0], sizes[1]) if e.is_Pow else (1.0, sizes[0])  # exp(x) = e^x, n! < n^n
+        if exponent > 5 and base >= 0.6 and not e.free_symbols:  # |base| >= 2 (or a fraction), exponent > 10^5
+            return math.inf
+        return min(max(base, exponent) * 10.0 ** exponent, 1e300)
+    return min(sum(sizes) + 1.0, 1e300)
+
+
 def _verify_math(gold: str, pred: str) -> bool:
     # Timeouts off (None): math-verify's are whole-second signal.alarm calls that would cancel our timer.
     g = mv_parse(f"${gold}$", parsing_timeout=None)
     p = mv_parse(f"${pred}$", parsing_timeout=None)
+    if any(_log10_size(x) == math.inf for x in g + p if not isinstance(x, str)):
+        return False
     return bool(g and p) and mv_verify(g, p, timeout_seconds=None)
 
 
@@ -528,7 +551,8 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
                 num_tokens: list[int] | None = None, workers: int | None = None) -> list[dict]:
     """`score` for each (response, row[, num_tokens]) pair, in order; a process pool on all cores (or `workers`) when
     there are at least SERIAL_BELOW responses. A failing item gets zero rewards and an "error" string, the rest are
-    scored; a crashed or hung worker fails only the items it held. Rows are validated first (ValueError)."""
+    scored. Items of a worker that dies are rescored in this process; those of a worker stuck past a generous deadline
+    (only possible outside Python code) get errors. Rows are validated first (ValueError)."""
     cfg = cfg or RewardConfig()
     n = len(responses)
     if len(rows) != n or (num_tokens is not None and len(num_tokens) != n):
@@ -546,11 +570,14 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
     done, _ = wait(futures, timeout=60 + 2 * (n / workers + size) * (cfg.time_limit_s + 0.1))
     results = []
     for chunk, future in zip(chunks, futures):
-        if future in done and future.exception() is None:
-            results.extend(future.result())
+        if future not in done:
+            results.extend(_failed("worker deadline exceeded") for _ in chunk)
+        elif future.exception() is not None:
+            # The worker died (killed, or spawn could not re-import __main__): score here, under the same limits.
+            logging.getLogger(__name__).warning("reward worker failed (%r); scoring in-process", future.exception())
+            results.extend(_score_chunk(chunk, cfg))
         else:
-            error = "worker deadline exceeded" if future not in done else f"worker failed: {future.exception()!r}"
-            results.extend(_failed(error) for _ in chunk)
+            results.extend(future.result())
     if len(done) < len(futures) or any(f.exception() for f in done):
         _drop_pool()  # broken or hung: the next call starts a fresh one
     return results
@@ -558,39 +585,60 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
 
 # ----------------------------------------------------------------------------- benchmark
 
-def _bench_data(n: int, seed: int = 0) -> tuple[list[str], list[dict], list[float]]:
-    """n realistic (response, row, expected accuracy) triples: a think block of reasoning, then a final answer in one
-    of the forms models write; numeric / expression / multiple-choice / text rows, about half of them answered right."""
+def _bench_problem(rng: random.Random) -> tuple[dict, list[str], list[str]]:
+    """A random problem: (row, right answers in forms models write, wrong answers)."""
+    a, b, kind = rng.randint(2, 99), rng.randint(2, 9), rng.randrange(8)
+    if kind == 0:
+        return {"answer": str(a), "answer_type": "numeric"}, [str(a), f"{a}.0", f"{a} cm"], [str(a + 1), str(-a)]
+    if kind == 1:
+        frac = f"\\frac{{{a}}}{{{a * b + 1}}}"
+        return ({"answer": f"{a}/{a * b + 1}", "answer_type": "numeric"}, [frac, f"{a}/{a * b + 1}"],
+                [f"\\frac{{{a + 1}}}{{{a * b + 1}}}", f"{a / (a * b + 1) + 0.01:.2f}"])
+    if kind == 2:
+        return ({"answer": str(a * 1000), "answer_type": "numeric"}, [f"{a},000", f"{a}\\times 10^{{3}}", f"{a}e3"],
+                [f"{a}00", f"{a}e4"])
+    if kind == 3:
+        return ({"answer": f"x^2+{2 * a}x+{a * a}", "answer_type": "expression"}, [f"(x+{a})^2", f"x^{{2}}+{2 * a}x+{a * a}"],
+                [f"(x-{a})^2", f"x^2+{a * a}"])
+    if kind == 4:
+        return ({"answer": f"[{a}, {a + b})", "answer_type": "expression"}, [f"[{a},{a + b})", f"\\left[{a}, {a + b}\\right)"],
+                [f"({a},{a + b})", f"[{a},{a + b}]"])
+    if kind == 5:
+        return ({"answer": f"\\frac{{\\sqrt{{{b}}}}}{{{a}}}", "answer_type": "expression"},
+                [f"\\frac{{\\sqrt{b}}}{{{a}}}", f"\\sqrt{{{b}}}/{a}"], [f"\\frac{{\\sqrt{{{b + 1}}}}}{{{a}}}", f"{b}/{a}"])
+    if kind == 6:
+        options = [f"{a + 10 * i}°" for i in range(4)]
+        c = rng.randrange(4)
+        letter, other = chr(65 + c), chr(65 + (c + 1) % 4)
+        return ({"answer": letter, "answer_type": "multiple_choice", "options": options},
+                [letter, f"({letter})", f"{letter}. {options[c]}", options[c], f"**{letter}**"], [other, f"({other})"])
+    word, other = rng.sample(["photosynthesis", "mitochondria", "Newton", "Paris", "isosceles", "osmosis"], 2)
+    return {"answer": word, "answer_type": "text"}, [word, word.lower() + "."], [other]
+
+
+def _bench_data(n: int, seed: int = 0, group: int = 8) -> tuple[list[str], list[dict], list[float]]:
+    """n realistic (response, row, expected accuracy) triples, laid out like a GRPO batch: groups of `group` responses
+    to one random problem, each a think block of reasoning (with an intermediate boxed value) then a final answer in
+    one of the forms models write, right with a per-problem probability."""
     rng = random.Random(seed)
-    problems = [  # (row, right answers as a model might write them, wrong answers)
-        ({"answer": "12", "answer_type": "numeric"}, ["12", "12.0", "12 cm"], ["13", "-12"]),
-        ({"answer": "0.5", "answer_type": "numeric"}, ["\\frac{1}{2}", "1/2", "50\\%"], ["\\frac{1}{3}", "0.05"]),
-        ({"answer": "1200", "answer_type": "numeric"}, ["1,200", "1.2\\times 10^{3}", "1.2e3"], ["120", "1.2e4"]),
-        ({"answer": "\\frac{\\sqrt{3}}{2}", "answer_type": "expression"}, ["\\frac{\\sqrt3}{2}", "\\sqrt{3}/2"],
-         ["\\frac{\\sqrt{2}}{2}", "\\frac{1}{2}"]),
-        ({"answer": "x^2+2x+1", "answer_type": "expression"}, ["(x+1)^2", "x^{2}+2x+1"], ["(x-1)^2", "x^2+1"]),
-        ({"answer": "[1, 3)", "answer_type": "expression"}, ["[1,3)", "\\left[1, 3\\right)"], ["(1,3)", "[1,3]"]),
-        ({"answer": "\\{2, 3\\}", "answer_type": "expression"}, ["\\{3, 2\\}", "\\{2,3\\}"], ["\\{2\\}", "\\{2,4\\}"]),
-        ({"answer": "C", "answer_type": "multiple_choice", "options": ["30°", "45°", "60°", "90°"]},
-         ["C", "(C)", "C. 60°", "60°"], ["A", "(B)", "D. 90°"]),
-        ({"answer": "A", "answer_type": "multiple_choice", "options": ["mitosis", "meiosis", "fission"]},
-         ["A", "**A**", "option A"], ["B", "(C)"]),
-        ({"answer": "photosynthesis", "answer_type": "text"}, ["Photosynthesis", "photosynthesis."], ["respiration"]),
-    ]
     steps = ["Let me look at the figure carefully.", "The diagram shows a right triangle with legs 3 and 4.",
              "Wait, I should check the units first.", "So the area is $\\frac{1}{2} \\cdot 3 \\cdot 4 = 6$.",
-             "Hmm, but the question asks for something else.", "Alternatively, we can set up an equation $2x + 3 = 7$.",
-             "Let me verify: substituting back gives the same value.", "Therefore the intermediate result is $\\boxed{6}$."]
+             "Hmm, but the question asks for something else.", "Alternatively, set up the equation $2x + 3 = 7$.",
+             "Let me verify: substituting back gives the same value.", "So the intermediate result is $\\boxed{6}$."]
     finals = ["The answer is $\\boxed{{{}}}$.", "Therefore, the final answer is \\boxed{{{}}}.", "Answer: {}",
               "<answer>{}</answer>", "So the answer is **{}**."]
-    out = []
-    for _ in range(n):
-        row, right, wrong = rng.choice(problems)
-        ok = rng.random() < 0.5
-        thought = " ".join(rng.choice(steps) for _ in range(rng.randint(20, 60)))
-        final = rng.choice(finals).format(rng.choice(right if ok else wrong))
-        out.append((f"<think>\n{thought}\n</think>\n\nPutting it together. {final}", dict(row), float(ok)))
-    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+    responses, rows, expected = [], [], []
+    while len(responses) < n:
+        row, right, wrong = _bench_problem(rng)
+        p_right = rng.random()
+        for _ in range(min(group, n - len(responses))):
+            ok = rng.random() < p_right
+            thought = " ".join(rng.choice(steps) for _ in range(rng.randint(20, 60)))
+            final = rng.choice(finals).format(rng.choice(right if ok else wrong))
+            responses.append(f"<think>\n{thought}\n</think>\n\nPutting it together. {final}")
+            rows.append(dict(row))
+            expected.append(float(ok))
+    return responses, rows, expected
 
 
 def main() -> None:
