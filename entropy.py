@@ -387,7 +387,7 @@ def bench(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--bench", action="store_true", help="time fwd+bwd and peak memory, fused vs reference")
     parser.add_argument("--n", type=int, help="tokens (default 16384 on CUDA, 4096 on CPU)")
     parser.add_argument("--d", type=int, help="hidden size (default 5120 on CUDA, 512 on CPU)")
