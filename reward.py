@@ -33,11 +33,11 @@ from fractions import Fraction
 
 from math_verify import parse as mv_parse, verify as mv_verify
 
-# Hard limit on one equivalence check (math-verify: parse gold, parse answer, verify). Warm calls take 1-50 ms, the
-# first of a kind in a fresh process up to ~0.5 s (sympy imports lazily); answers that get past the caps below but
-# explode inside sympy (a power tower such as 2^{2^{2^{2^{2}}}}) run until stopped. 1 s covers a cold start and bounds
-# what one bad response can cost a training step.
-DEFAULT_TIME_LIMIT_S = 1.0
+# Hard limit on one equivalence check (math-verify: parse gold, parse answer, verify). Warm checks take 1-50 ms, a new
+# expression's first parse up to ~200 ms on a loaded core, a fresh process's first check 0.4-0.7 s (sympy imports
+# lazily; `warm_up` pays that up front). A timeout is a false 0 reward, so the limit sits well above all of these;
+# what still reaches it is degenerate (huge sums, sets of 60 elements) and rare, so 2 s per such response is cheap.
+DEFAULT_TIME_LIMIT_S = 2.0
 # Answers longer or more deeply bracketed than this never reach sympy; they are compared as normalised strings.
 # Real answers are < 100 characters and < 5 levels deep, while math-verify's LaTeX parser costs ~60 ms per bracket
 # level and blows up past ~10 levels.
@@ -86,7 +86,7 @@ def validate_row(row: dict) -> dict:
 # ----------------------------------------------------------------------------- answer extraction
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_TOKEN = re.compile(r"[^\s$]+")
+_BLANKS, _TOKEN = re.compile(r"[ \t]*"), re.compile(r"[^\s$]+")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)  # an escaped char (\{ is a literal brace) or a brace
 _ANSWER_PHRASE = re.compile(r"\banswer\b\**\s*(?:is\b\s*:?|:)\**", re.I)  # "the answer is", "Answer:", "**Answer:**"
 _WRAPPERS = re.compile(r"\\?\$|\\[()\[\]]|\\displaystyle|\*\*|__")
@@ -107,12 +107,8 @@ def last_boxed(text: str) -> str | None:
         pass
     if last is None:
         return None
-    i = last.end()
-    while i < len(text) and text[i] in " \t":
-        i += 1
-    if i == len(text):
-        return None
-    if text[i] != "{":  # `\boxed 5`: a single token
+    i = _BLANKS.match(text, last.end()).end()
+    if text[i:i + 1] != "{":  # `\boxed 5`: a single token
         m = _TOKEN.match(text, i)
         return m.group(0) if m else None
     depth = 0
@@ -150,8 +146,7 @@ def extract_answer(text: str) -> str | None:
             pass
         if last is not None:
             tail = text[last.end():].lstrip()
-            line = tail[:tail.find("\n")] if "\n" in tail else tail
-            found = re.split(r"\.\s", line, maxsplit=1)[0]  # "The answer is 12. Let me check..." -> "12"
+            found = re.split(r"\.\s", tail.partition("\n")[0], maxsplit=1)[0]  # "The answer is 12. Let me check..." -> "12"
     return (_clean(found) or None) if found is not None else None
 
 
@@ -323,16 +318,13 @@ def _too_big(s: str) -> bool:
         return True
     depth = deepest = 0
     for c in s:
-        if c in "({[":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in ")}]":
-            depth -= 1
+        depth += (c in "({[") - (c in ")}]")
+        deepest = max(deepest, depth)
     return deepest > MAX_ANSWER_DEPTH
 
 
 class _Alarm(BaseException):
-    """Raised by our SIGALRM handler. A BaseException, so that `except Exception` in math-verify/sympy cannot swallow it."""
+    """Raised by our SIGALRM handler; a BaseException, so `except Exception` in math-verify or sympy cannot eat it."""
 
 
 def _with_time_limit(fn, seconds: float, *args):
@@ -385,7 +377,7 @@ def _log10_size(e) -> float:
         base, exponent = (sizes[0], sizes[1]) if e.is_Pow else (1.0, sizes[0])  # exp(x) = e^x, n! < n^n
         if exponent > 5 and base >= 0.6 and not e.free_symbols:  # |base| >= 2 (or a fraction), exponent > 10^5
             return math.inf
-        return min(max(base, exponent) * 10.0 ** exponent, 1e300)
+        return min(max(base, exponent) * 10.0 ** min(exponent, 299), 1e300)
     return min(sum(sizes) + 1.0, 1e300)
 
 
@@ -425,15 +417,18 @@ def final_answer(response: str, row: dict) -> str | None:
     return extract_answer(region)
 
 
-def accuracy_reward(response: str, row: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> float:
-    """1.0 if the response's final answer is right, else 0.0. Raises AnswerTimeout (see `score` for the safe call)."""
-    row = validate_row(row)
-    answer = final_answer(response, row)
+def _is_right(answer: str | None, row: dict, time_limit_s: float) -> float:
     if answer is None:
         return 0.0
     if row["answer_type"] == "multiple_choice":
         return float(answer == row["answer"])
     return float(is_equivalent(answer, row["answer"], row["answer_type"], time_limit_s))
+
+
+def accuracy_reward(response: str, row: dict, time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> float:
+    """1.0 if the response's final answer is right, else 0.0. Raises AnswerTimeout (see `score` for the safe call)."""
+    row = validate_row(row)
+    return _is_right(final_answer(response, row), row, time_limit_s)
 
 
 def _think_ok(response: str) -> bool:
@@ -493,12 +488,7 @@ def score(response: str, row: dict, cfg: RewardConfig | None = None, num_tokens:
     row = validate_row(row)
     try:
         answer = final_answer(response, row)
-        if answer is None:
-            accuracy = 0.0
-        elif row["answer_type"] == "multiple_choice":
-            accuracy = float(answer == row["answer"])
-        else:
-            accuracy = float(is_equivalent(answer, row["answer"], row["answer_type"], cfg.time_limit_s))
+        accuracy = _is_right(answer, row, cfg.time_limit_s)
         fmt = float(answer is not None and (not cfg.require_think or _think_ok(response)))
         over = overlong_penalty(num_tokens, cfg.max_len, cfg.cache_len) if num_tokens is not None else 0.0
     except Exception as e:  # noqa: BLE001 - one bad response must not stop training
@@ -518,33 +508,22 @@ def _score_chunk(items: list[tuple], cfg: RewardConfig) -> list[dict]:
     return [score(response, row, cfg, n) for response, row, n in items]
 
 
-def _warm_up() -> None:
-    """Pool initializer: pay sympy's lazy imports before the first timed check, not inside it."""
+def warm_up() -> None:
+    """Pay sympy's lazy imports (~1 s) before the first timed check instead of inside it. Call once per process
+    before scoring under a tight limit; the batch scorer's workers run it when they start."""
     for gold, pred in (("\\frac{1}{2}", "0.5"), ("(x+1)^2", "x^2+2x+1"), ("[1,2)", "\\{1,2\\}")):
         _verify_math(gold, pred)
 
 
-# One pool per process, reused across calls: a fresh one costs ~1.5 s (each worker imports sympy). spawn, never
-# fork: forking a training process with CUDA state or threads is unsafe.
-_pool: ProcessPoolExecutor | None = None
-_pool_workers = 0
+# One pool per process, reused across calls: a fresh one costs 2-5 s (each worker imports sympy and warms up).
+# spawn, never fork: forking a training process that holds CUDA state or threads is unsafe.
+_pools: dict[int, ProcessPoolExecutor] = {}
 
 
-def _get_pool(workers: int) -> ProcessPoolExecutor:
-    global _pool, _pool_workers
-    if _pool is None or _pool_workers != workers:
-        if _pool is not None:
-            _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_warm_up)
-        _pool_workers = workers
-    return _pool
-
-
-def _drop_pool() -> None:
-    global _pool
-    if _pool is not None:
-        _pool.shutdown(wait=False, cancel_futures=True)
-    _pool = None
+def _pool(workers: int) -> ProcessPoolExecutor:
+    if workers not in _pools:
+        _pools[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=warm_up)
+    return _pools[workers]
 
 
 def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None = None,
@@ -563,8 +542,11 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
         return _score_chunk(items, cfg)
     size = -(-n // (4 * workers))  # ~4 chunks per worker: a slow item delays a quarter of a worker's share
     chunks = [items[i:i + size] for i in range(0, n, size)]
-    pool = _get_pool(workers)
-    futures = [pool.submit(_score_chunk, chunk, cfg) for chunk in chunks]
+    try:
+        futures = [_pool(workers).submit(_score_chunk, chunk, cfg) for chunk in chunks]
+    except RuntimeError:  # BrokenProcessPool: the cached pool lost a worker while idle; start a fresh one
+        _pools.pop(workers).shutdown(wait=False, cancel_futures=True)
+        futures = [_pool(workers).submit(_score_chunk, chunk, cfg) for chunk in chunks]
     # Each item is bounded by cfg.time_limit_s inside its worker; this deadline only catches a worker stuck outside
     # Python (it covers pool start-up and every item timing out, with 2x slack).
     done, _ = wait(futures, timeout=60 + 2 * (n / workers + size) * (cfg.time_limit_s + 0.1))
@@ -579,7 +561,7 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
         else:
             results.extend(future.result())
     if len(done) < len(futures) or any(f.exception() for f in done):
-        _drop_pool()  # broken or hung: the next call starts a fresh one
+        _pools.pop(workers).shutdown(wait=False, cancel_futures=True)  # broken or hung: the next call starts afresh
     return results
 
 
@@ -587,33 +569,25 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
 
 def _bench_problem(rng: random.Random) -> tuple[dict, list[str], list[str]]:
     """A random problem: (row, right answers in forms models write, wrong answers)."""
-    a, b, kind = rng.randint(2, 99), rng.randint(2, 9), rng.randrange(8)
-    if kind == 0:
-        return {"answer": str(a), "answer_type": "numeric"}, [str(a), f"{a}.0", f"{a} cm"], [str(a + 1), str(-a)]
-    if kind == 1:
-        frac = f"\\frac{{{a}}}{{{a * b + 1}}}"
-        return ({"answer": f"{a}/{a * b + 1}", "answer_type": "numeric"}, [frac, f"{a}/{a * b + 1}"],
-                [f"\\frac{{{a + 1}}}{{{a * b + 1}}}", f"{a / (a * b + 1) + 0.01:.2f}"])
-    if kind == 2:
-        return ({"answer": str(a * 1000), "answer_type": "numeric"}, [f"{a},000", f"{a}\\times 10^{{3}}", f"{a}e3"],
-                [f"{a}00", f"{a}e4"])
-    if kind == 3:
-        return ({"answer": f"x^2+{2 * a}x+{a * a}", "answer_type": "expression"}, [f"(x+{a})^2", f"x^{{2}}+{2 * a}x+{a * a}"],
-                [f"(x-{a})^2", f"x^2+{a * a}"])
-    if kind == 4:
-        return ({"answer": f"[{a}, {a + b})", "answer_type": "expression"}, [f"[{a},{a + b})", f"\\left[{a}, {a + b}\\right)"],
-                [f"({a},{a + b})", f"[{a},{a + b}]"])
-    if kind == 5:
-        return ({"answer": f"\\frac{{\\sqrt{{{b}}}}}{{{a}}}", "answer_type": "expression"},
-                [f"\\frac{{\\sqrt{b}}}{{{a}}}", f"\\sqrt{{{b}}}/{a}"], [f"\\frac{{\\sqrt{{{b + 1}}}}}{{{a}}}", f"{b}/{a}"])
-    if kind == 6:
-        options = [f"{a + 10 * i}°" for i in range(4)]
-        c = rng.randrange(4)
-        letter, other = chr(65 + c), chr(65 + (c + 1) % 4)
-        return ({"answer": letter, "answer_type": "multiple_choice", "options": options},
-                [letter, f"({letter})", f"{letter}. {options[c]}", options[c], f"**{letter}**"], [other, f"({other})"])
-    word, other = rng.sample(["photosynthesis", "mitochondria", "Newton", "Paris", "isosceles", "osmosis"], 2)
-    return {"answer": word, "answer_type": "text"}, [word, word.lower() + "."], [other]
+    a, b, c = rng.randint(2, 99), rng.randint(2, 9), rng.randrange(4)
+    letter, other, options = chr(65 + c), chr(65 + (c + 1) % 4), [f"{a + 10 * i}°" for i in range(4)]
+    word, wrong_word = rng.sample(["photosynthesis", "mitochondria", "Newton", "Paris", "isosceles", "osmosis"], 2)
+    kind, answer, right, wrong = rng.choice([
+        ("numeric", str(a), [str(a), f"{a}.0", f"{a} cm"], [str(a + 1), str(-a)]),
+        ("numeric", f"{a}/{a * b + 1}", [f"\\frac{{{a}}}{{{a * b + 1}}}", f"{a}/{a * b + 1}"],
+         [f"\\frac{{{a + 1}}}{{{a * b + 1}}}", f"{a / (a * b + 1) + 0.01:.2f}"]),
+        ("numeric", str(a * 1000), [f"{a},000", f"{a}\\times 10^{{3}}", f"{a}e3"], [f"{a}00", f"{a}e4"]),
+        ("expression", f"x^2+{2 * a}x+{a * a}", [f"(x+{a})^2", f"x^{{2}}+{2 * a}x+{a * a}"], [f"(x-{a})^2", f"x^2+{a * a}"]),
+        ("expression", f"[{a}, {a + b})", [f"[{a},{a + b})", f"\\left[{a}, {a + b}\\right)"],
+         [f"({a},{a + b})", f"[{a},{a + b}]"]),
+        ("expression", f"\\frac{{\\sqrt{{{b}}}}}{{{a}}}", [f"\\frac{{\\sqrt{b}}}{{{a}}}", f"\\sqrt{{{b}}}/{a}"],
+         [f"\\frac{{\\sqrt{{{b + 1}}}}}{{{a}}}", f"{b}/{a}"]),
+        ("multiple_choice", letter, [letter, f"({letter})", f"{letter}. {options[c]}", options[c], f"**{letter}**"],
+         [other, f"({other})"]),
+        ("text", word, [word, word.lower() + "."], [wrong_word]),
+    ])
+    row = {"answer": answer, "answer_type": kind, **({"options": options} if kind == "multiple_choice" else {})}
+    return row, right, wrong
 
 
 def _bench_data(n: int, seed: int = 0, group: int = 8) -> tuple[list[str], list[dict], list[float]]:
@@ -621,10 +595,9 @@ def _bench_data(n: int, seed: int = 0, group: int = 8) -> tuple[list[str], list[
     to one random problem, each a think block of reasoning (with an intermediate boxed value) then a final answer in
     one of the forms models write, right with a per-problem probability."""
     rng = random.Random(seed)
-    steps = ["Let me look at the figure carefully.", "The diagram shows a right triangle with legs 3 and 4.",
-             "Wait, I should check the units first.", "So the area is $\\frac{1}{2} \\cdot 3 \\cdot 4 = 6$.",
-             "Hmm, but the question asks for something else.", "Alternatively, set up the equation $2x + 3 = 7$.",
-             "Let me verify: substituting back gives the same value.", "So the intermediate result is $\\boxed{6}$."]
+    steps = ["The figure shows a right triangle with legs 3 and 4.", "Wait, let me check the units first.",
+             "So the area is $\\frac{1}{2} \\cdot 3 \\cdot 4 = 6$.", "Hmm, but the question asks something else.",
+             "Alternatively, solve $2x + 3 = 7$.", "So the intermediate result is $\\boxed{6}$."]
     finals = ["The answer is $\\boxed{{{}}}$.", "Therefore, the final answer is \\boxed{{{}}}.", "Answer: {}",
               "<answer>{}</answer>", "So the answer is **{}**."]
     responses, rows, expected = [], [], []
@@ -648,11 +621,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="batch scorer processes (default: all cores)")
     args = parser.parse_args()
     if not args.bench:
-        parser.print_help()
-        return
+        return parser.print_help()
+    load = os.getloadavg()[0]  # other processes on the machine skew both figures; say how busy it was
     responses, rows, expected = _bench_data(args.n)
     workers = args.workers or os.cpu_count() or 1
     cfg = RewardConfig()
+    warm_up()
     t0 = time.perf_counter()
     serial = [score(r, row, cfg) for r, row in zip(responses, rows)]
     t1 = time.perf_counter()
@@ -664,7 +638,7 @@ def main() -> None:
     errors = sum(s["error"] is not None for s in serial + batch)
     print(f"reward bench: {args.n} responses | serial {args.n / (t1 - t0):.0f}/s | score_batch {workers} workers "
           f"{args.n / (t3 - t2):.0f}/s (pool start {t2 - t1:.1f} s, not counted) | accuracy matches labels "
-          f"{agree}/{args.n} | errors {errors}")
+          f"{agree}/{args.n} | errors {errors} | load average before start {load:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
