@@ -399,9 +399,18 @@ def is_equivalent(pred: str, gold: str, answer_type: str = "expression",
     pred, gold = _prepare_math(pred, answer_type), _prepare_math(gold, answer_type)
     if not pred or not gold or pred == gold:
         return bool(pred) and pred == gold
-    if _too_big(pred) or _too_big(gold):
+    if _too_big(pred) or _too_big(gold) or _set_vs_bracket(pred, gold):
         return False
     return _with_time_limit(_verify_math, time_limit_s, gold, pred)
+
+
+def _set_vs_bracket(a: str, b: str) -> bool:
+    """One side is a braced set, the other an interval or tuple: never equal. math-verify says they are, since it reads
+    (1,3) as possibly a pair, and a pair as a set: gold (1,3) (an interval) would accept \\{1,3\\}."""
+    a, b = (re.sub(r"\\(?:left|right)\b", "", s) for s in (a, b))
+    is_set = [s.startswith("\\{") and s.endswith("\\}") for s in (a, b)]
+    is_bracketed = [s[:1] in "([" and s[-1:] in ")]" for s in (a, b)]
+    return is_set[0] != is_set[1] and (is_bracketed[0] or is_bracketed[1])
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -119,6 +119,8 @@ CASES = [
     ("set-order", boxed("\\{3, 2, 1\\}"), expr("\\{1,2,3\\}"), 1),
     ("set-missing", boxed("\\{1, 2\\}"), expr("\\{1,2,3\\}"), 0),
     ("set-bare-list", boxed("1, 2, 3"), expr("\\{1,2,3\\}"), 1),
+    ("set-is-not-interval", boxed("\\{1, 3\\}"), expr("(1,3)"), 0),  # math-verify alone says equal
+    ("pair-is-not-set", boxed("\\left(1, 3\\right)"), expr("\\{1,3\\}"), 0),
     ("tuple", boxed("(1, 2, 3)"), expr("(1,2,3)"), 1),
     ("tuple-order", boxed("(1, 3, 2)"), expr("(1,2,3)"), 0),
     ("pair-order", boxed("(2, 1)"), expr("(1,2)"), 0),
