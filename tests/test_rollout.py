@@ -1,0 +1,226 @@
+"""rollout.py against slow references: greedy decoding vs full recompute and vs transformers' `generate` (text and
+image prompts, loaded from the same checkpoint), log-probs vs entropy.logprob_entropy recomputed on the finished
+sequences, continuous batching + prefix sharing vs one request at a time, seeds, bans, stops and bad input."""
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import model as M
+from entropy import logprob_entropy
+from rollout import Request, Sampler, sample, special_ids, uniform
+from test_model import WORDS, image_prompt, make_hf_internvl, randomize, text_config
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return M.word_tokenizer(WORDS)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory, tok):
+    """A tiny random Qwen2 written by transformers, and ours loaded from that checkpoint."""
+    path = tmp_path_factory.mktemp("qwen")
+    cfg = Qwen2Config(**{k: v for k, v in text_config(tok.get_vocab_size(), False).items() if k != "model_type"})
+    hf = randomize(Qwen2ForCausalLM(cfg), seed=5).eval()
+    hf.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    return hf, M.VLM.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("internvl")
+    hf = make_hf_internvl(tok, "300m", False, path)
+    return hf, M.VLM.from_pretrained(path)
+
+
+def text_request(tok, config, question, **kw) -> Request:
+    return Request(M.build_prompt(tok, config, question)[0], **kw)
+
+
+def image_request(tok, config, size, **kw) -> Request:
+    ids, pixels = image_prompt(tok, config, size)
+    return Request(ids[0].tolist(), pixels, **kw)
+
+
+def mixed_requests(tok, config, **kw) -> list[Request]:
+    """Prompts of different lengths, two with images of different tile counts (3 and 1), when the model has eyes."""
+    reqs = [text_request(tok, config, q, **kw) for q in ("how many", "red squares are there in the image answer",
+                                                         "is there one")]
+    if config.vision is not None:
+        reqs[1:1] = [image_request(tok, config, (112, 56), **kw), image_request(tok, config, (56, 56), **kw)]
+    return reqs
+
+
+def greedy_reference(model, r: Request, n: int, banned, stop) -> list[int]:
+    """Full recompute, no cache: argmax over the allowed ids, one token at a time."""
+    ids = list(r.ids)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), r.pixel_values)[0, -1]
+        logits[banned] = float("-inf")
+        ids.append(int(logits.argmax()))
+        if ids[-1] in stop:
+            break
+    return ids[len(r.ids):]
+
+
+@pytest.mark.parametrize("which", ["qwen", "internvl"])
+def test_greedy_matches_full_recompute_and_transformers(request, tok, which):
+    hf, ours = request.getfixturevalue(which)
+    stop, banned = special_ids(tok)
+    banned = sorted({*banned, ours.config.image_token_id})
+    sampler = Sampler(ours, max_slots=3, max_len=64, stop_ids=stop, banned_ids=banned)
+    reqs = mixed_requests(tok, ours.config)
+    n = 12
+    got = sampler.generate(reqs, num_samples=2, max_new_tokens=n, temperature=0.0)
+    for r, (a, b) in zip(reqs, got):
+        assert a.ids == b.ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)  # samples of a prompt agree
+        assert a.ids == greedy_reference(ours, r, n, banned, stop)
+        with torch.no_grad():
+            image = {} if r.pixel_values is None else dict(pixel_values=r.pixel_values)
+            ref = hf.generate(torch.tensor([r.ids]), **image, do_sample=False, max_new_tokens=n, eos_token_id=stop,
+                              pad_token_id=stop[0], suppress_tokens=banned)[0, len(r.ids):].tolist()
+        ends = [k for k, t in enumerate(ref) if t in stop]
+        assert a.ids == ref[:ends[0] + 1 if ends else n]
+        assert a.finish_reason == ("stop" if ends else "length")
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 0.9, 8), (1.0, 1.0, 0), (0.0, 1.0, 0)])
+def test_logprobs_match_trainer_recompute(internvl, tok, temperature, top_p, top_k):
+    """The sampler's log-probs == entropy.logprob_entropy on the finished sequences (the GRPO mismatch metric)."""
+    _, model = internvl
+    reqs = mixed_requests(tok, model.config, seed=3)
+    out = Sampler(model, max_slots=4, max_len=64).generate(reqs, num_samples=2, max_new_tokens=10,
+                                                           temperature=temperature, top_p=top_p, top_k=top_k)
+    worst = 0.0
+    for r, group in zip(reqs, out):
+        for c in group:
+            with torch.no_grad():
+                h = model.hidden(torch.tensor([r.ids + c.ids]), r.pixel_values)[0]  # (P + n, C)
+                P = len(r.ids)
+                lp, _ = logprob_entropy(h[P - 1:P - 1 + len(c.ids)], model.language_model.head_weight,
+                                        torch.tensor(c.ids), temperature=temperature or 1.0)
+            worst = max(worst, (lp - torch.tensor(c.logprobs)).abs().max().item())
+            assert all(x <= 0 for x in c.logprobs)
+    assert worst <= 1e-4
+
+
+def test_continuous_batching_and_prefix_sharing_match_one_at_a_time(internvl, tok):
+    """5 requests x 3 samples through 4 slots (slots recycle, groups wait for slots and reuse their prefill, small
+    prefill batches) == each request generated alone with the same seed."""
+    _, model = internvl
+    stop = [tok.token_to_id("<|im_end|>"), tok.token_to_id("red")]  # "red": frequent enough to end some early
+    reqs = mixed_requests(tok, model.config)
+    for k, r in enumerate(reqs):
+        r.seed, r.max_new_tokens = 100 + k, [9, 4, 14, 6, 11][k]
+    sampler = Sampler(model, max_slots=4, max_len=64, stop_ids=stop, prefill_tokens=40)
+    together = sampler.generate(reqs, num_samples=3, max_new_tokens=99, temperature=1.0)
+    assert sampler.stats["prefills"] == len(reqs) and sampler.stats["tokens"] == sum(
+        len(c.ids) for g in together for c in g)
+    for r, group in zip(reqs, together):
+        alone = Sampler(model, max_slots=3, max_len=64, stop_ids=stop).generate([r], num_samples=3,
+                                                                                 max_new_tokens=99)[0]
+        for a, b in zip(group, alone):
+            assert a.ids == b.ids and a.finish_reason == b.finish_reason
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+            assert len(a.ids) <= r.max_new_tokens and (a.finish_reason == "stop") == (a.ids[-1] in stop)
+    reasons = {c.finish_reason for g in together for c in g}
+    assert reasons == {"stop", "length"}
+    assert len({tuple(c.ids) for c in together[2]}) > 1  # samples of one prompt differ
+
+
+def test_seeds(qwen, tok):
+    _, model = qwen
+    sampler = Sampler(model, max_slots=4, max_len=64)
+    reqs = mixed_requests(tok, model.config)
+    run = lambda **kw: [[c.ids for c in g] for g in sampler.generate(reqs, num_samples=2, max_new_tokens=16, **kw)]
+    a = run(seed=0)
+    assert a == run(seed=0)
+    assert a != run(seed=1)
+    reqs[0].seed = 7  # an explicit per-request seed overrides generate's, whatever the request's index
+    b = sampler.generate([reqs[0]], num_samples=2, max_new_tokens=16, seed=123)[0]
+    c = sampler.generate([reqs[1], reqs[0]], num_samples=2, max_new_tokens=16)[1]
+    assert [x.ids for x in b] == [x.ids for x in c]
+
+
+def test_banned_ids_are_never_sampled(internvl, tok, monkeypatch):
+    """Even when the head prefers the image special tokens by a wide margin; log-probs keep them in the
+    normaliser (the trainer's full-vocabulary softmax)."""
+    _, model = internvl
+    _, banned = special_ids(tok)
+    bias = torch.zeros(tok.get_vocab_size())
+    bias[banned] = 30.0
+    lm = model.language_model
+    head = lm.logits
+    monkeypatch.setattr(lm, "logits", lambda h: head(h) + bias)
+    reqs = mixed_requests(tok, model.config)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_k=5, top_p=0.9)):
+        out = Sampler(model, max_slots=4, max_len=64, banned_ids=banned).generate(reqs, max_new_tokens=8, **kw)
+        for r, [c] in zip(reqs, out):
+            assert not set(c.ids) & set(banned)
+            with torch.no_grad():
+                logits = model(torch.tensor([r.ids + c.ids]), r.pixel_values)[0, len(r.ids) - 1:-1]
+            ref = torch.log_softmax(logits / (kw["temperature"] or 1.0), -1).gather(1, torch.tensor(c.ids)[:, None])
+            assert (ref[:, 0] - torch.tensor(c.logprobs)).abs().max() <= 1e-4
+            assert max(c.logprobs) < -20  # the banned ids hold nearly all the mass
+
+
+def test_stop_tokens_and_length(qwen, tok):
+    _, model = qwen
+    r = text_request(tok, model.config, "how many red squares")
+    [[free]] = Sampler(model, max_slots=2, max_len=64).generate([r], max_new_tokens=12, temperature=0.0)
+    assert free.finish_reason == "length" and len(free.ids) == 12
+    k = next(k for k in range(1, 12) if free.ids[k] not in free.ids[:k])  # a token whose first use is at k >= 1
+    sampler = Sampler(model, max_slots=2, max_len=64, stop_ids=[free.ids[k]])
+    [[stopped]] = sampler.generate([r], max_new_tokens=12, temperature=0.0)
+    assert stopped.ids == free.ids[:k + 1] and stopped.finish_reason == "stop"  # the stop token is included
+    assert stopped.logprobs == pytest.approx(free.logprobs[:k + 1], abs=1e-5)
+    # The context cap: prompt + completion never exceed max_len.
+    [[capped]] = Sampler(model, max_slots=1, max_len=len(r.ids) + 3).generate([r], max_new_tokens=12, temperature=0)
+    assert capped.ids == free.ids[:3] and capped.finish_reason == "length"
+
+
+def test_bad_requests(internvl, tok):
+    _, model = internvl
+    sampler = Sampler(model, max_slots=2, max_len=32)
+    ok = text_request(tok, model.config, "how many")
+    long = Request(ok.ids * 10)
+    with pytest.raises(ValueError, match=rf"request 1: prompt of {len(long.ids)} tokens .* max_len 32"):
+        sampler.generate([ok, long])
+    img = image_request(tok, model.config, (112, 56))  # 3 tiles: 12 image tokens
+    with pytest.raises(ValueError, match="request 0: 12 image-context tokens .* 2 image tiles give 8"):
+        Sampler(model, max_slots=2, max_len=64).generate([Request(img.ids, img.pixel_values[:2])])
+    with pytest.raises(ValueError, match="max_len 600 exceeds the model's max_position_embeddings 512"):
+        Sampler(model, max_len=600)
+
+
+def test_sample_distribution_and_filters():
+    """Inverse-CDF draws from the counter-based uniforms follow softmax(z / T); top-k/top-p/bans cut the support."""
+    z = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+    n = 40000
+    u = uniform(torch.full((n,), 11), torch.arange(n), torch.zeros(n, dtype=torch.long))
+    banned = torch.tensor([5], dtype=torch.long)
+    tok, lp = sample(z.repeat(n, 1), u, 0.8, 1.0, 0, banned)
+    allowed = torch.softmax(torch.cat([z[:5], torch.tensor([-float("inf")])]) / 0.8, -1)
+    freq = torch.bincount(tok, minlength=6) / n
+    assert (freq - allowed).abs().max() < 0.01 and freq[5] == 0
+    assert torch.allclose(lp, torch.log_softmax(z / 0.8, -1)[tok], atol=1e-6)  # full-vocabulary log-probs
+    tok, _ = sample(z.repeat(n, 1), u, 1.0, 1.0, 2, banned)
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = sample(z.repeat(n, 1), u, 1.0, 0.6, 0, banned)  # p(0) = 0.56 < 0.6 <= p(0) + p(1)
+    assert set(tok.tolist()) == {0, 1}
+    tok, _ = sample(z.repeat(n, 1), u, 1.0, 0.5, 0, banned)
+    assert set(tok.tolist()) == {0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compiled_decode_matches_eager_on_gpu(tmp_path, tok):
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), device="cuda")
+    reqs = mixed_requests(tok, model.config)
+    for r in reqs:
+        r.pixel_values = None if r.pixel_values is None else r.pixel_values.cuda()
+    kw = dict(num_samples=3, max_new_tokens=20, temperature=1.0, top_p=0.9)
+    eager = Sampler(model, max_slots=4, max_len=64).generate(reqs, **kw)
+    compiled = Sampler(model, max_slots=4, max_len=64, compile=True).generate(reqs, **kw)
+    assert [[c.ids for c in g] for g in eager] == [[c.ids for c in g] for g in compiled]
