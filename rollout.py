@@ -3,9 +3,10 @@ shared by its samples, continuous batching, per-request seeds, and the per-token
 
 No second engine and no weight sync: `Sampler` runs `model.VLM` as it is. The KV cache is preallocated
 (layers, slots, kv_heads, max_len, head_dim) and written by index, so every decode step has the same shapes and can
-be `torch.compile`d (CUDA graphs on GPU). A request's vision tower, connector and prompt prefill run once; its KV is
-copied into the slot of each of its samples. A slot whose sequence finished takes the next waiting sample at the
-next check, so one long response never idles the batch.
+be `torch.compile`d (CUDA graphs on GPU). Prompts are prefilled once each, several per right-padded batch (vision
+tower, connector and LLM), and a prompt's KV is copied into the slot of each of its samples; samples that find no
+free slot wait with their prompt's KV in a one-slot staging cache. A slot whose sequence finished takes the next
+waiting sample at the next host check, so one long response never idles the batch.
 References: gpt-fast `generate.py` (static cache written by index, compiled one-token decode, sampling without
 host syncs), nanochat `engine.py` (prefill once, copy the prefix into the samples of a group).
 
@@ -19,6 +20,8 @@ Deliberate choices:
   actually sampled from. Greedy (T = 0) reports temperature-1 log-probs.
 - Banned ids (the image special tokens, plus any the caller adds) are masked before sampling, never in log-probs.
 - A completion's ids include the stop token that ended it (the policy must learn to emit it), with its log-prob.
+- Batch composition changes logits only at float-rounding level (padded prefill batches, other rows): the same
+  seed gives the same tokens except at near-ties, and log-probs agree to ~1e-6.
 - Prompt + completion never exceed `max_len`; a prompt with no room for one new token is an error naming the
   request (never a truncation, which could cut an image span).
 
@@ -132,6 +135,7 @@ class _Group:
     """One request's prefilled prompt: its KV (a view into its prefill batch's cache, or into the staging cache
     while some of its samples still wait for a slot) and the first token of each of its samples."""
     index: int
+    seed: int
     limit: int  # max tokens per completion
     k: torch.Tensor  # (layers, kv_heads, P, head_dim)
     v: torch.Tensor
@@ -142,9 +146,10 @@ class _Group:
 
 class Sampler:
     """Generates from `model` with `max_slots` sequences in flight and at most `max_len` tokens (prompt +
-    completion) each. `compile=True` compiles the decode step (CUDA graphs on GPU); `sync_every` is how many decode
-    steps run between host checks for finished slots (default 1 on CPU, where a check costs nothing, 8 on GPU);
-    `prefill_tokens` caps the padded prompt tokens prefilled in one batch (its activations and temporary KV)."""
+    completion) each. `compile=True` compiles the decode step (CUDA graphs on GPU): build the sampler once and
+    reuse it, each instance compiles its own. `sync_every` is how many decode steps run between host checks for
+    finished slots (default 1 on CPU, where a check costs nothing; 8 on GPU, where each check drains the queue and
+    a finished slot idles at most 7 steps); `prefill_tokens` caps the padded prompt tokens of one prefill batch."""
 
     def __init__(self, model: VLM, max_slots: int = 32, max_len: int = 4096, stop_ids=(), banned_ids=(),
                  compile: bool = False, sync_every: int | None = None, prefill_tokens: int = 16384):
@@ -215,7 +220,7 @@ class Sampler:
                          temperature, top_p, top_k, self.banned)
         tok, lp = tok.view(G, n), lp.view(G, n)
         stop = (tok[..., None] == self.stop).any(-1)  # (G, n)
-        return {i: _Group(i, limits[i], kv.k[:, g, :, :P], kv.v[:, g, :, :P], tok[g], lp[g], stop[g])
+        return {i: _Group(i, seeds[i], limits[i], kv.k[:, g, :, :P], kv.v[:, g, :, :P], tok[g], lp[g], stop[g])
                 for g, (i, P) in enumerate(zip(batch, lens))}
 
     def _batches(self, todo: list[int], lens: list[int]):
@@ -237,7 +242,7 @@ class Sampler:
         self.cache.v[:, s, :, :P] = g.v
         self.tok[s] = self.out_tok[s, 0] = g.tok[j]
         self.out_lp[s, 0] = g.logprob[j]
-        self.pos[s], self.step[s], self.limit[s], self.sample_idx[s] = P, 1, g.limit, j
+        self.pos[s], self.step[s], self.limit[s], self.seed[s], self.sample_idx[s] = P, 1, g.limit, g.seed, j
         self.done[s] = g.stop[j] | (g.limit <= 1)
 
     def _check(self, i: int, r: Request):
@@ -297,7 +302,6 @@ class Sampler:
             prefills += len(todo)
             for s, i, j in take:
                 self._admit(s, groups[i], j)
-                self.seed[s] = seeds[i]
                 slots[s] = (i, j, steps, len(requests[i].ids), limits[i])
             if queue and queue[0][0] in groups and groups[queue[0][0]] is not staged:  # keep its prompt's KV
                 g = groups[queue[0][0]]
@@ -351,25 +355,19 @@ def chat(args):
 BENCH_SIZES = {  # Qwen2-shaped random models
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }
-PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12,
-                  "L40S": 0.864e12, "A10G": 0.6e12}  # bytes/s, spec sheets; first substring of the name wins
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+# bytes/s from the spec sheets (H100 SXM 3.35 TB/s); the first key found in the device's name wins
 
 
 def _timed(fn, device) -> float:
-    _sync(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     t = time.perf_counter()
     fn()
-    _sync(device)
+    sync()  # the GPU runs ahead of the host: stop the clock when it is done
     return time.perf_counter() - t
 
 
@@ -415,9 +413,9 @@ def bench(args):
 
 
 def bandwidth_at_batch_1(model: VLM, P: int, compile: bool, sync_every, name: str):
-    """Decode step time at batch 1 from two generation lengths (prefill cancels out) vs the bytes it must read:
-    every LLM parameter but the embedding table (one row is read), plus the whole static KV cache (the compiled
-    step attends over all of max_len, masked positions included)."""
+    """Decode step time at batch 1 from two generation lengths (prefill cancels out) vs the bytes a step must read:
+    every LLM parameter but the embedding table (one row of it is read), plus the KV it attends over (compiled: all
+    of max_len, masked positions included; eager: the positions reached, on average)."""
     device = model.language_model.embed_tokens.weight.device
     n1, n2 = 32, 544
     sampler = Sampler(model, max_slots=1, max_len=P + n2, compile=compile, sync_every=sync_every)
@@ -430,7 +428,7 @@ def bandwidth_at_batch_1(model: VLM, P: int, compile: bool, sync_every, name: st
     nbytes = lambda t: t.numel() * t.element_size()
     weights = sum(nbytes(p) for p in lm.parameters()) - (nbytes(lm.embed_tokens.weight) if lm.lm_head is not None
                                                          else 0)
-    kv = nbytes(sampler.cache.k) + nbytes(sampler.cache.v)
+    kv = (nbytes(sampler.cache.k) + nbytes(sampler.cache.v)) * (1 if compile else (P + (n1 + n2) / 2) / (P + n2))
     x = torch.empty(2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
