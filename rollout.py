@@ -29,14 +29,14 @@ Deliberate choices:
     python rollout.py --ckpt /path/to/InternVL3-1B --image cat.jpg --prompt "Describe the image."
 """
 import argparse
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from model import IMG_CONTEXT, IMG_END, IMG_START, VLM, KVCache, build_prompt, load_tokenizer
+from model import (IMG_CONTEXT, IMG_END, IMG_START, VLM, KVCache, build_prompt, config_from_dict, load_tokenizer,
+                   to_internal)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Requests, results, special ids
@@ -357,6 +357,8 @@ BENCH_SIZES = {  # Qwen2-shaped random models
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 # bytes/s from the spec sheets (H100 SXM 3.35 TB/s); the first key found in the device's name wins
@@ -375,15 +377,20 @@ def bench(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    size = args.size or ("qwen2.5-1.5b" if device.type == "cuda" else "small")
+    size = args.size or ("qwen2.5-7b" if device.type == "cuda" else "small")
     compile = device.type == "cuda" if args.compile is None else args.compile
     cfg = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=4096, rope_theta=1e6)
     torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the bench dtype: no fp32 copy of a 7B model on the way
     with torch.device(device):
-        hf = Qwen2ForCausalLM(cfg).to(dtype).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = VLM.from_pretrained(d, dtype=dtype, device=device)
+        hf = Qwen2ForCausalLM(cfg).eval()
+    torch.set_default_dtype(default_dtype)
+    config = config_from_dict(cfg.to_dict())
+    with torch.device("meta"):
+        ours = VLM(config)
+    # Ours reads the very same weight tensors (qwen2 checkpoint names -> ours): same bytes, no second copy.
+    ours.load_state_dict(to_internal(dict(hf.state_dict()), "qwen2", config.llm.tie_word_embeddings), assign=True)
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     prompts = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
     requests = [Request(p.tolist()) for p in prompts]
@@ -457,7 +464,7 @@ def main():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step (default: on for the CUDA bench, off otherwise)")
     p.add_argument("--size", choices=sorted(BENCH_SIZES), default=None,
-                   help="bench model shape (default: small on CPU, qwen2.5-1.5b on CUDA)")
+                   help="bench model shape (default: small on CPU, qwen2.5-7b on CUDA)")
     p.add_argument("--batch", type=int, default=32, help="bench: sequences generated together")
     p.add_argument("--prompt-len", type=int, default=32, help="bench: prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=128, help="bench: tokens generated per sequence")
