@@ -14,7 +14,7 @@ Deliberate choices:
 - Sampling is inverse-CDF with one uniform per (request seed, sample index, step) from a counter-based integer hash
   (splitmix64 in int64 torch ops, on the device): the draw depends neither on the slot nor on the rest of the
   batch, needs no torch.Generator and no host sync, and costs B hashes per step rather than the B x V of
-  Gumbel-max noise (which costs more than the LM head on a CPU).
+  Gumbel-max noise (~12 int64 ops per logit: on a CPU, about as much as the LM head itself).
 - Returned log-probs are log softmax(logits / T) of the chosen token over the full vocabulary, what the trainer
   recomputes with `entropy.logprob_entropy(..., temperature=T)`, not the top-k/top-p/ban-truncated distribution
   actually sampled from. Greedy (T = 0) reports temperature-1 log-probs.
