@@ -1,6 +1,8 @@
 """rollout.py against slow references: greedy decoding vs full recompute and vs transformers' `generate` (text and
 image prompts, loaded from the same checkpoint), log-probs vs entropy.logprob_entropy recomputed on the finished
 sequences, continuous batching + prefix sharing vs one request at a time, seeds, bans, stops and bad input."""
+import os
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -9,6 +11,8 @@ import model as M
 from entropy import logprob_entropy
 from rollout import Request, Sampler, sample, special_ids, uniform
 from test_model import WORDS, image_prompt, make_hf_internvl, randomize, text_config
+
+SEED = int(os.environ.get("ROLLOUT_TEST_SEED", 0))  # the random models' seed (the assertions hold for any)
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +24,7 @@ def tok():
 def qwen(tmp_path_factory, tok):
     """A tiny random Qwen2 written by transformers, and ours loaded from that checkpoint."""
     path = tmp_path_factory.mktemp("qwen")
+    torch.manual_seed(SEED)  # transformers initialises from the global generator
     cfg = Qwen2Config(**{k: v for k, v in text_config(tok.get_vocab_size(), False).items() if k != "model_type"})
     hf = randomize(Qwen2ForCausalLM(cfg), seed=5).eval()
     hf.save_pretrained(path)
@@ -30,6 +35,7 @@ def qwen(tmp_path_factory, tok):
 @pytest.fixture(scope="module")
 def internvl(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("internvl")
+    torch.manual_seed(SEED)
     hf = make_hf_internvl(tok, "300m", False, path)
     return hf, M.VLM.from_pretrained(path)
 
@@ -169,15 +175,16 @@ def test_banned_ids_are_never_sampled(internvl, tok, monkeypatch):
 def test_stop_tokens_and_length(qwen, tok):
     _, model = qwen
     r = text_request(tok, model.config, "how many red squares")
-    [[free]] = Sampler(model, max_slots=2, max_len=64).generate([r], max_new_tokens=12, temperature=0.0)
+    run = lambda sampler: sampler.generate([r], max_new_tokens=12, temperature=1.0, seed=1)[0][0]
+    free = run(Sampler(model, max_slots=2, max_len=64))
     assert free.finish_reason == "length" and len(free.ids) == 12
-    k = next(k for k in range(1, 12) if free.ids[k] not in free.ids[:k])  # a token whose first use is at k >= 1
-    sampler = Sampler(model, max_slots=2, max_len=64, stop_ids=[free.ids[k]])
-    [[stopped]] = sampler.generate([r], max_new_tokens=12, temperature=0.0)
-    assert stopped.ids == free.ids[:k + 1] and stopped.finish_reason == "stop"  # the stop token is included
-    assert stopped.logprobs == pytest.approx(free.logprobs[:k + 1], abs=1e-5)
+    firsts = [k for k in range(12) if free.ids[k] not in free.ids[:k]]  # a token's first use; 0 (from the prefill)
+    for k in {firsts[0], firsts[-1]}:
+        stopped = run(Sampler(model, max_slots=2, max_len=64, stop_ids=[free.ids[k]]))
+        assert stopped.ids == free.ids[:k + 1] and stopped.finish_reason == "stop"  # the stop token is included
+        assert stopped.logprobs == pytest.approx(free.logprobs[:k + 1], abs=1e-5)
     # The context cap: prompt + completion never exceed max_len.
-    [[capped]] = Sampler(model, max_slots=1, max_len=len(r.ids) + 3).generate([r], max_new_tokens=12, temperature=0)
+    capped = run(Sampler(model, max_slots=1, max_len=len(r.ids) + 3))
     assert capped.ids == free.ids[:3] and capped.finish_reason == "length"
 
 
