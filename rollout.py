@@ -352,7 +352,9 @@ def chat(args):
           f"{st['tokens_per_s']:.1f} tokens/s]")
 
 
-BENCH_SIZES = {  # Qwen2-shaped random models
+BENCH_SIZES = {  # Qwen2-shaped random models; "tiny" is the scale the CPU default trains (design.md section 5)
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -374,10 +376,15 @@ def _timed(fn, device) -> float:
 
 
 def bench(args):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = [args.size] if args.size else ["qwen2.5-7b"] if device.type == "cuda" else ["tiny", "small"]
+    for size in sizes:
+        bench_size(args, size, device)
+
+
+def bench_size(args, size: str, device: torch.device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    size = args.size or ("qwen2.5-7b" if device.type == "cuda" else "small")
     compile = device.type == "cuda" if args.compile is None else args.compile
     cfg = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=4096, rope_theta=1e6)
     torch.manual_seed(0)
@@ -464,7 +471,7 @@ def main():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step (default: on for the CUDA bench, off otherwise)")
     p.add_argument("--size", choices=sorted(BENCH_SIZES), default=None,
-                   help="bench model shape (default: small on CPU, qwen2.5-7b on CUDA)")
+                   help="bench model shape (default: tiny and small on CPU, qwen2.5-7b on CUDA)")
     p.add_argument("--batch", type=int, default=32, help="bench: sequences generated together")
     p.add_argument("--prompt-len", type=int, default=32, help="bench: prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=128, help="bench: tokens generated per sequence")
