@@ -260,7 +260,7 @@ class Sampler:
             raise ValueError(f"request {i}: {n_img} image-context tokens in the prompt but {tiles} image tiles give "
                              f"{tiles * cfg.tokens_per_tile} connector features")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, requests: list[Request], num_samples: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  ) -> list[list[Completion]]:
