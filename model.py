@@ -493,20 +493,27 @@ class VLM(nn.Module):
         patches = self.vision_model(pixel_values, num_layers=layers)[:, 1:]  # (tiles, P, C), CLS dropped
         return self.mlp1(patches).flatten(0, 1)
 
+    def image_input_error(self, n_tokens: int, n_tiles: int) -> str | None:
+        """Why `n_tokens` <IMG_CONTEXT> tokens and `n_tiles` image tiles cannot go together, or None if they can."""
+        tok, per_tile = self.config.image_token_id, self.config.tokens_per_tile
+        if n_tiles and self.vision_model is None:
+            return "pixel_values given to a text-only model"
+        if n_tiles and tok is None:
+            return "pixel_values given but the config has no image_token_id (<IMG_CONTEXT> id)"
+        if n_tokens != n_tiles * per_tile:
+            return (f"{n_tokens} image-context tokens (id {tok}) in the prompt but {n_tiles} image tiles give "
+                    f"{n_tiles * per_tile} connector features ({per_tile} per tile): prompt and images disagree")
+        return None
+
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with the connector's outputs in place of the <IMG_CONTEXT> tokens, in order."""
         x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
         tok = self.config.image_token_id
         n_tokens = 0 if tok is None else int((input_ids == tok).sum())
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_tiles and self.vision_model is None:
-            raise ValueError("pixel_values given to a text-only model")
-        if n_tiles and tok is None:
-            raise ValueError("pixel_values given but the config has no image_token_id (<IMG_CONTEXT> id)")
-        if n_tokens != n_tiles * self.config.tokens_per_tile:
-            raise ValueError(f"the prompt has {n_tokens} image-context tokens (id {tok}) but {n_tiles} image tiles "
-                             f"give {n_tiles * self.config.tokens_per_tile} connector features "
-                             f"({self.config.tokens_per_tile} per tile): prompt and images disagree")
+        error = self.image_input_error(n_tokens, n_tiles)
+        if error:
+            raise ValueError(error)
         if n_tiles == 0:
             return x
         feats = self.image_features(pixel_values).to(x.dtype)

@@ -253,12 +253,9 @@ class Sampler:
                              f"{self.max_len} (prompts are never truncated: that could cut an image span); "
                              f"shorten it or raise the sampler's max_len")
         tiles = 0 if r.pixel_values is None else r.pixel_values.shape[0]
-        if tiles and self.model.vision_model is None:
-            raise ValueError(f"request {i}: pixel_values given to a text-only model")
-        n_img = 0 if cfg.image_token_id is None else r.ids.count(cfg.image_token_id)
-        if n_img != tiles * cfg.tokens_per_tile:
-            raise ValueError(f"request {i}: {n_img} image-context tokens in the prompt but {tiles} image tiles give "
-                             f"{tiles * cfg.tokens_per_tile} connector features")
+        error = self.model.image_input_error(r.ids.count(cfg.image_token_id), tiles)
+        if error:
+            raise ValueError(f"request {i}: {error}")
 
     @torch.inference_mode()
     def generate(self, requests: list[Request], num_samples: int = 1, max_new_tokens: int = 256,
