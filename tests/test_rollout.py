@@ -80,7 +80,7 @@ def test_greedy_matches_full_recompute_and_transformers(request, tok, which):
     reqs = mixed_requests(tok, ours.config)
     n = 12
     got = sampler.generate(reqs, num_samples=2, max_new_tokens=n, temperature=0.0)
-    for r, (a, b) in zip(reqs, got):
+    for r, (a, b) in zip(reqs, got, strict=True):
         assert a.ids == b.ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)  # samples of a prompt agree
         assert a.ids == greedy_reference(ours, r, n, banned, stop)
         with torch.no_grad():
@@ -100,7 +100,7 @@ def test_logprobs_match_trainer_recompute(internvl, tok, temperature, top_p, top
     out = Sampler(model, max_slots=4, max_len=64).generate(reqs, num_samples=2, max_new_tokens=10,
                                                            temperature=temperature, top_p=top_p, top_k=top_k)
     worst = 0.0
-    for r, group in zip(reqs, out):
+    for r, group in zip(reqs, out, strict=True):
         for c in group:
             with torch.no_grad():
                 h = model.hidden(torch.tensor([r.ids + c.ids]), r.pixel_values)[0]  # (P + n, C)
@@ -124,10 +124,10 @@ def test_continuous_batching_and_prefix_sharing_match_one_at_a_time(internvl, to
     together = sampler.generate(reqs, num_samples=3, max_new_tokens=99, temperature=1.0)
     assert sampler.stats["prefills"] == len(reqs) and sampler.stats["tokens"] == sum(
         len(c.ids) for g in together for c in g)
-    for r, group in zip(reqs, together):
+    for r, group in zip(reqs, together, strict=True):
         alone = Sampler(model, max_slots=3, max_len=64, stop_ids=stop).generate([r], num_samples=3,
                                                                                  max_new_tokens=99)[0]
-        for a, b in zip(group, alone):
+        for a, b in zip(group, alone, strict=True):
             assert a.ids == b.ids and a.finish_reason == b.finish_reason
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
             assert len(a.ids) <= r.max_new_tokens and (a.finish_reason == "stop") == (a.ids[-1] in stop)
@@ -163,7 +163,7 @@ def test_banned_ids_are_never_sampled(internvl, tok, monkeypatch):
     reqs = mixed_requests(tok, model.config)
     for kw in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_k=5, top_p=0.9)):
         out = Sampler(model, max_slots=4, max_len=64, banned_ids=banned).generate(reqs, max_new_tokens=8, **kw)
-        for r, [c] in zip(reqs, out):
+        for r, [c] in zip(reqs, out, strict=True):
             assert not set(c.ids) & set(banned)
             with torch.no_grad():
                 logits = model(torch.tensor([r.ids + c.ids]), r.pixel_values)[0, len(r.ids) - 1:-1]
