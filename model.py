@@ -11,6 +11,7 @@ Also here: the Qwen ChatML template, `<image>` placeholder expansion and InternV
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -693,6 +694,8 @@ def read_safetensors(path: Path, device="cpu") -> dict:
 
 
 def write_safetensors(state: dict, path: Path, max_shard_bytes: int):
+    """Shards of at most `max_shard_bytes` (+ index when several). Everything is written under temporary names
+    first and renamed at the end, so a crash mid-save never leaves a checkpoint that was there before half-gone."""
     shards, size = [[]], 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
@@ -701,19 +704,23 @@ def write_safetensors(state: dict, path: Path, max_shard_bytes: int):
             size = 0
         shards[-1].append(k)
         size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = {}
+    for name, keys in zip(names, shards):
+        save_file({k: state[k] for k in keys}, path / f"{name}.tmp", metadata={"format": "pt"})
+        files[name] = keys
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        weight_map = {k: name for name, keys in files.items() for k in keys}
+        (path / "model.safetensors.index.json.tmp").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        names.append("model.safetensors.index.json")
     for old in path.glob("model*.safetensors*"):  # a previous save with another shard count must not linger
-        old.unlink()
-    if len(shards) == 1:
-        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: state[k] for k in keys}, path / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in keys})
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        if old.name not in names and not old.name.endswith(".tmp"):
+            old.unlink()
+    for name in names:
+        os.replace(path / f"{name}.tmp", path / name)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Text side: tokenizer, Qwen ChatML template, image placeholders

@@ -279,3 +279,16 @@ def test_chat_template():
     text = M.chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
     assert M.expand_image_placeholders("a<image>b", [2], 3) == "a<img>" + "<IMG_CONTEXT>" * 6 + "</img>b"
+
+
+def test_resave_in_place_replaces_shards(tmp_path, tok):
+    """Saving over a checkpoint with another shard count leaves exactly the new files, and no temporaries."""
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), seed=1)
+    model.save_pretrained(tmp_path, max_shard_bytes=50_000)
+    sharded = sorted(p.name for p in tmp_path.glob("model*"))
+    assert len(sharded) > 2 and "model.safetensors.index.json" in sharded
+    back = M.VLM.from_pretrained(tmp_path)
+    back.save_pretrained(tmp_path)  # into its own source directory, now as one file
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    again = M.VLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
