@@ -227,7 +227,8 @@ def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
 
 
 def tiny_config(vocab_size: int, image_token_id: int | None = None, image_size: int = 56) -> VLMConfig:
-    """~0.13M parameters with a word-level vocabulary: what the tests and the CPU default train. 56px tiles of 14px patches -> 4 tokens per tile."""
+    """~0.13M parameters with a word-level vocabulary: what the tests and the CPU default train.
+    56px tiles of 14px patches -> 4 tokens per tile."""
     return VLMConfig(llm=LLMConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4),
                      vision=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
