@@ -399,7 +399,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, KV * D, bias=True)
         self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
 
-    def forward(self, h, cos, sin, positions, cache_kv=None, slots=None):
+    def forward(self, h, cos, sin, positions, cache_kv=None, slots=None, mask=None):
         B, T, _ = h.shape
         H, KV, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
         q = apply_rope(self.q_proj(h).view(B, T, H, D), cos, sin)  # (B, T, H, D)
@@ -415,9 +415,8 @@ class Attention(nn.Module):
             cv[rows, :, positions] = v.to(cv.dtype)
             if slots is not None:
                 ck, cv = ck[slots], cv[slots]  # (B, KV, L, D)
-            mask = torch.arange(ck.shape[2], device=h.device) <= positions[..., None]  # (B, T, L)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), ck.to(q.dtype), cv.to(q.dtype),
-                                               attn_mask=mask[:, None], enable_gqa=KV != H)
+                                               attn_mask=mask, enable_gqa=KV != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -440,8 +439,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, positions, cache_kv=None, slots=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache_kv, slots)
+    def forward(self, h, cos, sin, positions, cache_kv=None, slots=None, mask=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache_kv, slots, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -467,9 +466,12 @@ class LLM(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        # With a cache each query sees the cache positions up to its own: one mask (B, 1, T, L) for all layers.
+        mask = None if cache is None else \
+            (torch.arange(cache.k.shape[3], device=x.device) <= positions[..., None])[:, None]
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, positions, None if cache is None else (cache.k[i], cache.v[i]), slots)
+            h = layer(h, cos, sin, positions, None if cache is None else (cache.k[i], cache.v[i]), slots, mask)
         return self.norm(h)
 
     def logits(self, h):
