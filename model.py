@@ -366,13 +366,15 @@ class Connector(nn.Sequential):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (layers, slots, kv_heads, max_len, head_dim), written by index.
-    Shapes never change while decoding, so a decode step can be compiled (CUDA graphs)."""
+    """Preallocated keys/values, one (slots, kv_heads, max_len, head_dim) tensor per layer, written by index.
+    Shapes never change while decoding, so a decode step can be compiled (CUDA graphs). One tensor per layer rather
+    than a single block: a compiled step writes a separate input in place, but copies a whole layer every step
+    when the layer is a view into a shared block."""
 
     def __init__(self, cfg: LLMConfig, slots: int, max_len: int, dtype=torch.float32, device=None):
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
 
 
@@ -387,6 +389,18 @@ def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
 def apply_rope(x, cos, sin):  # x (B, T, H, D)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def decode_attention(q, k, v, mask):
+    """One query per sequence (a decode step) against its cache: q (B, 1, H, D); k, v (B, KV, L, D); mask (B, 1,
+    1, L) True where visible. SDPA's math with enable_gqa (query head h reads kv head h // (H / KV)), written as
+    two small matmuls over the query heads that share a kv head: on a CPU, SDPA costs ~250 us per call at these
+    shapes whatever their size, this form about a third of that, and it compiles into fused loops."""
+    B, _, H, D = q.shape
+    KV = k.shape[1]
+    s = torch.matmul(q.view(B, KV, H // KV, D), k.transpose(-1, -2)) * D ** -0.5  # (B, KV, H/KV, L)
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")).float(), dim=-1).to(v.dtype)
+    return torch.matmul(p, v).view(B, 1, H * D)  # (B, KV, H/KV, D) -> (B, 1, H * D)
 
 
 class Attention(nn.Module):
@@ -415,6 +429,8 @@ class Attention(nn.Module):
             cv[rows, :, positions] = v.to(cv.dtype)
             if slots is not None:
                 ck, cv = ck[slots], cv[slots]  # (B, KV, L, D)
+            if T == 1 and h.device.type == "cpu":  # on a GPU the fused SDPA kernels win
+                return self.o_proj(decode_attention(q, ck.to(q.dtype), cv.to(q.dtype), mask))
             y = F.scaled_dot_product_attention(q.transpose(1, 2), ck.to(q.dtype), cv.to(q.dtype),
                                                attn_mask=mask, enable_gqa=KV != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
@@ -468,7 +484,7 @@ class LLM(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         # With a cache each query sees the cache positions up to its own: one mask (B, 1, T, L) for all layers.
         mask = None if cache is None else \
-            (torch.arange(cache.k.shape[3], device=x.device) <= positions[..., None])[:, None]
+            (torch.arange(cache.k[0].shape[2], device=x.device) <= positions[..., None])[:, None]
         h = x
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, positions, None if cache is None else (cache.k[i], cache.v[i]), slots, mask)

@@ -126,8 +126,8 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: flo
 @dataclass
 class _KV:
     """A view of part of a KVCache; LLM.forward only reads `.k[layer]` and `.v[layer]`, and writes through views."""
-    k: torch.Tensor
-    v: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
 
 
 @dataclass
@@ -137,8 +137,8 @@ class _Group:
     index: int
     seed: int
     limit: int  # max tokens per completion
-    k: torch.Tensor  # (layers, kv_heads, P, head_dim)
-    v: torch.Tensor
+    k: list[torch.Tensor]  # per layer (kv_heads, P, head_dim)
+    v: list[torch.Tensor]
     tok: torch.Tensor  # (num_samples,) first tokens, drawn from the prompt's last logits
     logprob: torch.Tensor  # (num_samples,)
     stop: torch.Tensor  # (num_samples,) bool: the first token is a stop id
@@ -178,7 +178,7 @@ class Sampler:
         self.stats: dict = {}
         self._step = self._decode_step
         if compile:
-            for t in (self.cache.k, self.cache.v, self.stop, self.banned, self.tok, self.pos, self.step, self.limit,
+            for t in (*self.cache.k, *self.cache.v, self.stop, self.banned, self.tok, self.pos, self.step, self.limit,
                       self.seed, self.sample_idx, self.done, self.out_tok, self.out_lp):
                 torch._dynamo.mark_static_address(t)  # mutated in place: CUDA graphs must not copy them
             mode = "reduce-overhead" if dev.type == "cuda" else None
@@ -204,7 +204,7 @@ class Sampler:
         """Several prompts in one right-padded batch (vision tower, connector, LLM once each) into a temporary
         cache; each one's first token is drawn for all its n samples from its last prompt position. Padding comes
         after a prompt, so causal attention never lets the prompt see it."""
-        dev, dtype, lm = self.tok.device, self.cache.k.dtype, self.model.language_model
+        dev, dtype, lm = self.tok.device, self.cache.k[0].dtype, self.model.language_model
         lens = [len(requests[i].ids) for i in batch]
         G, T = len(batch), max(lens)
         pad = 1 if self.model.config.image_token_id == 0 else 0  # anything but <IMG_CONTEXT> (embed counts those)
@@ -220,8 +220,8 @@ class Sampler:
                          temperature, top_p, top_k, self.banned)
         tok, lp = tok.view(G, n), lp.view(G, n)
         stop = (tok[..., None] == self.stop).any(-1)  # (G, n)
-        return {i: _Group(i, seeds[i], limits[i], kv.k[:, g, :, :P], kv.v[:, g, :, :P], tok[g], lp[g], stop[g])
-                for g, (i, P) in enumerate(zip(batch, lens))}
+        return {i: _Group(i, seeds[i], limits[i], [k[g, :, :P] for k in kv.k], [v[g, :, :P] for v in kv.v], tok[g],
+                          lp[g], stop[g]) for g, (i, P) in enumerate(zip(batch, lens))}
 
     def _batches(self, todo: list[int], lens: list[int]):
         """Consecutive runs of `todo` whose padded size (count x longest) stays within prefill_tokens."""
@@ -237,9 +237,9 @@ class Sampler:
 
     def _admit(self, s: int, g: _Group, j: int):
         """Sample j of group g into slot s: copy the prompt's KV, set the slot's state. No host sync."""
-        P = g.k.shape[2]
-        self.cache.k[:, s, :, :P] = g.k
-        self.cache.v[:, s, :, :P] = g.v
+        P = g.k[0].shape[1]
+        for dst, src in zip(self.cache.k + self.cache.v, g.k + g.v):
+            dst[s, :, :P] = src
         self.tok[s] = self.out_tok[s, 0] = g.tok[j]
         self.out_lp[s, 0] = g.logprob[j]
         self.pos[s], self.step[s], self.limit[s], self.seed[s], self.sample_idx[s] = P, 1, g.limit, g.seed, j
@@ -302,9 +302,10 @@ class Sampler:
                 slots[s] = (i, j, steps, len(requests[i].ids), limits[i])
             if queue and queue[0][0] in groups and groups[queue[0][0]] is not staged:  # keep its prompt's KV
                 g = groups[queue[0][0]]
-                P = g.k.shape[2]
-                self.stage.k[:, 0, :, :P], self.stage.v[:, 0, :, :P] = g.k, g.v
-                g.k, g.v = self.stage.k[:, 0, :, :P], self.stage.v[:, 0, :, :P]
+                P = g.k[0].shape[1]
+                for dst, src in zip(self.stage.k + self.stage.v, g.k + g.v):
+                    dst[0, :, :P] = src
+                g.k, g.v = [k[0, :, :P] for k in self.stage.k], [v[0, :, :P] for v in self.stage.v]
                 staged = g
             if not any(slots):
                 break
@@ -325,7 +326,7 @@ class Sampler:
         if self.compiled:
             return self.cache
         hi = max(P + min(steps - start, limit - 1) for _, _, start, P, limit in (o for o in slots if o))
-        return _KV(self.cache.k[..., :hi + 1, :], self.cache.v[..., :hi + 1, :])
+        return _KV([k[:, :, :hi + 1] for k in self.cache.k], [v[:, :, :hi + 1] for v in self.cache.v])
 
 # -----------------------------------------------------------------------------------------------------------------
 # Command line: chat with a checkpoint, or benchmark against transformers
@@ -382,7 +383,7 @@ def bench(args):
 def bench_size(args, size: str, device: torch.device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    compile = device.type == "cuda" if args.compile is None else args.compile
+    compile = args.compile
     cfg = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=4096, rope_theta=1e6)
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
@@ -439,7 +440,7 @@ def bandwidth_at_batch_1(model: VLM, P: int, compile: bool, sync_every, name: st
     nbytes = lambda t: t.numel() * t.element_size()
     weights = sum(nbytes(p) for p in lm.parameters()) - (nbytes(lm.embed_tokens.weight) if lm.lm_head is not None
                                                          else 0)
-    kv = (nbytes(sampler.cache.k) + nbytes(sampler.cache.v)) * (1 if compile else (P + (n1 + n2) / 2) / (P + n2))
+    kv = sum(map(nbytes, sampler.cache.k + sampler.cache.v)) * (1 if compile else (P + (n1 + n2) / 2) / (P + n2))
     x = torch.empty(2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
@@ -466,7 +467,8 @@ def main():
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    help="chat: parameter dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step (default: on for the CUDA bench, off otherwise)")
+                   help="torch.compile the decode step: CUDA graphs on a GPU, inductor C++ on a CPU, which needs a C++ "
+                        "compiler (default: on for the bench, off for chat)")
     p.add_argument("--size", choices=sorted(BENCH_SIZES), default=None,
                    help="bench model shape (default: tiny and small on CPU, qwen2.5-7b on CUDA)")
     p.add_argument("--batch", type=int, default=32, help="bench: sequences generated together")
@@ -477,6 +479,7 @@ def main():
                    "1 on CPU, 8 on CUDA)")
     args = p.parse_args()
     if args.bench:
+        args.compile = args.compile is not False
         bench(args)
     elif args.ckpt:
         args.compile = bool(args.compile)
