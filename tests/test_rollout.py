@@ -2,9 +2,14 @@
 image prompts, loaded from the same checkpoint), log-probs vs entropy.logprob_entropy recomputed on the finished
 sequences, continuous batching + prefix sharing vs one request at a time, seeds, bans, stops and bad input."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import model as M
@@ -233,3 +238,24 @@ def test_compiled_decode_matches_eager(tok):
     eager = Sampler(model, max_slots=4, max_len=64, sync_every=3).generate(reqs, **kw)
     compiled = Sampler(model, max_slots=4, max_len=64, sync_every=3, compile=True).generate(reqs, **kw)
     assert [[c.ids for c in g] for g in eager] == [[c.ids for c in g] for g in compiled]
+
+
+def test_chat_command(tmp_path, tok):
+    """`python rollout.py --ckpt --image --prompt` prints the greedy response the Sampler gives in-process."""
+    torch.manual_seed(SEED)
+    make_hf_internvl(tok, "300m", False, tmp_path)
+    model = M.VLM.from_pretrained(tmp_path)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 112, 3), dtype=np.uint8))
+    img.save(tmp_path / "grid.png")
+    ids, pixels = M.build_prompt(tok, model.config, "how many red squares", [tmp_path / "grid.png"])
+    stop, banned = special_ids(tok)
+    [[want]] = Sampler(model, max_slots=1, max_len=len(ids) + 6, stop_ids=stop, banned_ids=banned).generate(
+        [Request(ids, pixels)], max_new_tokens=6, temperature=0.0)
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(repo / "rollout.py"), "--ckpt", str(tmp_path), "--image",
+                          str(tmp_path / "grid.png"), "--prompt", "how many red squares", "--max-new-tokens", "6",
+                          "--dtype", "float32"], capture_output=True, text=True, cwd=repo, check=True).stdout
+    response, stats = out.rstrip("\n").split("\n")[-2:]
+    assert response == tok.decode(want.ids) and want.ids, (response, want)
+    assert f"{len(ids)} prompt tokens, {len(want.ids)} generated ({want.finish_reason})" in stats
+    assert "tokens/s" in stats
