@@ -393,14 +393,19 @@ def apply_rope(x, cos, sin):  # x (B, T, H, D)
 
 def decode_attention(q, k, v, mask):
     """One query per sequence (a decode step) against its cache: q (B, 1, H, D); k, v (B, KV, L, D); mask (B, 1,
-    1, L) True where visible. SDPA's math with enable_gqa (query head h reads kv head h // (H / KV)), written as
-    two small matmuls over the query heads that share a kv head: on a CPU, SDPA costs ~250 us per call at these
-    shapes whatever their size, this form about a third of that, and it compiles into fused loops."""
+    1, L) True where visible. The H/KV query heads that share a kv head attend as that many queries of it (head h
+    reads kv head h // (H/KV), as SDPA's enable_gqa), so K and V are never copied per query head. On a CPU this is
+    two small matmuls (SDPA costs ~250 us per call at these shapes whatever their size; this, about a third);
+    elsewhere SDPA's fused kernels, which take the mask without the GQA flag."""
     B, _, H, D = q.shape
     KV = k.shape[1]
-    s = torch.matmul(q.view(B, KV, H // KV, D), k.transpose(-1, -2)) * D ** -0.5  # (B, KV, H/KV, L)
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")).float(), dim=-1).to(v.dtype)
-    return torch.matmul(p, v).view(B, 1, H * D)  # (B, KV, H/KV, D) -> (B, 1, H * D)
+    q = q.view(B, KV, H // KV, D)
+    if q.device.type == "cpu":
+        s = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5  # (B, KV, H/KV, L)
+        y = torch.matmul(torch.softmax(s.masked_fill(~mask, float("-inf")).float(), dim=-1).to(v.dtype), v)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.view(B, 1, H * D)  # (B, KV, H/KV, D) -> (B, 1, H * D)
 
 
 class Attention(nn.Module):
@@ -429,7 +434,7 @@ class Attention(nn.Module):
             cv[rows, :, positions] = v.to(cv.dtype)
             if slots is not None:
                 ck, cv = ck[slots], cv[slots]  # (B, KV, L, D)
-            if T == 1 and h.device.type == "cpu":  # on a GPU the fused SDPA kernels win
+            if T == 1:
                 return self.o_proj(decode_attention(q, ck.to(q.dtype), cv.to(q.dtype), mask))
             y = F.scaled_dot_product_attention(q.transpose(1, 2), ck.to(q.dtype), cv.to(q.dtype),
                                                attn_mask=mask, enable_gqa=KV != H)

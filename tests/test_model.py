@@ -185,16 +185,19 @@ def test_kv_cache_matches_full_forward(tok):
     assert (got - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("H,KV", [(4, 2), (6, 1), (3, 3)])
-def test_decode_attention_matches_fp64_sdpa(H, KV):
-    """The CPU decode path (grouped matmuls) == SDPA with enable_gqa computed in fp64, under a ragged mask."""
+def test_decode_attention_matches_fp64_sdpa(H, KV, device):
+    """decode_attention (grouped matmuls on a CPU, grouped SDPA elsewhere) == SDPA with enable_gqa in fp64 under a
+    ragged mask."""
     g = torch.Generator().manual_seed(H * 10 + KV)
     B, L, D = 5, 11, 8
     q, k, v = (torch.randn(*shape, generator=g) for shape in ((B, 1, H, D), (B, KV, L, D), (B, KV, L, D)))
     mask = (torch.arange(L) <= torch.tensor([0, 3, 10, 7, 5])[:, None])[:, None, None]  # (B, 1, 1, L)
     want = torch.nn.functional.scaled_dot_product_attention(
         q.double().transpose(1, 2), k.double(), v.double(), attn_mask=mask, enable_gqa=KV != H)  # (B, H, 1, D)
-    got = M.decode_attention(q, k, v, mask)  # (B, 1, H * D)
+    got = M.decode_attention(q.to(device), k.to(device), v.to(device), mask.to(device)).cpu()  # (B, 1, H * D)
     assert (got.double() - want.transpose(1, 2).reshape(B, 1, H * D)).abs().max().item() <= 1e-6
 
 
