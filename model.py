@@ -391,21 +391,17 @@ def apply_rope(x, cos, sin):  # x (B, T, H, D)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def decode_attention(q, k, v, mask):
-    """One query per sequence (a decode step) against its cache: q (B, 1, H, D); k, v (B, KV, L, D); mask (B, 1,
-    1, L) True where visible. The H/KV query heads that share a kv head attend as that many queries of it (head h
-    reads kv head h // (H/KV), as SDPA's enable_gqa), so K and V are never copied per query head. On a CPU this is
-    two small matmuls (SDPA costs ~250 us per call at these shapes whatever their size; this, about a third);
-    elsewhere SDPA's fused kernels, which take the mask without the GQA flag."""
-    B, _, H, D = q.shape
+def cached_attention(q, k, v, mask):
+    """Queries against a cache: q (B, T, H, D); k, v (B, KV, L, D); mask (B, 1, T, L) True where visible. Returns
+    (B, T, H * D). The H/KV query heads that share a kv head attend as H/KV times as many queries of it (head h reads
+    kv head h // (H/KV), as with enable_gqa), so K and V are never repeated per query head and SDPA's fused kernels
+    that take a mask stay available (with the GQA flag, a masked call falls back to the math kernel)."""
+    B, T, H, D = q.shape
     KV = k.shape[1]
-    q = q.view(B, KV, H // KV, D)
-    if q.device.type == "cpu":
-        s = torch.matmul(q, k.transpose(-1, -2)) * D ** -0.5  # (B, KV, H/KV, L)
-        y = torch.matmul(torch.softmax(s.masked_fill(~mask, float("-inf")).float(), dim=-1).to(v.dtype), v)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.view(B, 1, H * D)  # (B, KV, H/KV, D) -> (B, 1, H * D)
+    G = H // KV
+    q = q.view(B, T, KV, G, D).permute(0, 2, 3, 1, 4).reshape(B, KV, G * T, D)  # query row g * T + t
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # (B, KV, G * T, D)
+    return y.view(B, KV, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
 class Attention(nn.Module):
@@ -426,7 +422,7 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(B, T, KV, D)
         if cache_kv is None:  # training / full recompute: plain causal attention over this sequence
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=KV != H)
+                                               is_causal=True, enable_gqa=KV != H).transpose(1, 2)  # (B, T, H, D)
         else:  # write this step's keys at their positions, attend to everything up to each query's position
             ck, cv = cache_kv  # (S, KV, L, D)
             rows = (torch.arange(B, device=h.device) if slots is None else slots)[:, None]  # (B, 1)
@@ -434,11 +430,8 @@ class Attention(nn.Module):
             cv[rows, :, positions] = v.to(cv.dtype)
             if slots is not None:
                 ck, cv = ck[slots], cv[slots]  # (B, KV, L, D)
-            if T == 1:
-                return self.o_proj(decode_attention(q, ck.to(q.dtype), cv.to(q.dtype), mask))
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), ck.to(q.dtype), cv.to(q.dtype),
-                                               attn_mask=mask, enable_gqa=KV != H)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+            y = cached_attention(q, ck.to(q.dtype), cv.to(q.dtype), mask)  # (B, T, H * D)
+        return self.o_proj(y.reshape(B, T, H * D))
 
 
 class MLP(nn.Module):

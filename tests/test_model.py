@@ -187,18 +187,18 @@ def test_kv_cache_matches_full_forward(tok):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-@pytest.mark.parametrize("H,KV", [(4, 2), (6, 1), (3, 3)])
-def test_decode_attention_matches_fp64_sdpa(H, KV, device):
-    """decode_attention (grouped matmuls on a CPU, grouped SDPA elsewhere) == SDPA with enable_gqa in fp64 under a
-    ragged mask."""
-    g = torch.Generator().manual_seed(H * 10 + KV)
+@pytest.mark.parametrize("H,KV,T", [(4, 2, 1), (4, 2, 3), (6, 1, 2), (3, 3, 1)])
+def test_cached_attention_matches_fp64_sdpa(H, KV, T, device):
+    """cached_attention (query heads grouped per kv head) == SDPA with enable_gqa in fp64 under a ragged mask."""
+    g = torch.Generator().manual_seed(H * 100 + KV * 10 + T)
     B, L, D = 5, 11, 8
-    q, k, v = (torch.randn(*shape, generator=g) for shape in ((B, 1, H, D), (B, KV, L, D), (B, KV, L, D)))
-    mask = (torch.arange(L) <= torch.tensor([0, 3, 10, 7, 5])[:, None])[:, None, None]  # (B, 1, 1, L)
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((B, T, H, D), (B, KV, L, D), (B, KV, L, D)))
+    last = torch.tensor([0, 3, 10, 7, 5])[:, None] + torch.arange(T) - T + 1  # (B, T) each query's position
+    mask = (torch.arange(L) <= last.clamp(min=0)[..., None])[:, None]  # (B, 1, T, L)
     want = torch.nn.functional.scaled_dot_product_attention(
-        q.double().transpose(1, 2), k.double(), v.double(), attn_mask=mask, enable_gqa=KV != H)  # (B, H, 1, D)
-    got = M.decode_attention(q.to(device), k.to(device), v.to(device), mask.to(device)).cpu()  # (B, 1, H * D)
-    assert (got.double() - want.transpose(1, 2).reshape(B, 1, H * D)).abs().max().item() <= 1e-6
+        q.double().transpose(1, 2), k.double(), v.double(), attn_mask=mask, enable_gqa=KV != H)  # (B, H, T, D)
+    got = M.cached_attention(*(t.to(device) for t in (q, k, v, mask))).cpu()  # (B, T, H * D)
+    assert (got.double() - want.transpose(1, 2).reshape(B, T, H * D)).abs().max().item() <= 1e-6
 
 
 def reference_tiling(image, tile, min_num, max_num):
