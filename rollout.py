@@ -483,7 +483,7 @@ def main():
     p.add_argument("--batch", type=int, default=32, help="bench: sequences generated together")
     p.add_argument("--prompt-len", type=int, default=32, help="bench: prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=128, help="bench: tokens generated per sequence")
-    p.add_argument("--repeats", type=int, default=5, help="bench: timed runs per engine, interleaved (best is "
+    p.add_argument("--repeats", type=int, default=10, help="bench: timed runs per engine, interleaved (best is "
                    "reported: other processes on a shared machine only ever slow a run down)")
     p.add_argument("--sync-every", type=int, default=None, help="decode steps between host checks (default: "
                    "1 on CPU, 8 on CUDA)")
