@@ -420,14 +420,15 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(h).view(B, T, H, D), cos, sin)  # (B, T, H, D)
         k = apply_rope(self.k_proj(h).view(B, T, KV, D), cos, sin)  # (B, T, KV, D)
         v = self.v_proj(h).view(B, T, KV, D)
-        if cache_kv is None:  # training / full recompute: plain causal attention over this sequence
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=KV != H).transpose(1, 2)  # (B, T, H, D)
-        else:  # write this step's keys at their positions, attend to everything up to each query's position
+        if cache_kv is not None:  # write this call's keys and values at their positions
             ck, cv = cache_kv  # (S, KV, L, D)
             rows = (torch.arange(B, device=h.device) if slots is None else slots)[:, None]  # (B, 1)
             ck[rows, :, positions] = k.to(ck.dtype)  # advanced index -> (B, T, KV, D)
             cv[rows, :, positions] = v.to(cv.dtype)
+        if mask is None:  # a sequence from position 0 (training, full recompute, prefill): causal over this call
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=KV != H).transpose(1, 2)  # (B, T, H, D)
+        else:  # continuing a cached sequence: everything in the cache up to each query's position
             if slots is not None:
                 ck, cv = ck[slots], cv[slots]  # (B, KV, L, D)
             y = cached_attention(q, ck.to(q.dtype), cv.to(q.dtype), mask)  # (B, T, H * D)
@@ -474,15 +475,18 @@ class LLM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, x, positions=None, cache: KVCache | None = None, slots=None):
-        """x (B, T, C) input embeddings; positions (B, T) absolute positions (default 0..T-1). With `cache`, batch
-        row b lives in cache slot `slots[b]` (default b) and its keys/values are written at `positions[b]`."""
+        """x (B, T, C) input embeddings; positions (B, T) absolute positions, None for a new sequence (0..T-1, which
+        attends only to itself, causally). With `cache`, batch row b lives in cache slot `slots[b]` (default b) and
+        its keys/values are written at `positions[b]`; given positions read the cache up to each query's position."""
         B, T, _ = x.shape
+        continuing = cache is not None and positions is not None
         if positions is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        # With a cache each query sees the cache positions up to its own: one mask (B, 1, T, L) for all layers.
-        mask = None if cache is None else \
-            (torch.arange(cache.k[0].shape[2], device=x.device) <= positions[..., None])[:, None]
+        # Continuing, each query sees the cache positions up to its own: one mask (B, 1, T, L) for all layers. A new
+        # sequence needs none: causal SDPA (flash on a GPU) over its own keys, whatever the cache holds further on.
+        mask = (torch.arange(cache.k[0].shape[2], device=x.device) <= positions[..., None])[:, None] \
+            if continuing else None
         h = x
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, positions, None if cache is None else (cache.k[i], cache.v[i]), slots, mask)

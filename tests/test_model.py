@@ -169,8 +169,11 @@ def test_qwen2_parity_and_roundtrip(tmp_path, tie):
         ours.save_pretrained(tmp_path / "x", layout="remote")
 
 
-def test_kv_cache_matches_full_forward(tok):
-    """Prefill into cache slots then decode token by token == one causal forward, including slots != rows."""
+@pytest.mark.parametrize("prefill_positions", [True, False])
+def test_kv_cache_matches_full_forward(tok, prefill_positions):
+    """Prefill into cache slots then decode token by token == one causal forward, including slots != rows; the
+    prefill either continues an empty cache (positions given: masked cache attention) or starts a new sequence
+    (positions None: causal attention over its own keys, written to the cache on the way)."""
     model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), seed=3)
     ids = torch.randint(10, tok.get_vocab_size(), (2, 9), generator=torch.Generator().manual_seed(1))  # words only
     lm = model.language_model
@@ -178,7 +181,8 @@ def test_kv_cache_matches_full_forward(tok):
         full = model(ids)
         cache = M.KVCache(model.config.llm, slots=4, max_len=16)
         slots = torch.tensor([3, 1])
-        pre = lm.logits(lm(lm.embed_tokens(ids[:, :5]), torch.arange(5).expand(2, 5), cache, slots))
+        pre = lm.logits(lm(lm.embed_tokens(ids[:, :5]), torch.arange(5).expand(2, 5) if prefill_positions else None,
+                           cache, slots))
         steps = [lm.logits(lm(lm.embed_tokens(ids[:, t:t + 1]), torch.full((2, 1), t), cache, slots))
                  for t in range(5, 9)]
     got = torch.cat([pre, *steps], dim=1)
