@@ -4,7 +4,7 @@ InternViT (patch 14, 448px tiles, LayerNorm or RMSNorm, optional qk-norm, layer 
 (pixel shuffle 0.5 -> LayerNorm -> Linear -> GELU -> Linear) -> Qwen2 LLM (GQA, RoPE, RMSNorm, SwiGLU, qkv bias).
 Follows OpenGVLab/InternVL `modeling_intern_vit.py` + `modeling_internvl_chat.py` (the layout Skywork-R1V3-38B
 ships in) and transformers' `InternVLForConditionalGeneration` / `Qwen2ForCausalLM` (the parity oracle in tests).
-Also here: the Qwen ChatML template, `<image>` placeholder expansion and InternVL's dynamic tiling.
+Prompts, images and data rows live in data.py.
 
     python model.py --ckpt /path/to/InternVL3-1B --image cat.jpg    # load, print shapes and one next-token guess
 """
@@ -17,17 +17,35 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from entropy import logprob_entropy
+
 # -----------------------------------------------------------------------------------------------------------------
 # Configs: one dataclass per tower, built from either config.json layout; nothing shape-related is hard-coded.
+# Each checks its own fields: a config.json with a string where a number belongs, a zero head count or a
+# non-positive epsilon fails here, naming the field, instead of deep inside torch or silently (eps 0 -> nan).
+
+IMG_CONTEXT = "<IMG_CONTEXT>"  # the token whose embeddings the connector's outputs replace (config.image_token_id)
+
+
+def _check(cfg, where: str, positive_ints=(), positive_floats=(), bools=()):
+    for name in positive_ints:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}.{name} must be a positive integer, got {v!r}")
+    for name in positive_floats:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"{where}.{name} must be a positive number, got {v!r}")
+    for name in bools:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{where}.{name} must be true or false, got {getattr(cfg, name)!r}")
 
 
 @dataclass
@@ -48,12 +66,17 @@ class ViTConfig:
     num_patches: int = field(init=False)
 
     def __post_init__(self):
+        _check(self, "vision_config", ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                       "image_size", "patch_size", "num_channels"), ("layer_norm_eps",),
+               ("qkv_bias", "qk_normalization"))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
         if self.image_size % self.patch_size:
             raise ValueError(f"vision image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"vision norm_type must be 'layer_norm' or 'rms_norm', got {self.norm_type!r}")
+        if isinstance(self.initializer_factor, bool) or not isinstance(self.initializer_factor, (int, float)):
+            raise ValueError(f"vision_config.initializer_factor must be a number, got {self.initializer_factor!r}")
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.num_patches = (self.image_size // self.patch_size) ** 2
 
@@ -73,7 +96,13 @@ class LLMConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        _check(self, "llm_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
+               ("rope_theta", "rms_norm_eps"), ("tie_word_embeddings",))
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        _check(self, "llm_config", ("head_dim",))
+        if self.head_dim % 2:
+            raise ValueError(f"llm_config.head_dim must be even for RoPE, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_attention_heads} attention heads not a multiple of "
                              f"{self.num_key_value_heads} key/value heads")
@@ -84,7 +113,7 @@ class VLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: ViTConfig | None = field(default_factory=ViTConfig)  # None: a text-only Qwen2 checkpoint
     downsample_ratio: float = 0.5
-    select_layer: int = -1  # which ViT layer feeds the connector (-1: the last)
+    select_layer: int = -1  # the ViT layer feeding the connector: -1 the last, -2 the one before, k >= 1 the k-th
     image_token_id: int | None = None  # id of <IMG_CONTEXT>; remote-code configs leave it to the tokenizer
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
@@ -92,138 +121,37 @@ class VLMConfig:
     layout: str = "remote"  # checkpoint key/config layout: "remote" (InternVL chat), "native" (transformers), "qwen2"
     source: dict = field(default_factory=dict, repr=False)  # the config.json this came from, kept for saving
     tokens_per_tile: int = field(init=False)
+    vision_layers: int = field(init=False)  # how many ViT blocks run (select_layer as a count)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        _check(self, "config", ("min_dynamic_patch", "max_dynamic_patch"), ("downsample_ratio",), ("use_thumbnail",))
+        if self.max_dynamic_patch < self.min_dynamic_patch:
+            raise ValueError(f"max_dynamic_patch {self.max_dynamic_patch} < min_dynamic_patch {self.min_dynamic_patch}")
+        tok = self.image_token_id
+        V = self.llm.vocab_size
+        if tok is not None and (isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < V):
+            raise ValueError(f"image_token_id must be a token id in [0, {V}), got {tok!r}")
         if self.vision is None:
-            self.tokens_per_tile = 0
+            self.tokens_per_tile = self.vision_layers = 0
             return
+        depth = self.vision.num_hidden_layers
+        if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int):
+            raise ValueError(f"select_layer must be an integer, got {self.select_layer!r}")
+        # InternVL reads hidden_states[select_layer], where hidden_states[0] is the patch embeddings and [k] the k-th
+        # block's output: -1 -> all `depth` blocks, k >= 1 -> k blocks.
+        self.vision_layers = self.select_layer if self.select_layer >= 0 else depth + 1 + self.select_layer
+        if not 1 <= self.vision_layers <= depth:
+            raise ValueError(f"select_layer {self.select_layer} is outside the vision tower's {depth} layers "
+                             f"(use -{depth}..-1 or 1..{depth})")
         side = self.vision.image_size // self.vision.patch_size
-        if side * self.downsample_ratio != int(side * self.downsample_ratio):
+        if side * self.downsample_ratio != int(side * self.downsample_ratio) or self.downsample_ratio > 1:
             raise ValueError(f"{side}x{side} patches cannot be pixel-shuffled by ratio {self.downsample_ratio}")
         self.tokens_per_tile = int(side * self.downsample_ratio) ** 2  # 448/14=32 -> 16x16 = 256
 
 
 LAYOUTS = ("remote", "native", "qwen2")
-
-
-def _pick(d: dict, *names, default=None):
-    for n in names:
-        if d.get(n) is not None:
-            return d[n]
-    return default
-
-
-def _llm_config(d: dict, tie: bool | None) -> LLMConfig:
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    # "dynamic" NTK scaling (some InternVL llm_configs) only changes positions past max_position_embeddings, which
-    # the sampler never reaches, so it is plain RoPE here; other scalings change every position.
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic", None):
-        raise ValueError(f"RoPE scaling {rope} is not supported (only plain RoPE, as in Qwen2/2.5)")
-    if d.get("use_sliding_window"):
-        raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
-    return LLMConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
-        num_key_value_heads=_pick(d, "num_key_value_heads", default=d["num_attention_heads"]),
-        head_dim=d.get("head_dim"), rope_theta=float(_pick(rope, "rope_theta", default=d.get("rope_theta", 1e4))),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), max_position_embeddings=d.get("max_position_embeddings", 32768),
-        tie_word_embeddings=bool(tie if tie is not None else d.get("tie_word_embeddings", False)))
-
-
-def _size(v) -> int:
-    return v[0] if isinstance(v, (list, tuple)) else v
-
-
-def config_from_dict(d: dict) -> VLMConfig:
-    """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or Qwen2 layout."""
-    if "llm_config" in d:
-        v, llm = d["vision_config"], d["llm_config"]
-        vision = ViTConfig(
-            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
-            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-            image_size=_size(_pick(d, "force_image_size", default=v.get("image_size", 448))),
-            patch_size=_size(v.get("patch_size", 14)), num_channels=v.get("num_channels", 3),
-            qkv_bias=v.get("qkv_bias", True), qk_normalization=v.get("qk_normalization", False),
-            norm_type=v.get("norm_type", "layer_norm"), layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-            initializer_factor=v.get("initializer_factor", 0.1))
-        return VLMConfig(
-            llm=_llm_config(llm, None), vision=vision, downsample_ratio=d.get("downsample_ratio", 0.5),
-            select_layer=d.get("select_layer", -1), image_token_id=d.get("image_token_id"),
-            min_dynamic_patch=d.get("min_dynamic_patch", 1), max_dynamic_patch=d.get("max_dynamic_patch", 12),
-            use_thumbnail=d.get("use_thumbnail", True), layout="remote", source=d)
-    if "text_config" in d:
-        v = d["vision_config"]
-        if not v.get("use_mean_pooling", True):
-            raise ValueError("vision_config.use_mean_pooling=false adds a final ViT LayerNorm InternVL never uses")
-        if d.get("vision_feature_select_strategy", "default") != "default":
-            raise ValueError("only vision_feature_select_strategy='default' (drop CLS) is supported")
-        vision = ViTConfig(
-            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
-            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-            image_size=_size(v.get("image_size", 448)), patch_size=_size(v.get("patch_size", 14)),
-            num_channels=v.get("num_channels", 3), qkv_bias=v.get("attention_bias", False),
-            qk_normalization=v.get("use_qk_norm", False), norm_type=v.get("norm_type", "layer_norm"),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6), initializer_factor=v.get("layer_scale_init_value", 0.1))
-        return VLMConfig(
-            llm=_llm_config(d["text_config"], d.get("tie_word_embeddings")), vision=vision,
-            downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
-            image_token_id=d.get("image_token_id"), layout="native", source=d)
-    if d.get("model_type") in ("qwen2", "qwen2_5") or "Qwen2ForCausalLM" in d.get("architectures", []):
-        return VLMConfig(llm=_llm_config(d, None), vision=None, layout="qwen2", source=d)
-    raise ValueError(f"unrecognised config.json: no llm_config/text_config and model_type {d.get('model_type')!r}")
-
-
-def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
-    """The config.json for `layout`; fields we do not model are carried over from the source when layouts agree."""
-    keep = dict(cfg.source) if cfg.layout == layout else {}
-    sub = lambda name: dict(keep.get(name, {}))
-    m = cfg.llm
-    llm = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-               num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-               num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
-               rms_norm_eps=m.rms_norm_eps, max_position_embeddings=m.max_position_embeddings,
-               tie_word_embeddings=m.tie_word_embeddings, hidden_act="silu", model_type="qwen2")
-    if layout == "qwen2":
-        if cfg.vision is not None:
-            raise ValueError("a model with a vision tower cannot be saved in the text-only qwen2 layout")
-        return {**keep, **llm, "architectures": ["Qwen2ForCausalLM"]}
-    if cfg.vision is None:
-        raise ValueError(f"a text-only model can only be saved in the qwen2 layout, not {layout!r}")
-    v = cfg.vision
-    if layout == "remote":
-        vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
-                      num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
-                      image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-                      qkv_bias=v.qkv_bias, qk_normalization=v.qk_normalization, norm_type=v.norm_type,
-                      layer_norm_eps=v.layer_norm_eps, initializer_factor=v.initializer_factor,
-                      hidden_act="gelu", model_type="intern_vit_6b", architectures=["InternVisionModel"])
-        out = {**keep, "architectures": keep.get("architectures", ["InternVLChatModel"]),
-               "model_type": keep.get("model_type", "internvl_chat"),
-               "vision_config": {**sub("vision_config"), **vision},
-               "llm_config": {**sub("llm_config"), **llm, "architectures": ["Qwen2ForCausalLM"]},
-               "downsample_ratio": cfg.downsample_ratio, "select_layer": cfg.select_layer,
-               "force_image_size": v.image_size, "min_dynamic_patch": cfg.min_dynamic_patch,
-               "max_dynamic_patch": cfg.max_dynamic_patch, "use_thumbnail": cfg.use_thumbnail,
-               "dynamic_image_size": True, "ps_version": "v2", "template": keep.get("template", "internvl2_5")}
-        if cfg.image_token_id is not None:
-            out["image_token_id"] = cfg.image_token_id
-        return out
-    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
-                  num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
-                  image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2, num_channels=v.num_channels,
-                  attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization, norm_type=v.norm_type,
-                  layer_norm_eps=v.layer_norm_eps, layer_scale_init_value=v.initializer_factor,
-                  use_mean_pooling=True, hidden_act="gelu", model_type="internvl_vision")
-    if cfg.image_token_id is None:
-        raise ValueError("the native layout needs image_token_id (the id of <IMG_CONTEXT>)")
-    return {**keep, "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
-            "vision_config": {**sub("vision_config"), **vision}, "text_config": {**sub("text_config"), **llm},
-            "downsample_ratio": cfg.downsample_ratio, "vision_feature_layer": cfg.select_layer,
-            "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
-            "image_token_id": cfg.image_token_id, "image_seq_length": cfg.tokens_per_tile,
-            "tie_word_embeddings": m.tie_word_embeddings}
 
 
 def tiny_config(vocab_size: int, image_token_id: int | None = None, image_size: int = 56) -> VLMConfig:
@@ -511,17 +439,25 @@ class VLM(nn.Module):
 
     def image_features(self, pixel_values):
         """(tiles, 3, S, S) -> (tiles * tokens_per_tile, C_llm), in tile order."""
-        layers = len(self.vision_model.encoder.layers) + self.config.select_layer + 1
-        patches = self.vision_model(pixel_values, num_layers=layers)[:, 1:]  # (tiles, P, C), CLS dropped
+        patches = self.vision_model(pixel_values, num_layers=self.config.vision_layers)[:, 1:]  # (tiles, P, C), no CLS
         return self.mlp1(patches).flatten(0, 1)
 
-    def image_input_error(self, n_tokens: int, n_tiles: int) -> str | None:
-        """Why `n_tokens` <IMG_CONTEXT> tokens and `n_tiles` image tiles cannot go together, or None if they can."""
+    def image_input_error(self, n_tokens: int, pixel_values) -> str | None:
+        """Why `n_tokens` <IMG_CONTEXT> tokens and these image tiles cannot go together, or None if they can."""
         tok, per_tile = self.config.image_token_id, self.config.tokens_per_tile
-        if n_tiles and self.vision_model is None:
-            return "pixel_values given to a text-only model"
-        if n_tiles and tok is None:
-            return "pixel_values given but the config has no image_token_id (<IMG_CONTEXT> id)"
+        if pixel_values is not None:
+            if self.vision_model is None:
+                return "pixel_values given to a text-only model"
+            if tok is None:
+                return "pixel_values given but the config has no image_token_id (<IMG_CONTEXT> id)"
+            v = self.config.vision
+            want = (v.num_channels, v.image_size, v.image_size)
+            if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+                return (f"pixel_values of shape {tuple(pixel_values.shape)}: the model takes (tiles, {want[0]}, "
+                        f"{want[1]}, {want[2]}) tiles (data.load_image cuts images for this config)")
+            if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+                return f"pixel_values must be finite floats ({pixel_values.dtype}; NaN or inf found, or not float)"
+        n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
         if n_tokens != n_tiles * per_tile:
             return (f"{n_tokens} image-context tokens (id {tok}) in the prompt but {n_tiles} image tiles give "
                     f"{n_tiles * per_tile} connector features ({per_tile} per tile): prompt and images disagree")
@@ -529,25 +465,46 @@ class VLM(nn.Module):
 
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with the connector's outputs in place of the <IMG_CONTEXT> tokens, in order."""
+        V = self.config.llm.vocab_size
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
+            raise ValueError(f"token ids must lie in [0, {V}): got {int(input_ids.min())}..{int(input_ids.max())}")
         x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
         tok = self.config.image_token_id
         n_tokens = 0 if tok is None else int((input_ids == tok).sum())
-        n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        error = self.image_input_error(n_tokens, n_tiles)
+        error = self.image_input_error(n_tokens, pixel_values)
         if error:
             raise ValueError(error)
-        if n_tiles == 0:
-            return x
-        feats = self.image_features(pixel_values).to(x.dtype)
-        return x.masked_scatter((input_ids == tok)[..., None], feats)
+        if pixel_values is not None:
+            feats = self.image_features(pixel_values).to(x.dtype)
+            return x.masked_scatter((input_ids == tok)[..., None], feats)
+        if self.vision_model is not None and torch.is_grad_enabled() and any(
+                p.requires_grad for p in [*self.vision_model.parameters(), *self.mlp1.parameters()]):
+            # A batch without images still runs the vision tower on one blank tile, weighted 0: every trainable
+            # parameter then takes part in every step, so data-parallel ranks always reduce (and gather) the same
+            # parameters, whatever their batches hold (a rank that skipped the tower would stall the others).
+            v = self.config.vision
+            blank = torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=x.dtype, device=x.device)
+            x = x + 0.0 * self.image_features(blank).sum()
+        return x
 
     def hidden(self, input_ids, pixel_values=None, positions=None, cache=None, slots=None):
         """Final hidden states (B, T, C), before the LM head (what the fused log-prob/entropy kernel consumes)."""
         return self.language_model(self.embed(input_ids, pixel_values), positions, cache, slots)
 
-    def forward(self, input_ids, pixel_values=None, positions=None, cache=None, slots=None):
-        """Logits (B, T, V) in fp32."""
-        return self.language_model.logits(self.hidden(input_ids, pixel_values, positions, cache, slots))
+    def forward(self, input_ids, pixel_values=None, targets=None, temperature: float = 1.0, positions=None,
+                cache=None, slots=None):
+        """Without `targets`: logits (B, T, V) in fp32. With `targets` (B, T), the token each position predicts
+        (entropy.IGNORE_INDEX where none): per-token (logprobs, entropy) of softmax(logits / temperature), each
+        (B, T) fp32, from the fused kernel on the final hidden states and the head weight, never the full logits.
+        They are computed here rather than by the caller because a data-parallel wrapper (FSDP2) gathers a
+        module's weights only while its forward runs: outside it the head weight is a shard."""
+        h = self.hidden(input_ids, pixel_values, positions, cache, slots)
+        if targets is None:
+            return self.language_model.logits(h)
+        B, T, C = h.shape
+        logprobs, entropy = logprob_entropy(h.reshape(B * T, C), self.language_model.head_weight,
+                                            targets.reshape(B * T), temperature)
+        return logprobs.view(B, T), entropy.view(B, T)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0):
@@ -576,11 +533,7 @@ class VLM(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "VLM":
         """Loads a checkpoint directory in any of the three layouts (see `LAYOUTS`); builds on meta, then assigns."""
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
-        config = config_from_dict(json.loads((path / "config.json").read_text()))
-        if config.image_token_id is None and (path / "tokenizer.json").is_file():
-            config.image_token_id = load_tokenizer(path).token_to_id(IMG_CONTEXT)
+        config = read_config(path)
         with torch.device("meta"):
             model = cls(config)
         state = to_internal(read_safetensors(path, device), config.layout, config.llm.tie_word_embeddings)
@@ -599,22 +552,156 @@ class VLM(nn.Module):
 
     def save_pretrained(self, path, layout: str | None = None, max_shard_bytes: int = 5 * 2**30):
         """Sharded safetensors + index + config.json in `layout` (default: the one loaded), plus the source
-        directory's non-weight files (tokenizer, generation config, remote-code .py) so it loads where it did."""
+        directory's non-weight files (tokenizer, generation config, remote-code .py) so it loads where it did.
+        Everything is written to a fresh sibling directory that then replaces `path` (two renames), so a crash
+        never leaves weights and config.json that disagree, nor a checkpoint that was there before half-gone."""
         layout = layout or self.config.layout
         config = config_to_dict(self.config, layout)  # validates the layout before anything is written
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.source_dir and Path(self.source_dir).resolve() != path.resolve():
-            for f in Path(self.source_dir).iterdir():
-                if f.is_file() and not _is_weight_file(f.name) and f.name != "config.json":
-                    shutil.copy2(f, path / f.name)
+        if path.is_dir() and (subdirs := [p.name for p in path.iterdir() if p.is_dir()]):
+            raise ValueError(f"{path} holds directories {subdirs}: a checkpoint save replaces the whole directory, "
+                             f"so save into a directory of its own")
+        tmp, old = path.with_name(path.name + ".saving"), path.with_name(path.name + ".replaced")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for folder in (path, self.source_dir):  # keep what sat beside the weights; the source's files win
+            if folder and Path(folder).is_dir():
+                for f in Path(folder).iterdir():
+                    if f.is_file() and not _is_weight_file(f.name) and f.name != "config.json":
+                        shutil.copy2(f, tmp / f.name)
         state = from_internal({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, layout,
                               self.config.llm.tie_word_embeddings)
-        write_safetensors(state, path, max_shard_bytes)
-        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(state, tmp, max_shard_bytes)
+        write_file(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
 # -----------------------------------------------------------------------------------------------------------------
-# Checkpoint keys and files. Our module names are the remote-code ("InternVLChatModel") keys minus the LLM's
+# Checkpoint I/O: config.json in each layout's dialect, then keys and safetensors files.
+
+
+def _pick(d: dict, *names, default=None):
+    for n in names:
+        if d.get(n) is not None:
+            return d[n]
+    return default
+
+
+def _llm_config(d: dict, tie: bool | None) -> LLMConfig:
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    # "dynamic" NTK scaling (some InternVL llm_configs) only changes positions past max_position_embeddings, which
+    # the sampler never reaches, so it is plain RoPE here; other scalings change every position.
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic", None):
+        raise ValueError(f"RoPE scaling {rope} is not supported (only plain RoPE, as in Qwen2/2.5)")
+    if d.get("use_sliding_window"):
+        raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+    return LLMConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=_pick(d, "num_key_value_heads", default=d["num_attention_heads"]),
+        head_dim=d.get("head_dim"), rope_theta=float(_pick(rope, "rope_theta", default=d.get("rope_theta", 1e4))),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), max_position_embeddings=d.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(tie if tie is not None else d.get("tie_word_embeddings", False)))
+
+
+def _size(v) -> int:
+    return v[0] if isinstance(v, (list, tuple)) else v
+
+
+def config_from_dict(d: dict) -> VLMConfig:
+    """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or Qwen2 layout."""
+    if "llm_config" in d:
+        v, llm = d["vision_config"], d["llm_config"]
+        vision = ViTConfig(
+            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+            image_size=_size(_pick(d, "force_image_size", default=v.get("image_size", 448))),
+            patch_size=_size(v.get("patch_size", 14)), num_channels=v.get("num_channels", 3),
+            qkv_bias=v.get("qkv_bias", True), qk_normalization=v.get("qk_normalization", False),
+            norm_type=v.get("norm_type", "layer_norm"), layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            initializer_factor=v.get("initializer_factor", 0.1))
+        return VLMConfig(
+            llm=_llm_config(llm, None), vision=vision, downsample_ratio=d.get("downsample_ratio", 0.5),
+            select_layer=d.get("select_layer", -1), image_token_id=d.get("image_token_id"),
+            min_dynamic_patch=d.get("min_dynamic_patch", 1), max_dynamic_patch=d.get("max_dynamic_patch", 12),
+            use_thumbnail=d.get("use_thumbnail", True), layout="remote", source=d)
+    if "text_config" in d:
+        v = d["vision_config"]
+        if not v.get("use_mean_pooling", True):
+            raise ValueError("vision_config.use_mean_pooling=false adds a final ViT LayerNorm InternVL never uses")
+        if d.get("vision_feature_select_strategy", "default") != "default":
+            raise ValueError("only vision_feature_select_strategy='default' (drop CLS) is supported")
+        vision = ViTConfig(
+            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+            image_size=_size(v.get("image_size", 448)), patch_size=_size(v.get("patch_size", 14)),
+            num_channels=v.get("num_channels", 3), qkv_bias=v.get("attention_bias", False),
+            qk_normalization=v.get("use_qk_norm", False), norm_type=v.get("norm_type", "layer_norm"),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6), initializer_factor=v.get("layer_scale_init_value", 0.1))
+        return VLMConfig(
+            llm=_llm_config(d["text_config"], d.get("tie_word_embeddings")), vision=vision,
+            downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
+            image_token_id=d.get("image_token_id"), layout="native", source=d)
+    if d.get("model_type") in ("qwen2", "qwen2_5") or "Qwen2ForCausalLM" in d.get("architectures", []):
+        return VLMConfig(llm=_llm_config(d, None), vision=None, layout="qwen2", source=d)
+    raise ValueError(f"unrecognised config.json: no llm_config/text_config and model_type {d.get('model_type')!r}")
+
+
+def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
+    """The config.json for `layout`; fields we do not model are carried over from the source when layouts agree."""
+    keep = dict(cfg.source) if cfg.layout == layout else {}
+    sub = lambda name: dict(keep.get(name, {}))
+    m = cfg.llm
+    llm = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+               num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+               num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
+               rms_norm_eps=m.rms_norm_eps, max_position_embeddings=m.max_position_embeddings,
+               tie_word_embeddings=m.tie_word_embeddings, hidden_act="silu", model_type="qwen2")
+    if layout == "qwen2":
+        if cfg.vision is not None:
+            raise ValueError("a model with a vision tower cannot be saved in the text-only qwen2 layout")
+        return {**keep, **llm, "architectures": ["Qwen2ForCausalLM"]}
+    if cfg.vision is None:
+        raise ValueError(f"a text-only model can only be saved in the qwen2 layout, not {layout!r}")
+    v = cfg.vision
+    if layout == "remote":
+        vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
+                      num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
+                      image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
+                      qkv_bias=v.qkv_bias, qk_normalization=v.qk_normalization, norm_type=v.norm_type,
+                      layer_norm_eps=v.layer_norm_eps, initializer_factor=v.initializer_factor,
+                      hidden_act="gelu", model_type="intern_vit_6b", architectures=["InternVisionModel"])
+        out = {**keep, "architectures": keep.get("architectures", ["InternVLChatModel"]),
+               "model_type": keep.get("model_type", "internvl_chat"),
+               "vision_config": {**sub("vision_config"), **vision},
+               "llm_config": {**sub("llm_config"), **llm, "architectures": ["Qwen2ForCausalLM"]},
+               "downsample_ratio": cfg.downsample_ratio, "select_layer": cfg.select_layer,
+               "force_image_size": v.image_size, "min_dynamic_patch": cfg.min_dynamic_patch,
+               "max_dynamic_patch": cfg.max_dynamic_patch, "use_thumbnail": cfg.use_thumbnail,
+               "dynamic_image_size": True, "ps_version": "v2", "template": keep.get("template", "internvl2_5")}
+        if cfg.image_token_id is not None:
+            out["image_token_id"] = cfg.image_token_id
+        return out
+    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
+                  num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
+                  image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2, num_channels=v.num_channels,
+                  attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization, norm_type=v.norm_type,
+                  layer_norm_eps=v.layer_norm_eps, layer_scale_init_value=v.initializer_factor,
+                  use_mean_pooling=True, hidden_act="gelu", model_type="internvl_vision")
+    if cfg.image_token_id is None:
+        raise ValueError("the native layout needs image_token_id (the id of <IMG_CONTEXT>)")
+    return {**keep, "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
+            "vision_config": {**sub("vision_config"), **vision}, "text_config": {**sub("text_config"), **llm},
+            "downsample_ratio": cfg.downsample_ratio, "vision_feature_layer": cfg.select_layer,
+            "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+            "image_token_id": cfg.image_token_id, "image_seq_length": cfg.tokens_per_tile,
+            "tie_word_embeddings": m.tie_word_embeddings}
+
+
+# Checkpoint keys. Our module names are the remote-code ("InternVLChatModel") keys minus the LLM's
 # `model.` level; each layout is a list of (ours, theirs) prefix pairs, `{i}` standing for a layer index.
 
 KEY_MAPS = {
@@ -688,16 +775,50 @@ def from_internal(state: dict, layout: str, tied: bool) -> dict:
     return out
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # for --dtype flags
+
+
 def _is_weight_file(name: str) -> bool:
     return name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth")) or \
         name == "pytorch_model.bin.index.json"
+
+
+def read_config(path) -> VLMConfig:
+    """The VLMConfig of a checkpoint directory: its config.json in any layout, plus <IMG_CONTEXT>'s id from
+    tokenizer.json when the config does not store it (remote-code checkpoints). Every error names the file."""
+    path = Path(path)
+    f = path / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: must hold a JSON object, got {type(d).__name__}")
+    try:
+        config = config_from_dict(d)
+    except KeyError as e:
+        raise ValueError(f"{f}: missing required key {e.args[0]!r}") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{f}: {e}") from None
+    if config.image_token_id is None and (path / "tokenizer.json").is_file():
+        try:
+            config.image_token_id = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id(IMG_CONTEXT)
+        except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+            raise ValueError(f"{path / 'tokenizer.json'}: cannot read tokenizer: {e}") from None
+    return config
 
 
 def read_safetensors(path: Path, device="cpu") -> dict:
     """All tensors of a (possibly sharded) safetensors checkpoint, loaded straight to `device`."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: corrupt shard index, need {{\"weight_map\": {{key: file}}}} "
+                             f"({type(e).__name__}: {e})") from None
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
@@ -708,15 +829,29 @@ def read_safetensors(path: Path, device="cpu") -> dict:
         raise FileNotFoundError(f"{path}: shard(s) listed in the index are missing: {missing}")
     state = {}
     for shard in shards:
-        with safe_open(path / shard, framework="pt", device=str(device)) as f:
-            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                state[k] = f.get_tensor(k)
+        try:
+            with safe_open(path / shard, framework="pt", device=str(device)) as f:
+                for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    state[k] = f.get_tensor(k)
+        except Exception as e:  # safetensors' own error type: truncated or corrupt file
+            raise ValueError(f"{path / shard}: cannot read safetensors file (truncated or corrupt?): {e}") from None
     return state
 
 
+def _readable(f: Path):
+    """Permissions as for any file this process creates (safetensors writes 0600: unreadable by the group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f, 0o666 & ~umask)
+
+
+def write_file(f: Path, text: str):
+    f.write_text(text)
+    _readable(f)
+
+
 def write_safetensors(state: dict, path: Path, max_shard_bytes: int):
-    """Shards of at most `max_shard_bytes` (+ index when several). Everything is written under temporary names
-    first and renamed at the end, so a crash mid-save never leaves a checkpoint that was there before half-gone."""
+    """Shards of at most `max_shard_bytes` (+ index when several) into the directory `path`."""
     shards, size = [[]], 0
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
@@ -727,156 +862,33 @@ def write_safetensors(state: dict, path: Path, max_shard_bytes: int):
         size += nbytes
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    files = {}
     for name, keys in zip(names, shards):
-        save_file({k: state[k] for k in keys}, path / f"{name}.tmp", metadata={"format": "pt"})
-        files[name] = keys
+        save_file({k: state[k] for k in keys}, path / name, metadata={"format": "pt"})
+        _readable(path / name)
     if len(shards) > 1:
         total = sum(v.numel() * v.element_size() for v in state.values())
-        weight_map = {k: name for name, keys in files.items() for k in keys}
-        (path / "model.safetensors.index.json.tmp").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        names.append("model.safetensors.index.json")
-    for old in path.glob("model*.safetensors*"):  # a previous save with another shard count must not linger
-        if old.name not in names and not old.name.endswith(".tmp"):
-            old.unlink()
-    for name in names:
-        os.replace(path / f"{name}.tmp", path / name)
-
-# -----------------------------------------------------------------------------------------------------------------
-# Text side: tokenizer, Qwen ChatML template, image placeholders
-
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-IMAGE_PLACEHOLDER = "<image>"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
-
-
-def load_tokenizer(path) -> Tokenizer:
-    f = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: no tokenizer.json (nanoR1V reads the `tokenizers` JSON format only)")
-    return Tokenizer.from_file(str(f))
-
-
-def word_tokenizer(words) -> Tokenizer:
-    """A whitespace word-level tokenizer with the ChatML and image special tokens: tiny tasks and tests."""
-    from tokenizers import decoders, models, pre_tokenizers
-    words = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", *words]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return tok
-
-
-def chat_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Qwen ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the assistant's opening."""
-    out = []
-    for m in messages:
-        if m["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown chat role {m['role']!r}")
-        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
-
-
-def expand_image_placeholders(text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
-    """Each `<image>` -> `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>`, in order."""
-    parts = text.split(IMAGE_PLACEHOLDER)
-    if len(parts) - 1 != len(tiles_per_image):
-        raise ValueError(f"text has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
-                         f"for {len(tiles_per_image)} images")
-    out = [parts[0]]
-    for n, rest in zip(tiles_per_image, parts[1:]):
-        out += [IMG_START, IMG_CONTEXT * (tokens_per_tile * n), IMG_END, rest]
-    return "".join(out)
-
-
-def build_prompt(tokenizer: Tokenizer, config: VLMConfig, question: str, images=(), system: str | None = None,
-                 ) -> tuple[list[int], torch.Tensor | None]:
-    """Token ids of a one-turn chat prompt (ready for generation) and the images' tiles (or None).
-    Without `<image>` placeholders in the question, InternVL's convention puts one per image in front."""
-    pixels = [load_image(im, config) for im in images]
-    if images and IMAGE_PLACEHOLDER not in question:
-        question = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + question
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    text = expand_image_placeholders(chat_template(messages), [p.shape[0] for p in pixels], config.tokens_per_tile)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    return ids, (torch.cat(pixels) if pixels else None)
-
-# -----------------------------------------------------------------------------------------------------------------
-# Image side: InternVL dynamic tiling
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def tile_grid(width: int, height: int, tile: int, min_num: int, max_num: int) -> tuple[int, int]:
-    """(cols, rows) whose aspect ratio is closest to the image's among grids of min_num..max_num tiles. On a tie
-    the later grid in order of tile count wins only if the image has more than half its pixel area (InternVL)."""
-    grids = sorted({(c, r) for n in range(min_num, max_num + 1) for c in range(1, n + 1) for r in range(1, n + 1)
-                    if min_num <= c * r <= max_num}, key=lambda g: g[0] * g[1])
-    aspect, best, best_diff = width / height, (1, 1), float("inf")
-    for c, r in grids:
-        diff = abs(aspect - c / r)
-        if diff < best_diff:
-            best, best_diff = (c, r), diff
-        elif diff == best_diff and width * height > 0.5 * tile * tile * c * r:
-            best = (c, r)
-    return best
-
-
-def dynamic_tiles(image: Image.Image, tile: int, min_num: int = 1, max_num: int = 12, thumbnail: bool = True):
-    """Resize to the chosen grid, cut row-major tiles, append a whole-image thumbnail when there are several."""
-    cols, rows = tile_grid(image.width, image.height, tile, min_num, max_num)
-    resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
-    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
-             for r in range(rows) for c in range(cols)]
-    if thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((tile, tile), Image.Resampling.BICUBIC))
-    return tiles
-
-
-def to_pixels(tiles) -> torch.Tensor:
-    x = torch.from_numpy(np.stack([np.asarray(t, dtype=np.float32) for t in tiles])) / 255.0  # (N, S, S, 3)
-    x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    return x.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-
-
-def load_image(image, config: VLMConfig) -> torch.Tensor:
-    """A path or PIL image -> normalised tiles (N, 3, S, S). Missing or corrupt files raise naming the file."""
-    if config.vision is None:
-        raise ValueError("this model has no vision tower; it cannot take images")
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as f:
-                f.load()
-                image = f.convert("RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {image}") from None
-        except (OSError, SyntaxError, ValueError) as e:  # Pillow's ways of saying "not an image I can decode"
-            raise ValueError(f"cannot read image {image}: {e}") from None
-    tiles = dynamic_tiles(image.convert("RGB"), config.vision.image_size, config.min_dynamic_patch,
-                          config.max_dynamic_patch, config.use_thumbnail)
-    return to_pixels(tiles)
+        weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+        write_file(path / "model.safetensors.index.json",
+                   json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def main():
+    from data import build_prompt, load_tokenizer  # data.py builds on this file, not the other way round
     p = argparse.ArgumentParser(description="Load a checkpoint, print its config and one greedy next token.")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--image", default=None, help="optional image path")
     p.add_argument("--prompt", default="Describe the image.", help="user message")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", help="parameter dtype")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16" if torch.cuda.is_available() else "float32",
+                   help="parameter dtype")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = VLM.from_pretrained(args.ckpt, dtype=getattr(torch, args.dtype), device=device)
+    model = VLM.from_pretrained(args.ckpt, dtype=DTYPES[args.dtype], device=device)
     tok = load_tokenizer(args.ckpt)
     print(json.dumps(asdict(model.config) | {"source": "..."}, indent=1, default=str))
     ids, pixels = build_prompt(tok, model.config, args.prompt, [args.image] if args.image else [])
     with torch.no_grad():
         logits = model(torch.tensor([ids], device=device),
-                       None if pixels is None else pixels.to(device, getattr(torch, args.dtype)))
+                       None if pixels is None else pixels.to(device, DTYPES[args.dtype]))
     print(f"{len(ids)} prompt tokens; greedy next token: {tok.decode([int(logits[0, -1].argmax())])!r}")
 
 

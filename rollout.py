@@ -35,19 +35,19 @@ from dataclasses import dataclass
 
 import torch
 
-from model import (IMG_CONTEXT, IMG_END, IMG_START, VLM, KVCache, build_prompt, config_from_dict, load_tokenizer,
-                   to_internal)
+from data import build_prompt, load_tokenizer, special_ids
+from model import DTYPES, VLM, KVCache, config_from_dict, to_internal
 
 # -----------------------------------------------------------------------------------------------------------------
-# Requests, results, special ids
+# Requests and results
 
 
 @dataclass
 class Request:
-    ids: list[int]  # prompt token ids, e.g. from model.build_prompt
+    ids: list[int]  # prompt token ids, e.g. from data.build_prompt or data.encode
     pixel_values: torch.Tensor | None = None  # (tiles, 3, S, S) for the prompt's <IMG_CONTEXT> tokens
     seed: int | None = None  # None: derived from generate's seed and the request's index
-    max_new_tokens: int | None = None  # None: generate's max_new_tokens
+    max_new_tokens: int | None = None  # None: generate's max_new_tokens; at least 1
 
 
 @dataclass
@@ -56,12 +56,6 @@ class Completion:
     logprobs: list[float]  # log softmax(logits / T)[token] over the full vocabulary (T = 1 when greedy)
     finish_reason: str  # "stop" or "length"
 
-
-def special_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """(stop ids, banned ids) of a ChatML + InternVL tokenizer: `<|im_end|>`/`<|endoftext|>` end a response, the
-    image special tokens must never be sampled. Tokens the tokenizer lacks are skipped."""
-    find = lambda names: [i for i in map(tokenizer.token_to_id, names) if i is not None]
-    return find(["<|im_end|>", "<|endoftext|>"]), find([IMG_START, IMG_END, IMG_CONTEXT])
 
 # -----------------------------------------------------------------------------------------------------------------
 # Sampling: counter-based uniforms, inverse CDF over the filtered distribution
@@ -149,10 +143,13 @@ class Sampler:
     completion) each. `compile=True` compiles the decode step (CUDA graphs on GPU): build the sampler once and
     reuse it, each instance compiles its own. `sync_every` is how many decode steps run between host checks for
     finished slots (default 1 on CPU, where a check costs nothing; 8 on GPU, where each check drains the queue and
-    a finished slot idles at most 7 steps); `prefill_tokens` caps the padded prompt tokens of one prefill batch."""
+    a finished slot idles at most 7 steps); `prefill_tokens` caps the padded prompt tokens of one prefill batch.
+    `cache_dtype` is the KV cache's dtype (default: the parameters'); bf16 halves the bytes each decode step reads
+    and is what a GPU run wants even when the parameters it reads are fp32."""
 
     def __init__(self, model: VLM, max_slots: int = 32, max_len: int = 4096, stop_ids=(), banned_ids=(),
-                 compile: bool = False, sync_every: int | None = None, prefill_tokens: int = 16384):
+                 compile: bool = False, sync_every: int | None = None, prefill_tokens: int = 16384,
+                 cache_dtype: torch.dtype | None = None):
         cfg = model.config.llm
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's max_position_embeddings "
@@ -161,8 +158,9 @@ class Sampler:
         dev, S = param.device, max_slots
         self.model, self.max_slots, self.max_len, self.compiled = model, max_slots, max_len, compile
         self.prefill_tokens = prefill_tokens
-        self.cache = KVCache(cfg, S, max_len, param.dtype, dev)
-        self.stage = KVCache(cfg, 1, max_len, param.dtype, dev)  # one prompt's prefix while its samples wait
+        cache_dtype = cache_dtype or param.dtype
+        self.cache = KVCache(cfg, S, max_len, cache_dtype, dev)
+        self.stage = KVCache(cfg, 1, max_len, cache_dtype, dev)  # one prompt's prefix while its samples wait
         self.stop_ids = set(stop_ids)
         self.stop = torch.tensor(sorted(self.stop_ids) or [-1], device=dev)  # -1 matches nothing, keeps a shape
         self.banned = torch.tensor(sorted({*banned_ids, model.config.image_token_id} - {None}), dtype=torch.long,
@@ -210,7 +208,8 @@ class Sampler:
         pad = 1 if self.model.config.image_token_id == 0 else 0  # anything but <IMG_CONTEXT> (embed counts those)
         ids = torch.tensor([requests[i].ids + [pad] * (T - P) for i, P in zip(batch, lens)], device=dev)
         pixels = [requests[i].pixel_values for i in batch if requests[i].pixel_values is not None]
-        pixels = torch.cat(pixels).to(dev, dtype) if pixels else None  # embed scatters features row by row
+        param_dtype = self.model.language_model.embed_tokens.weight.dtype
+        pixels = torch.cat(pixels).to(dev, param_dtype) if pixels else None  # embed scatters features row by row
         kv = KVCache(self.model.config.llm, G, T, dtype, dev)
         h = lm(self.model.embed(ids, pixels), None, kv)  # (G, T, C)
         last = h[torch.arange(G, device=dev), torch.tensor(lens, device=dev) - 1]  # (G, C)
@@ -252,8 +251,12 @@ class Sampler:
             raise ValueError(f"request {i}: prompt of {P} tokens leaves no room for a new token in max_len "
                              f"{self.max_len} (prompts are never truncated: that could cut an image span); "
                              f"shorten it or raise the sampler's max_len")
-        tiles = 0 if r.pixel_values is None else r.pixel_values.shape[0]
-        error = self.model.image_input_error(r.ids.count(cfg.image_token_id), tiles)
+        bad = [t for t in r.ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.llm.vocab_size]
+        if bad:
+            raise ValueError(f"request {i}: token id {bad[0]!r} outside the vocabulary [0, {cfg.llm.vocab_size})")
+        if r.max_new_tokens is not None and (isinstance(r.max_new_tokens, bool) or r.max_new_tokens < 1):
+            raise ValueError(f"request {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        error = self.model.image_input_error(r.ids.count(cfg.image_token_id), r.pixel_values)
         if error:
             raise ValueError(f"request {i}: {error}")
 
@@ -263,13 +266,16 @@ class Sampler:
                  ) -> list[list[Completion]]:
         """`num_samples` completions per request, aligned with `requests`. temperature 0 is greedy; top_k 0 and
         top_p 1 are off. Throughput figures land in `self.stats`."""
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1; got "
-                             f"{temperature}, {top_p}, {top_k}, {num_samples}")
+        if not 0 <= temperature < float("inf") or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 \
+                or max_new_tokens < 1:
+            raise ValueError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1, "
+                             f"max_new_tokens >= 1; got {temperature}, {top_p}, {top_k}, {num_samples}, "
+                             f"{max_new_tokens}")
         for i, r in enumerate(requests):
             self._check(i, r)
         seeds = [r.seed if r.seed is not None else hash((seed, i)) for i, r in enumerate(requests)]  # ints: stable
-        limits = [min(r.max_new_tokens or max_new_tokens, self.max_len - len(r.ids)) for r in requests]
+        limits = [min(max_new_tokens if r.max_new_tokens is None else r.max_new_tokens, self.max_len - len(r.ids))
+                  for r in requests]
         t_start = time.perf_counter()
         queue = deque((i, j) for i in range(len(requests)) for j in range(num_samples))
         out: list[list[Completion | None]] = [[None] * num_samples for _ in requests]
@@ -334,8 +340,7 @@ class Sampler:
 
 def chat(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, args.dtype)
-    model = VLM.from_pretrained(args.ckpt, dtype=dtype, device=device)
+    model = VLM.from_pretrained(args.ckpt, dtype=DTYPES[args.dtype], device=device)
     tok = load_tokenizer(args.ckpt)
     ids, pixels = build_prompt(tok, model.config, args.prompt, [args.image] if args.image else [])
     stop, banned = special_ids(tok)
@@ -473,7 +478,7 @@ def main():
     p.add_argument("--top-p", type=float, default=1.0, help="chat: nucleus mass (1: off)")
     p.add_argument("--top-k", type=int, default=0, help="chat: keep the k most likely tokens (0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16" if torch.cuda.is_available() else "float32",
                    help="chat: parameter dtype")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step: CUDA graphs on a GPU, inductor C++ on a CPU, which needs a C++ "

@@ -1,8 +1,68 @@
-"""Shared test setup: without a GPU, Triton kernels run in the interpreter (must be set before triton is imported)."""
+"""Shared test setup and helpers: without a GPU, Triton kernels run in the interpreter (set before triton is
+imported); a word-level tokenizer, tiny random transformers checkpoints (the parity oracle) and image prompts."""
 import os
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+import data as D  # noqa: E402 - after TRITON_INTERPRET is set
+import model as M  # noqa: E402
+
+WORDS = "how many red squares are there in the image answer is one two three".split()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return D.word_tokenizer(WORDS)
+
+
+def randomize(hf_model, seed: int):
+    """transformers initialises norms to 1, layer scales to 0.1 and positions/CLS to 0: perturb every parameter so
+    that a wrong key mapping or a missing term cannot hide behind a trivial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return hf_model
+
+
+def text_config(vocab: int, tie: bool) -> dict:
+    return dict(model_type="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, rope_theta=10000.0,
+                max_position_embeddings=512)
+
+
+VISION_VARIANTS = {  # InternViT-300M style and InternViT-6B style, each with a fixed seed for its random weights
+    "300m": (11, dict(norm_type="layer_norm", use_qk_norm=False, attention_bias=True)),
+    "6b": (23, dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False)),
+}
+
+
+def make_hf_internvl(tok, variant: str, tie: bool, path, **config):
+    """A tiny random transformers InternVLForConditionalGeneration saved to `path` with the tokenizer; `config`
+    overrides InternVLConfig fields (vision_feature_layer, ...)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    seed, variant_config = VISION_VARIANTS[variant]
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=56,
+                  patch_size=14, **variant_config)
+    cfg = InternVLConfig(vision_config=vision, text_config=text_config(tok.get_vocab_size(), tie),
+                         image_token_id=tok.token_to_id(M.IMG_CONTEXT), tie_word_embeddings=tie, **config)
+    hf = randomize(InternVLForConditionalGeneration(cfg), seed=seed + tie).eval()
+    hf.config._attn_implementation = "eager"
+    hf.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    return hf
+
+
+def image_prompt(tok, config, size=(112, 56)):
+    """A two-tile image (plus thumbnail: three tiles) with some texture so that the tiles differ."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ids, pixels = D.build_prompt(tok, config, "how many red squares are there", [img])
+    return torch.tensor([ids]), pixels

@@ -9,56 +9,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
+import data as D
 import model as M
-
-WORDS = "how many red squares are there in the image answer is one two three".split()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return M.word_tokenizer(WORDS)
-
-
-def randomize(hf_model, seed):
-    """transformers initialises norms to 1, layer scales to 0.1 and positions/CLS to 0: perturb every parameter so
-    that a wrong key mapping or a missing term cannot hide behind a trivial value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in hf_model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return hf_model
-
-
-def text_config(vocab, tie):
-    return dict(model_type="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, rope_theta=10000.0,
-                max_position_embeddings=512)
-
-
-VISION_VARIANTS = {  # InternViT-300M style and InternViT-6B style
-    "300m": dict(norm_type="layer_norm", use_qk_norm=False, attention_bias=True),
-    "6b": dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
-}
-
-
-def make_hf_internvl(tok, variant, tie, path):
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=56,
-                  patch_size=14, **VISION_VARIANTS[variant])
-    cfg = InternVLConfig(vision_config=vision, text_config=text_config(tok.get_vocab_size(), tie),
-                         image_token_id=tok.token_to_id(M.IMG_CONTEXT), tie_word_embeddings=tie)
-    hf = randomize(InternVLForConditionalGeneration(cfg), seed=hash((variant, tie)) % 1000).eval()
-    hf.config._attn_implementation = "eager"
-    hf.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    return hf
-
-
-def image_prompt(tok, config, size=(112, 56)):
-    """A two-tile image (plus thumbnail: three tiles) with some texture so that the tiles differ."""
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ids, pixels = M.build_prompt(tok, config, "how many red squares are there", [img])
-    return torch.tensor([ids]), pixels
+from conftest import image_prompt, make_hf_internvl, randomize, text_config
 
 
 @pytest.mark.parametrize("variant,tie", [("300m", False), ("6b", True), ("6b", False)])
@@ -244,9 +197,9 @@ def test_dynamic_tiling_matches_internvl(size, tile, max_num, grid):
     rng = np.random.default_rng(sum(size))
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     ref_grid, ref = reference_tiling(img, tile, 1, max_num)
-    assert M.tile_grid(*size, tile, 1, max_num) == ref_grid == grid
+    assert D.tile_grid(*size, tile, 1, max_num) == ref_grid == grid
     cfg = M.VLMConfig(vision=M.ViTConfig(image_size=tile, patch_size=14), max_dynamic_patch=max_num)
-    got = M.load_image(img, cfg)
+    got = D.load_image(img, cfg)
     assert got.shape == ref.shape
     assert np.abs(got.double().numpy() - ref).max() < 1e-5
 
@@ -282,9 +235,9 @@ def test_bad_images_and_prompts(tmp_path, tok):
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ValueError, match="cannot read image .*corrupt.png"):
-        M.build_prompt(tok, cfg, "how many", [bad])
+        D.build_prompt(tok, cfg, "how many", [bad])
     with pytest.raises(FileNotFoundError, match="image file not found: .*missing.jpg"):
-        M.load_image(tmp_path / "missing.jpg", cfg)
+        D.load_image(tmp_path / "missing.jpg", cfg)
     model = M.VLM.from_config(cfg)
     ids, pixels = image_prompt(tok, cfg)  # 3 tiles -> 12 image tokens
     with pytest.raises(ValueError, match="12 image-context tokens .* 2 image tiles give 8 connector features"):
@@ -292,13 +245,13 @@ def test_bad_images_and_prompts(tmp_path, tok):
     with pytest.raises(ValueError, match="12 image-context tokens .* 0 image tiles"):
         model(ids)
     with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
-        M.build_prompt(tok, cfg, "<image> and <image>", [Image.new("RGB", (56, 56))])
+        D.build_prompt(tok, cfg, "<image> and <image>", [Image.new("RGB", (56, 56))])
 
 
 def test_chat_template():
-    text = M.chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
+    text = D.chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
-    assert M.expand_image_placeholders("a<image>b", [2], 3) == "a<img>" + "<IMG_CONTEXT>" * 6 + "</img>b"
+    assert D.expand_image_placeholders("a<image>b", [2], 3) == "a<img>" + "<IMG_CONTEXT>" * 6 + "</img>b"
 
 
 def test_resave_in_place_replaces_shards(tmp_path, tok):

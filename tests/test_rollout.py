@@ -14,15 +14,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import model as M
 from entropy import logprob_entropy
-from rollout import Request, Sampler, sample, special_ids, uniform
-from test_model import WORDS, image_prompt, make_hf_internvl, randomize, text_config
+from conftest import image_prompt, make_hf_internvl, randomize, text_config
+from data import build_prompt, special_ids
+from rollout import Request, Sampler, sample, uniform
 
 SEED = int(os.environ.get("ROLLOUT_TEST_SEED", 0))  # the random models' seed (the assertions hold for any)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return M.word_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def internvl(tmp_path_factory, tok):
 
 
 def text_request(tok, config, question, **kw) -> Request:
-    return Request(M.build_prompt(tok, config, question)[0], **kw)
+    return Request(build_prompt(tok, config, question)[0], **kw)
 
 
 def image_request(tok, config, size, **kw) -> Request:
@@ -247,7 +243,7 @@ def test_chat_command(tmp_path, tok):
     model = M.VLM.from_pretrained(tmp_path)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 112, 3), dtype=np.uint8))
     img.save(tmp_path / "grid.png")
-    ids, pixels = M.build_prompt(tok, model.config, "how many red squares", [tmp_path / "grid.png"])
+    ids, pixels = build_prompt(tok, model.config, "how many red squares", [tmp_path / "grid.png"])
     stop, banned = special_ids(tok)
     [[want]] = Sampler(model, max_slots=1, max_len=len(ids) + 6, stop_ids=stop, banned_ids=banned).generate(
         [Request(ids, pixels)], max_new_tokens=6, temperature=0.0)

@@ -1,0 +1,338 @@
+"""From JSONL rows and images to model inputs: tokenizer, Qwen ChatML, InternVL tiling, row validation, encoding.
+
+train_rl.py (SFT and GRPO) and eval.py read their data through this file, so both see the same prompts. A data file
+is JSONL, one row per line:
+
+    {"id": "grid-17", "question": "how many red cells ?", "answer": "6", "answer_type": "numeric",
+     "options": [], "image": "images/17.png", "subject": "counting", "response": "<think> ... </think> \\boxed{6}"}
+
+`image` is a path or a list of paths relative to the JSONL file's folder; `response` (the SFT target) is only
+needed for cold-start SFT; `answer_type` is one of reward.ANSWER_TYPES (inferred when absent). `load_rows` checks
+every row before anything runs and reports every problem as `FILE:LINE: what is wrong`; `encode` turns one row into
+prompt ids + image tiles (+ response ids for SFT).
+Follows InternVL's `dynamic_preprocess` / `build_transform` (tiling, ImageNet normalisation) and its chat template
+(`internvl2_5`: Qwen ChatML, `<img><IMG_CONTEXT>...</img>` per image).
+
+    python data.py rows.jsonl --ckpt /path/to/InternVL3-1B     # validate a data file, print the first prompt
+"""
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from model import IMG_CONTEXT, VLMConfig, read_config
+from reward import validate_row
+
+# -----------------------------------------------------------------------------------------------------------------
+# Text side: tokenizer, special ids, Qwen ChatML template, image placeholders
+
+IMG_START, IMG_END = "<img>", "</img>"
+IMAGE_PLACEHOLDER = "<image>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT]
+
+
+def load_tokenizer(path) -> Tokenizer:
+    f = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no tokenizer.json (nanoR1V reads the `tokenizers` JSON format only)")
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+        raise ValueError(f"{f}: cannot read tokenizer: {e}") from None
+
+
+def word_tokenizer(words) -> Tokenizer:
+    """A whitespace word-level tokenizer with the ChatML and image special tokens: tiny tasks and tests."""
+    from tokenizers import decoders, models, pre_tokenizers
+    words = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", *words]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def special_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(stop ids, banned ids) of a ChatML + InternVL tokenizer: `<|im_end|>`/`<|endoftext|>` end a response, the
+    image special tokens must never be sampled. Tokens the tokenizer lacks are skipped."""
+    find = lambda names: [i for i in map(tokenizer.token_to_id, names) if i is not None]
+    return find(["<|im_end|>", "<|endoftext|>"]), find([IMG_START, IMG_END, IMG_CONTEXT])
+
+
+def chat_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Qwen ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the assistant's opening."""
+    out = []
+    for m in messages:
+        if m["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown chat role {m['role']!r}")
+        out.append(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def expand_image_placeholders(text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
+    """Each `<image>` -> `<img>` + `<IMG_CONTEXT>` x (tokens per tile x tiles) + `</img>`, in order."""
+    parts = text.split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(tiles_per_image):
+        raise ValueError(f"text has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                         f"for {len(tiles_per_image)} images")
+    out = [parts[0]]
+    for n, rest in zip(tiles_per_image, parts[1:]):
+        out += [IMG_START, IMG_CONTEXT * (tokens_per_tile * n), IMG_END, rest]
+    return "".join(out)
+
+# -----------------------------------------------------------------------------------------------------------------
+# Image side: InternVL dynamic tiling
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def tile_grid(width: int, height: int, tile: int, min_num: int, max_num: int) -> tuple[int, int]:
+    """(cols, rows) whose aspect ratio is closest to the image's among grids of min_num..max_num tiles. On a tie
+    the later grid in order of tile count wins only if the image has more than half its pixel area (InternVL)."""
+    grids = sorted({(c, r) for n in range(min_num, max_num + 1) for c in range(1, n + 1) for r in range(1, n + 1)
+                    if min_num <= c * r <= max_num}, key=lambda g: g[0] * g[1])
+    aspect, best, best_diff = width / height, (1, 1), float("inf")
+    for c, r in grids:
+        diff = abs(aspect - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * c * r:
+            best = (c, r)
+    return best
+
+
+def dynamic_tiles(image: Image.Image, tile: int, min_num: int = 1, max_num: int = 12, thumbnail: bool = True):
+    """Resize to the chosen grid, cut row-major tiles, append a whole-image thumbnail when there are several."""
+    cols, rows = tile_grid(image.width, image.height, tile, min_num, max_num)
+    resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
+    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+             for r in range(rows) for c in range(cols)]
+    if thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((tile, tile), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def to_pixels(tiles) -> torch.Tensor:
+    x = torch.from_numpy(np.stack([np.asarray(t, dtype=np.float32) for t in tiles])) / 255.0  # (N, S, S, 3)
+    x = (x - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    return x.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+
+
+def to_rgb(image: Image.Image, name) -> Image.Image:
+    """8-bit RGB. Pillow's own convert clips 16-bit and float images to white: scale those first."""
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image {name} has no pixels ({image.width}x{image.height})")
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit PNG/TIFF grey: 0..65535 -> 0..255
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":  # float images: [0, 1] when they fit, else taken as 0..255
+        a = np.asarray(image, dtype=np.float64)
+        a = np.nan_to_num(a * (255 if a.max(initial=0) <= 1 else 1)).round().clip(0, 255)
+        image = Image.fromarray(a.astype(np.uint8))
+    return image.convert("RGB")
+
+
+def open_image(path) -> Image.Image:
+    """Decode an image file to 8-bit RGB; a missing, corrupt or empty file raises naming it."""
+    try:
+        with Image.open(path) as f:
+            f.load()
+            return to_rgb(f, path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's ways of saying "not an image I can decode"
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def load_image(image, config: VLMConfig, max_tiles: int | None = None) -> torch.Tensor:
+    """A path or PIL image -> normalised tiles (N, 3, S, S): at most `max_tiles` grid tiles (default the config's
+    max_dynamic_patch), plus the thumbnail when there are several, so a huge image cannot blow up memory."""
+    if config.vision is None:
+        raise ValueError("this model has no vision tower; it cannot take images")
+    image = to_rgb(image, "(in memory)") if isinstance(image, Image.Image) else open_image(image)
+    max_num = config.max_dynamic_patch if max_tiles is None else min(max_tiles, config.max_dynamic_patch)
+    if max_num < config.min_dynamic_patch:
+        raise ValueError(f"max_tiles {max_tiles} is below the config's min_dynamic_patch {config.min_dynamic_patch}")
+    tiles = dynamic_tiles(image, config.vision.image_size, config.min_dynamic_patch, max_num, config.use_thumbnail)
+    return to_pixels(tiles)
+
+
+def build_prompt(tokenizer: Tokenizer, config: VLMConfig, question: str, images=(), system: str | None = None,
+                 max_tiles: int | None = None) -> tuple[list[int], torch.Tensor | None]:
+    """Token ids of a one-turn chat prompt (ready for generation) and the images' tiles (or None).
+    Without `<image>` placeholders in the question, InternVL's convention puts one per image in front."""
+    pixels = [load_image(im, config, max_tiles) for im in images]
+    if images and IMAGE_PLACEHOLDER not in question:
+        question = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + question
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    text = expand_image_placeholders(chat_template(messages), [p.shape[0] for p in pixels], config.tokens_per_tile)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return ids, (torch.cat(pixels) if pixels else None)
+
+# -----------------------------------------------------------------------------------------------------------------
+# Rows: a JSONL data file, validated as a whole before anything runs
+
+
+class DataError(ValueError):
+    """Every problem of a data file, one `FILE:LINE: what is wrong` per line."""
+
+    def __init__(self, path, problems: list[str], total: int):
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} bad row(s) of {total}:\n" + "\n".join(problems))
+
+
+def _check_image(path: Path) -> str | None:
+    """Why the image file cannot be used, or None. Reads the header and checks the file's structure (Pillow's
+    verify) without decoding pixels, so validating thousands of rows stays cheap."""
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as f:
+            if f.width < 1 or f.height < 1:
+                return f"image {path} has no pixels ({f.width}x{f.height})"
+            f.verify()
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for a bad file
+        return f"cannot read image {path}: {type(e).__name__}: {e}"
+    return None
+
+
+def check_row(row, folder: Path) -> tuple[dict | None, list[str]]:
+    """(normalised row, problems) for one parsed JSONL value. The row gets `image` as a list of absolute paths and
+    the answer normalised by reward.validate_row (a letter for multiple choice)."""
+    if not isinstance(row, dict):
+        return None, [f"a row must be a JSON object, got {type(row).__name__}"]
+    problems = [f"missing field {k!r}" for k in ("id", "question", "answer") if k not in row]
+    if "question" in row and (not isinstance(row["question"], str) or not row["question"].strip()):
+        problems.append(f"question must be a non-empty string, got {row['question']!r}"[:200])
+    answer = row.get("answer")
+    if "answer" in row and answer is None:
+        problems.append("answer is null")
+    elif "answer" in row and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        problems.append(f"answer must be a string or a number, got {type(answer).__name__}")
+    if "options" in row and row["options"] is not None and not (
+            isinstance(row["options"], list) and all(isinstance(o, (str, int, float)) for o in row["options"])):
+        problems.append(f"options must be a list of strings, got {row['options']!r}"[:200])
+    if "response" in row and not isinstance(row["response"], str):
+        problems.append(f"response must be a string, got {type(row['response']).__name__}")
+    images = row.get("image")
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        problems.append(f"image must be a path or a list of paths, got {row.get('image')!r}"[:200])
+        images = []
+    paths = [(folder / p).resolve() for p in images]
+    problems += [p for p in map(_check_image, paths) if p]
+    if problems:
+        return None, problems
+    try:
+        row = validate_row({**row, "options": row.get("options") or []})
+    except ValueError as e:
+        return None, [str(e)]
+    return {**row, "id": str(row["id"]), "image": [str(p) for p in paths], "subject": str(row.get("subject", ""))}, []
+
+
+def load_rows(path, skip_bad: bool = False) -> list[dict]:
+    """Every row of a JSONL file, validated. Problems (malformed JSON, missing fields, a null answer, an unknown
+    answer_type, options that are not a list, a missing or unreadable image, a duplicate id) are all collected and
+    raised together as a DataError, or with `skip_bad` the bad rows are dropped and counted in a printed line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    rows, problems, seen, total = [], [], {}, 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{line_no}: malformed JSON: {e}")
+                continue
+            row, errors = check_row(value, path.parent)
+            if row is not None and row["id"] in seen:
+                errors = [f"duplicate id {row['id']!r} (first on line {seen[row['id']]})"]
+            problems += [f"{path}:{line_no}: {e}" for e in errors]
+            if not errors:
+                seen[row["id"]] = line_no
+                rows.append(row)
+    if total == 0:
+        raise DataError(path, [f"{path}: no rows"], 0)
+    if problems and not skip_bad:
+        raise DataError(path, problems, total)
+    if problems:
+        print(f"{path}: skipped {total - len(rows)} bad row(s) of {total}; first: {problems[0]}")
+    return rows
+
+# -----------------------------------------------------------------------------------------------------------------
+# One row -> one model input
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]  # the chat prompt, ending with the assistant's opening
+    pixel_values: torch.Tensor | None  # (tiles, 3, S, S) for the prompt's <IMG_CONTEXT> tokens
+    response_ids: list[int]  # SFT target: the row's response then <|im_end|>; [] for rows without a response
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def loss_mask(self) -> list[bool]:  # over `ids`: True on the tokens SFT learns to produce
+        return [False] * len(self.prompt_ids) + [True] * len(self.response_ids)
+
+
+def question_text(row: dict) -> str:
+    """The user message of a row: the question, then lettered options ("A. ...") for multiple choice."""
+    options = row.get("options") or []
+    return row["question"] + "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(options))
+
+
+def encode(row: dict, tokenizer: Tokenizer, config: VLMConfig, max_tiles: int | None = None,
+           system: str | None = None) -> Example:
+    """A validated row (see `load_rows`) -> prompt ids, image tiles (at most `max_tiles` grid tiles per image) and,
+    when the row has a `response`, the response ids ending with <|im_end|>."""
+    ids, pixels = build_prompt(tokenizer, config, question_text(row), row.get("image") or [], system, max_tiles)
+    response = []
+    if row.get("response") is not None:
+        end = tokenizer.token_to_id("<|im_end|>")
+        if end is None:
+            raise ValueError("the tokenizer has no <|im_end|> token: SFT responses cannot be terminated")
+        response = tokenizer.encode(row["response"], add_special_tokens=False).ids + [end]
+    return Example(ids, pixels, response)
+
+
+def tokenizer_preview(tok: Tokenizer, ids: list[int]) -> str:
+    """The decoded prompt with each run of <IMG_CONTEXT> shown once with its count."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    return text if IMG_CONTEXT not in text else \
+        re.sub(f"(?:{IMG_CONTEXT}\\s*)+", lambda m: f"{IMG_CONTEXT}x{m.group().count(IMG_CONTEXT)}", text)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Validate a JSONL data file and show how its first row is encoded.")
+    p.add_argument("data", help="JSONL file of rows")
+    p.add_argument("--ckpt", default=None, help="checkpoint directory (config.json, tokenizer.json) to encode with")
+    p.add_argument("--max-tiles", type=int, default=None, help="tile cap per image (default: the config's)")
+    args = p.parse_args()
+    rows = load_rows(args.data)
+    print(f"{args.data}: {len(rows)} rows, all valid; answer types "
+          f"{ {t: sum(r['answer_type'] == t for r in rows) for t in sorted({r['answer_type'] for r in rows})} }")
+    if args.ckpt:
+        config, tok = read_config(args.ckpt), load_tokenizer(args.ckpt)
+        ex = encode(rows[0], tok, config, args.max_tiles)
+        tiles = 0 if ex.pixel_values is None else ex.pixel_values.shape[0]
+        print(f"row {rows[0]['id']}: {len(ex.prompt_ids)} prompt tokens, {tiles} tiles, "
+              f"{len(ex.response_ids)} response tokens\n{tokenizer_preview(tok, ex.prompt_ids)}")
+
+
+if __name__ == "__main__":
+    main()
