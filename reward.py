@@ -11,7 +11,9 @@ What it follows:
 A data row is the dict of the JSONL data files: {"question", "answer", "answer_type", "options", "image", "subject"}
 with answer_type one of multiple_choice / numeric / expression / text (see `validate_row`). Accuracy reads the final
 answer only after `</think>` (the reasoning may box intermediate values); a response without a think block is read
-whole; one whose `<think>` never closes (truncated) has no answer. Rewards are pure functions of (response, row).
+whole; one whose `<think>` never closes (truncated) has no answer; only the region's last ANSWER_SCAN_CHARS characters
+are read, after Unicode normalisation (NFKC, format characters removed), as are gold answers and options. Rewards
+are pure functions of (response, row).
 
     python reward.py --bench        # responses/s on 1,000 realistic responses, serial and on all cores
 """
@@ -27,6 +29,7 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from fractions import Fraction
@@ -43,6 +46,11 @@ DEFAULT_TIME_LIMIT_S = 2.0
 # level and blows up past ~10 levels.
 MAX_ANSWER_CHARS = 200
 MAX_ANSWER_DEPTH = 8
+# Only the last this-many characters of the answer region (the text after </think>) are scanned for the final answer.
+# A real final answer, with the summary around it, is a few hundred tokens (R1V3-style responses put the reasoning in
+# the think block); 16384 characters (~4K tokens) keeps all of it while bounding the regex and brace scans to
+# milliseconds: a 5 MB region took up to a second per response, outside any time limit.
+ANSWER_SCAN_CHARS = 16384
 # Below this many responses score_batch stays in-process: a pool round trip costs more than the scoring.
 SERIAL_BELOW = 64
 ANSWER_TYPES = ("multiple_choice", "numeric", "expression", "text")
@@ -67,7 +75,11 @@ def validate_row(row: dict) -> dict:
     """
     if not isinstance(row, dict) or "answer" not in row:
         raise ValueError(f"a data row must be a dict with an 'answer' key, got {type(row).__name__}")
-    answer, options = str(row["answer"]), row.get("options")
+    answer = row["answer"]
+    # str(None) would make the gold the word "None", which a response could then match.
+    if answer is None or isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"a data row's answer must be a string or a number, got {answer!r}"[:200])
+    answer, options = normalize_unicode(str(answer)), row.get("options")
     kind = row.get("answer_type")
     if kind is None:
         kind = "multiple_choice" if options else "numeric" if _split_number(_clean(answer), True) else "expression"
@@ -90,6 +102,13 @@ _BLANKS, _TOKEN = re.compile(r"[ \t]*"), re.compile(r"[^\s$]+")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)  # an escaped char (\{ is a literal brace) or a brace
 _ANSWER_PHRASE = re.compile(r"\banswer\b\**\s*(?:is\b\s*:?|:)\**", re.I)  # "the answer is", "Answer:", "**Answer:**"
 _WRAPPERS = re.compile(r"\\?\$|\\[()\[\]]|\\displaystyle|\*\*|__")
+
+
+def normalize_unicode(s: str) -> str:
+    """NFKC (full-width "１２" -> "12", "Ｂ" -> "B", ligatures, compatibility forms), then without format characters
+    (Unicode category Cf: zero-width spaces and joiners, direction marks and overrides, BOM), which are invisible in
+    a rendered answer but break every comparison."""
+    return "".join(c for c in unicodedata.normalize("NFKC", s) if unicodedata.category(c) != "Cf")
 
 
 def _clean(s: str) -> str:
@@ -156,22 +175,33 @@ _LETTER_FORM = re.compile(r"(?:(?:option|choice)\s*)?[(\[]?([A-Z])[)\]]?(?=$|[\s
 # A choice letter standing alone: MMMU accepts " B "; we also accept it next to punctuation or markdown
 # ("B.", "B)", "B:", "**B**", "[B]") but never inside a word ("B's", "AB", "\\Beta").
 _BARE_LETTER = re.compile(r"(?<![A-Za-z0-9_\\'’])([A-Z])(?![A-Za-z0-9_'’])")
+# The pronoun "I" ("I think it's C", "I'm sure", "I'd pick C") is no choice letter, which matters from 9 options on.
+# "I" followed by a contraction, or by a word a sentence's subject is followed by (a verb, an adverb); "I is" / "I."
+# / "I)" stay option I.
+_PRONOUN_I = re.compile(
+    r"I(?:['’](?:m|d|ll|ve)\b|\s+(?:am|was|think|thought|believe|believed|guess|suppose|reckon|assume|expect|hope|"
+    r"choose|chose|pick|picked|select|selected|go|went|would|will|should|could|can|cannot|can't|must|might|may|need|"
+    r"see|saw|know|knew|feel|felt|say|said|mean|conclude|concluded|agree|do|did|don't|didn't|have|had|get|got|want|"
+    r"find|found|notice|noticed|recall|calculated|computed|counted|obtained|checked|verified|made|also|still|now|"
+    r"just|really|first|then|initially|misread|missed)\b)")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 
 
 def _letter_of(answer: str, options: list[str]) -> str | None:
     """The option a short explicit answer names: "B", "(B)", "B.", "B) 42", "**B**", "option B", "\\text{B}", or the
     option's own text (normalised, or the same number). None if it names none or several."""
-    a = _TEXT_CMD.sub(r"\1", _clean(answer)).strip()
+    a = _TEXT_CMD.sub(r"\1", _clean(normalize_unicode(answer))).strip()
+    options = [normalize_unicode(str(o)) for o in options]
     m = _LETTER_FORM.match(a)
     # A lower-case letter counts only alone ("b", "(b)"): "a cat" is an article, not option A.
-    if m and (m.group(1).isupper() or re.fullmatch(r"[(\[]?[a-z][)\]]?", a)):
+    if m and not _PRONOUN_I.match(a, m.start(1)) and (
+            m.group(1).isupper() or re.fullmatch(r"[(\[]?[a-z][)\]]?", a)):
         index = ord(m.group(1).upper()) - 65
         return chr(65 + index) if index < len(options) else None
     norm = normalize_text(a)
-    hits = [i for i, o in enumerate(options) if norm and normalize_text(str(o)) == norm]
+    hits = [i for i, o in enumerate(options) if norm and normalize_text(o) == norm]
     if not hits and (value := _number_value(a)) is not None:
-        hits = [i for i, o in enumerate(options) if _number_value(str(o)) == value]
+        hits = [i for i, o in enumerate(options) if _number_value(o) == value]
     return chr(65 + hits[0]) if len(hits) == 1 else None
 
 
@@ -181,8 +211,10 @@ def parse_multiple_choice(response: str, options: list[str]) -> str | None:
     An explicit answer (see `extract_answer`) that names an option wins. Otherwise MMMU's official rules
     (parse_multi_choice_response): candidates are letters written "(B)"; failing those, letters standing alone; failing
     those, and only in responses longer than 5 words, options whose text appears (case-insensitive). Several candidates
-    -> the one mentioned last. Deviation: MMMU picks a random letter when nothing matches; a reward must not, so None.
+    -> the one mentioned last. Deviations: MMMU picks a random letter when nothing matches; a reward must not, so None.
+    A capital "I" used as a pronoun ("I think") is no letter. Unicode is normalised first (`normalize_unicode`).
     """
+    response, options = normalize_unicode(response), [normalize_unicode(str(o)) for o in options]
     explicit = extract_answer(response)
     if explicit is not None and (letter := _letter_of(explicit, options)) is not None:
         return letter
@@ -190,10 +222,11 @@ def parse_multiple_choice(response: str, options: list[str]) -> str | None:
     text = " " + response.strip().strip(",.!?;:'") + " "
     found = {c: text.rfind(f"({c})") for c in letters if f"({c})" in text}
     if not found:
-        found = {m.group(1): m.start() for m in _BARE_LETTER.finditer(text) if m.group(1) in letters}
+        found = {m.group(1): m.start() for m in _BARE_LETTER.finditer(text)
+                 if m.group(1) in letters and not _PRONOUN_I.match(text, m.start(1))}
     if not found and len(text.split()) > 5:
         low = text.lower()
-        found = {c: low.rfind(o) for c, o in zip(letters, (str(o).strip().lower() for o in options)) if o and o in low}
+        found = {c: low.rfind(o) for c, o in zip(letters, (o.strip().lower() for o in options)) if o and o in low}
     return max(found, key=found.get) if found else None
 
 
@@ -393,7 +426,9 @@ def _verify_math(gold: str, pred: str) -> bool:
 def is_equivalent(pred: str, gold: str, answer_type: str = "expression",
                   time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> bool:
     """Whether answer `pred` equals `gold`: normalised strings for "text", math-verify for "numeric"/"expression"
-    (after `_prepare_math`; answers beyond the size caps are compared as strings). Raises AnswerTimeout."""
+    (after `_prepare_math`; answers beyond the size caps are compared as strings), both after `normalize_unicode`.
+    Raises AnswerTimeout."""
+    pred, gold = normalize_unicode(pred), normalize_unicode(gold)
     if answer_type == "text":
         return normalize_text(pred) != "" and normalize_text(pred) == normalize_text(gold)
     pred, gold = _prepare_math(pred, answer_type), _prepare_math(gold, answer_type)
@@ -417,10 +452,12 @@ def _set_vs_bracket(a: str, b: str) -> bool:
 
 def final_answer(response: str, row: dict) -> str | None:
     """The answer a response gives for a (validated) row: a letter for multiple choice, else the explicit answer
-    string of the answer region (see `answer_region`, `extract_answer`); None if it gives none."""
+    string of the answer region (see `answer_region`, `extract_answer`); None if it gives none. Only the region's last
+    ANSWER_SCAN_CHARS characters are read, after `normalize_unicode`."""
     region = answer_region(response)
     if region is None:
         return None
+    region = normalize_unicode(region[-ANSWER_SCAN_CHARS:])
     if row["answer_type"] == "multiple_choice":
         return parse_multiple_choice(region, row["options"])
     return extract_answer(region)
@@ -540,7 +577,15 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
     """`score` for each (response, row[, num_tokens]) pair, in order; a process pool on all cores (or `workers`) when
     there are at least SERIAL_BELOW responses. A failing item gets zero rewards and an "error" string, the rest are
     scored. Items of a worker that dies are rescored in this process; those of a worker stuck past a generous deadline
-    (only possible outside Python code) get errors. Rows are validated first (ValueError)."""
+    (only possible outside Python code) get errors. Rows are validated first (ValueError); `responses` and `rows` must
+    be lists of strings and dicts (TypeError)."""
+    # A string is a sequence too: scoring "abc" against three rows would score its characters.
+    for name, items, kind in (("responses", responses, str), ("rows", rows, dict)):
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(f"score_batch: {name} must be a list of {kind.__name__}, got {type(items).__name__}")
+        bad = next((i for i, x in enumerate(items) if not isinstance(x, kind)), None)
+        if bad is not None:
+            raise TypeError(f"score_batch: {name}[{bad}] must be a {kind.__name__}, got {type(items[bad]).__name__}")
     cfg = cfg or RewardConfig()
     n = len(responses)
     if len(rows) != n or (num_tokens is not None and len(num_tokens) != n):
