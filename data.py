@@ -191,13 +191,12 @@ class DataError(ValueError):
 
 def _check_image(path: Path) -> str | None:
     """Why the image file cannot be used, or None. Reads the header and checks the file's structure (Pillow's
-    verify) without decoding pixels, so validating thousands of rows stays cheap."""
+    verify) without decoding pixels, so validating thousands of rows stays cheap. A header that declares a 0x0
+    image is refused by Pillow's open itself ("cannot identify image file")."""
     if not path.is_file():
         return f"image file not found: {path}"
     try:
         with Image.open(path) as f:
-            if f.width < 1 or f.height < 1:
-                return f"image {path} has no pixels ({f.width}x{f.height})"
             f.verify()
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for a bad file
         return f"cannot read image {path}: {type(e).__name__}: {e}"
@@ -210,6 +209,8 @@ def check_row(row, folder: Path) -> tuple[dict | None, list[str]]:
     if not isinstance(row, dict):
         return None, [f"a row must be a JSON object, got {type(row).__name__}"]
     problems = [f"missing field {k!r}" for k in ("id", "question", "answer") if k not in row]
+    if "id" in row and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+        problems.append(f"id must be a string or an integer, got {row['id']!r}"[:200])
     if "question" in row and (not isinstance(row["question"], str) or not row["question"].strip()):
         problems.append(f"question must be a non-empty string, got {row['question']!r}"[:200])
     answer = row.get("answer")
@@ -246,13 +247,16 @@ def load_rows(path, skip_bad: bool = False) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     rows, problems, seen, total = [], [], {}, 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line like any problem
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             total += 1
             try:
-                value = json.loads(line)
+                value = json.loads(raw.decode("utf-8-sig"))  # -sig: a BOM some editors write
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}:{line_no}: not UTF-8: {e}")
+                continue
             except json.JSONDecodeError as e:
                 problems.append(f"{path}:{line_no}: malformed JSON: {e}")
                 continue
