@@ -99,8 +99,10 @@ class LLMConfig:
         _check(self, "llm_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
                ("rope_theta", "rms_norm_eps"), ("tie_word_embeddings",))
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
         _check(self, "llm_config", ("head_dim",))
+        self.rope_theta = float(self.rope_theta)
         if self.head_dim % 2:
             raise ValueError(f"llm_config.head_dim must be even for RoPE, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -167,6 +169,12 @@ def tiny_config(vocab_size: int, image_token_id: int | None = None, image_size: 
 # Vision tower: InternViT
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype numerically delicate steps run in: fp32 for bf16/fp16/fp32, fp64 for an fp64 model (the tests'
+    oracle), so that a float64 copy of the model is a true fp64 reference."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -174,8 +182,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # statistics in fp32 whatever the weights' dtype, as Qwen2 and InternViT do; one fused op, not five
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # statistics in fp32 (fp64 stays fp64) whatever the weights' dtype, as Qwen2 and InternViT do; one fused op
+        return self.weight * F.rms_norm(x.to(_at_least_fp32(x.dtype)), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def _norm(cfg: ViTConfig, dim: int) -> nn.Module:
@@ -242,7 +250,8 @@ class ViTEmbeddings(nn.Module):
         side = math.isqrt(self.cfg.num_patches)
         patch_pos = pos[:, 1:]
         if (gh, gw) != (side, side):  # a tile size other than the trained one: bicubic resample of the grid
-            grid = patch_pos.float().reshape(1, side, side, C).permute(0, 3, 1, 2)  # (1, C, side, side)
+            grid = patch_pos.to(_at_least_fp32(pos.dtype)).reshape(1, side, side, C)
+            grid = grid.permute(0, 3, 1, 2)  # (1, C, side, side)
             grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
             patch_pos = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, C).to(pos.dtype)  # (1, h*w, C)
         x = torch.cat([self.class_embedding.expand(B, 1, C), x], dim=1)
@@ -307,9 +316,10 @@ class KVCache:
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """cos/sin for RoPE at integer positions (B, T), computed in fp32 like the reference, then cast."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    """cos/sin for RoPE at integer positions (B, T), computed in fp32 like the reference (fp64 for fp64), then cast."""
+    ft = _at_least_fp32(dtype)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).to(ft) / head_dim)
+    freqs = positions[..., None].to(ft) * inv_freq  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, D)
     return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]  # (B, T, 1, D)
 
@@ -421,7 +431,8 @@ class LLM(nn.Module):
         return self.norm(h)
 
     def logits(self, h):
-        return F.linear(h, self.head_weight).float()  # fp32 before any softmax
+        logits = F.linear(h, self.head_weight)
+        return logits.to(_at_least_fp32(logits.dtype))  # fp32 (fp64 stays fp64) before any softmax
 
 # -----------------------------------------------------------------------------------------------------------------
 # The whole model
@@ -558,21 +569,27 @@ class VLM(nn.Module):
         layout = layout or self.config.layout
         config = config_to_dict(self.config, layout)  # validates the layout before anything is written
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a checkpoint directory")
         if path.is_dir() and (subdirs := [p.name for p in path.iterdir() if p.is_dir()]):
             raise ValueError(f"{path} holds directories {subdirs}: a checkpoint save replaces the whole directory, "
                              f"so save into a directory of its own")
         tmp, old = path.with_name(path.name + ".saving"), path.with_name(path.name + ".replaced")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for folder in (path, self.source_dir):  # keep what sat beside the weights; the source's files win
-            if folder and Path(folder).is_dir():
-                for f in Path(folder).iterdir():
-                    if f.is_file() and not _is_weight_file(f.name) and f.name != "config.json":
-                        shutil.copy2(f, tmp / f.name)
-        state = from_internal({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, layout,
-                              self.config.llm.tie_word_embeddings)
-        write_safetensors(state, tmp, max_shard_bytes)
-        write_file(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        try:
+            for folder in (path, self.source_dir):  # keep what sat beside the weights; the source's files win
+                if folder and Path(folder).is_dir():
+                    for f in Path(folder).iterdir():
+                        if f.is_file() and not _is_weight_file(f.name) and f.name != "config.json":
+                            shutil.copy2(f, tmp / f.name)
+            state = from_internal({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, layout,
+                                  self.config.llm.tie_word_embeddings)
+            write_safetensors(state, tmp, max_shard_bytes)
+            write_file(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        except BaseException:  # `path` is untouched so far: drop the half-written copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -598,13 +615,14 @@ def _llm_config(d: dict, tie: bool | None) -> LLMConfig:
         raise ValueError(f"RoPE scaling {rope} is not supported (only plain RoPE, as in Qwen2/2.5)")
     if d.get("use_sliding_window"):
         raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+    tie = d.get("tie_word_embeddings") if tie is None else tie  # native configs keep it at the top level
     return LLMConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
         num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=_pick(d, "num_key_value_heads", default=d["num_attention_heads"]),
-        head_dim=d.get("head_dim"), rope_theta=float(_pick(rope, "rope_theta", default=d.get("rope_theta", 1e4))),
+        head_dim=d.get("head_dim"), rope_theta=_pick(rope, "rope_theta", default=d.get("rope_theta", 1e4)),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6), max_position_embeddings=d.get("max_position_embeddings", 32768),
-        tie_word_embeddings=bool(tie if tie is not None else d.get("tie_word_embeddings", False)))
+        tie_word_embeddings=False if tie is None else tie)
 
 
 def _size(v) -> int:
@@ -613,6 +631,9 @@ def _size(v) -> int:
 
 def config_from_dict(d: dict) -> VLMConfig:
     """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or Qwen2 layout."""
+    for name in ("llm_config", "text_config", "vision_config"):
+        if name in d and not isinstance(d[name], dict):
+            raise ValueError(f"{name} must be a JSON object, got {d[name]!r}"[:200])
     if "llm_config" in d:
         v, llm = d["vision_config"], d["llm_config"]
         vision = ViTConfig(
@@ -816,6 +837,8 @@ def read_safetensors(path: Path, device="cpu") -> dict:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if not shards or not all(isinstance(s, str) and s for s in shards):
+                raise TypeError(f"shard file names must be non-empty strings, got {shards}"[:200])
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: corrupt shard index, need {{\"weight_map\": {{key: file}}}} "
                              f"({type(e).__name__}: {e})") from None

@@ -44,13 +44,13 @@ VISION_VARIANTS = {  # InternViT-300M style and InternViT-6B style, each with a 
 }
 
 
-def make_hf_internvl(tok, variant: str, tie: bool, path, **config):
-    """A tiny random transformers InternVLForConditionalGeneration saved to `path` with the tokenizer; `config`
-    overrides InternVLConfig fields (vision_feature_layer, ...)."""
+def make_hf_internvl(tok, variant: str, tie: bool, path, vision: dict | None = None, **config):
+    """A tiny random transformers InternVLForConditionalGeneration saved to `path` with the tokenizer; `vision`
+    overrides vision_config fields (num_hidden_layers, ...), `config` InternVLConfig fields (vision_feature_layer)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     seed, variant_config = VISION_VARIANTS[variant]
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=56,
-                  patch_size=14, **variant_config)
+                  patch_size=14, **variant_config) | (vision or {})
     cfg = InternVLConfig(vision_config=vision, text_config=text_config(tok.get_vocab_size(), tie),
                          image_token_id=tok.token_to_id(M.IMG_CONTEXT), tie_word_embeddings=tie, **config)
     hf = randomize(InternVLForConditionalGeneration(cfg), seed=seed + tie).eval()

@@ -1,17 +1,20 @@
-"""model.py against transformers (the independent oracle): logits parity in both checkpoint layouts, checkpoint round
-trips, InternVL's tiling algorithm, and the errors bad input must raise."""
+"""model.py against independent references: transformers for logits in every checkpoint layout, resampled position
+embeddings and other ViT feature layers; an fp64 full-logits copy of the model for the fused log-prob/entropy path
+and its gradients; checkpoint round trips, saves that fail midway, file modes, and the errors bad input raises."""
+import copy
 import json
+import os
+import re
+import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+from transformers import InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-import data as D
 import model as M
 from conftest import image_prompt, make_hf_internvl, randomize, text_config
+from entropy import IGNORE_INDEX, logprob_entropy
 
 
 @pytest.mark.parametrize("variant,tie", [("300m", False), ("6b", True), ("6b", False)])
@@ -158,52 +161,6 @@ def test_cached_attention_matches_fp64_sdpa(H, KV, T, device):
     assert (got.double() - want.transpose(1, 2).reshape(B, T, H * D)).abs().max().item() <= 1e-6
 
 
-def reference_tiling(image, tile, min_num, max_num):
-    """InternVL's `dynamic_preprocess` + `build_transform`, restated independently for the test."""
-    w, h = image.size
-    ratios = set()
-    for n in range(min_num, max_num + 1):
-        for i in range(1, n + 1):
-            for j in range(1, n + 1):
-                if min_num <= i * j <= max_num:
-                    ratios.add((i, j))
-    ratios = sorted(ratios, key=lambda x: x[0] * x[1])
-    best_diff, best = float("inf"), (1, 1)
-    for r in ratios:
-        d = abs(w / h - r[0] / r[1])
-        if d < best_diff:
-            best_diff, best = d, r
-        elif d == best_diff and w * h > 0.5 * tile * tile * r[0] * r[1]:
-            best = r
-    tw, th = tile * best[0], tile * best[1]
-    resized = image.resize((tw, th))
-    tiles = []
-    for i in range(best[0] * best[1]):
-        x0, y0 = (i % (tw // tile)) * tile, (i // (tw // tile)) * tile
-        tiles.append(resized.crop((x0, y0, x0 + tile, y0 + tile)))
-    if len(tiles) != 1:
-        tiles.append(image.resize((tile, tile)))
-    arr = np.stack([np.asarray(t, dtype=np.float64) / 255.0 for t in tiles])
-    arr = (arr - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    return best, arr.transpose(0, 3, 1, 2)
-
-
-@pytest.mark.parametrize("size,tile,max_num,grid", [
-    ((1000, 200), 448, 12, (5, 1)), ((200, 1000), 448, 12, (1, 5)), ((448, 448), 448, 12, (1, 1)),
-    ((1000, 1000), 448, 12, (3, 3)),  # the area tie-break: (1,1), (2,2), (3,3) tie on aspect
-    ((500, 333), 56, 6, (3, 2)), ((97, 301), 56, 12, (2, 6)), ((640, 480), 56, 12, (4, 3)), ((30, 40), 56, 6, (2, 3)),
-])
-def test_dynamic_tiling_matches_internvl(size, tile, max_num, grid):
-    rng = np.random.default_rng(sum(size))
-    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    ref_grid, ref = reference_tiling(img, tile, 1, max_num)
-    assert D.tile_grid(*size, tile, 1, max_num) == ref_grid == grid
-    cfg = M.VLMConfig(vision=M.ViTConfig(image_size=tile, patch_size=14), max_dynamic_patch=max_num)
-    got = D.load_image(img, cfg)
-    assert got.shape == ref.shape
-    assert np.abs(got.double().numpy() - ref).max() < 1e-5
-
-
 def test_bad_checkpoints(tmp_path, tok):
     model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
     model.save_pretrained(tmp_path / "ok")
@@ -230,28 +187,25 @@ def test_bad_checkpoints(tmp_path, tok):
         M.VLM.from_pretrained(tmp_path / "nowhere")
 
 
-def test_bad_images_and_prompts(tmp_path, tok):
-    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
-    bad = tmp_path / "corrupt.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.raises(ValueError, match="cannot read image .*corrupt.png"):
-        D.build_prompt(tok, cfg, "how many", [bad])
-    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.jpg"):
-        D.load_image(tmp_path / "missing.jpg", cfg)
-    model = M.VLM.from_config(cfg)
-    ids, pixels = image_prompt(tok, cfg)  # 3 tiles -> 12 image tokens
-    with pytest.raises(ValueError, match="12 image-context tokens .* 2 image tiles give 8 connector features"):
-        model(ids, pixels[:2])
-    with pytest.raises(ValueError, match="12 image-context tokens .* 0 image tiles"):
-        model(ids)
-    with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
-        D.build_prompt(tok, cfg, "<image> and <image>", [Image.new("RGB", (56, 56))])
-
-
-def test_chat_template():
-    text = D.chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
-    assert D.expand_image_placeholders("a<image>b", [2], 3) == "a<img>" + "<IMG_CONTEXT>" * 6 + "</img>b"
+def test_corrupt_index_and_truncated_safetensors_name_the_file(tmp_path, tok):
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
+    model.save_pretrained(tmp_path, max_shard_bytes=50_000)
+    index = tmp_path / "model.safetensors.index.json"
+    good = index.read_text()
+    for text, reason in [("", "JSONDecodeError"), ("[]", "TypeError"), ("{}", "KeyError: 'weight_map'"),
+                         ('{"weight_map": []}', "AttributeError"), ('{"weight_map": {"a": 1}}', "TypeError"),
+                         ('{"weight_map": {}}', "TypeError")]:
+        index.write_text(text)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(index))}: corrupt shard index.*{reason}"):
+            M.VLM.from_pretrained(tmp_path)
+    index.write_text(good)
+    M.VLM.from_pretrained(tmp_path)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    for cut in (4, 100, len(data) - 10):  # in the header length, in the header, in the tensor data
+        shard.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(shard))}: cannot read safetensors file"):
+            M.VLM.from_pretrained(tmp_path)
 
 
 def test_resave_in_place_replaces_shards(tmp_path, tok):
@@ -265,3 +219,269 @@ def test_resave_in_place_replaces_shards(tmp_path, tok):
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
     again = M.VLM.from_pretrained(tmp_path).state_dict()
     assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("variant,size", [("300m", (84, 84)), ("6b", (112, 84))])
+def test_vision_tower_resamples_positions_like_transformers(tmp_path, tok, variant, size):
+    """Tiles of another size than the checkpoint's 56 px: our bicubic resample of the position grid == transformers'
+    InternVL vision tower, which interpolates its position embeddings whenever the input size differs."""
+    hf = make_hf_internvl(tok, variant, False, tmp_path)
+    ours = M.VLM.from_pretrained(tmp_path)
+    width, height = size
+    pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = hf.model.vision_tower(pixel_values=pixels).last_hidden_state
+        got = ours.vision_model(pixels)
+    assert got.shape == want.shape == (2, 1 + (width // 14) * (height // 14), 32)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("feature_layer,blocks", [(-2, 2), (1, 1)])
+def test_select_layer_matches_transformers(tmp_path, tok, feature_layer, blocks):
+    """A 3-block ViT read at vision_feature_layer -2 (the second block's output) or 1 (the first's): transformers takes
+    hidden_states[k], hidden_states[0] being the embeddings; ours runs that many blocks. Kept through a remote save."""
+    hf = make_hf_internvl(tok, "300m", False, tmp_path / "hf", vision=dict(num_hidden_layers=3),
+                          vision_feature_layer=feature_layer)
+    ours = M.VLM.from_pretrained(tmp_path / "hf")
+    assert ours.config.select_layer == feature_layer and ours.config.vision_layers == blocks
+    ids, pixels = image_prompt(tok, ours.config)
+    ours.save_pretrained(tmp_path / "remote", layout="remote")
+    remote = M.VLM.from_pretrained(tmp_path / "remote")
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels).logits
+        assert (ours(ids, pixels) - ref).abs().max().item() <= 1e-4
+        assert (remote(ids, pixels) - ref).abs().max().item() <= 1e-4
+
+
+def random_tiny(tok, tie: bool, seed: int) -> M.VLM:
+    """tiny_config with every parameter perturbed (no zero biases, unit norms or 0.1 layer scales to hide behind)."""
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    config.llm.tie_word_embeddings = tie
+    return randomize(M.VLM.from_config(config, seed=seed), seed)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_forward_targets_is_the_fused_kernel_and_its_gradients_match_fp64(tok, tie):
+    """VLM.forward(targets=) == entropy.logprob_entropy on model.hidden() and the head weight; the gradients of
+    sum(a * logprobs + b * entropy) w.r.t. every parameter (ViT, connector, LLM, head, tied or not) == those of an
+    fp64 copy of the model through full logits and log_softmax. Prompt positions are IGNORE_INDEX, T = 0.7."""
+    model = random_tiny(tok, tie, seed=7 + tie)
+    reference = copy.deepcopy(model).double()
+    ids, pixels = image_prompt(tok, model.config)  # (1, 25) with 3 tiles
+    ids, pixels = torch.cat([ids, ids.flip(1)]), torch.cat([pixels, pixels.flip(0)])  # (2, 25), 6 tiles
+    targets = ids.roll(-1, dims=1)
+    targets[:, :ids.shape[1] // 2] = IGNORE_INDEX
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(ids.shape, generator=g), torch.randn(ids.shape, generator=g)
+    T = 0.7
+
+    logprobs, entropy = model(ids, pixels, targets=targets, temperature=T)
+    assert logprobs.shape == entropy.shape == ids.shape and logprobs.dtype == torch.float32
+    with torch.no_grad():
+        h = model.hidden(ids, pixels).flatten(0, 1)  # (B * T, C)
+        want = logprob_entropy(h, model.language_model.head_weight, targets.flatten(), temperature=T)
+    assert torch.equal(logprobs.detach().flatten(), want[0]) and torch.equal(entropy.detach().flatten(), want[1])
+    ((a * logprobs).sum() + (b * entropy).sum()).backward()
+
+    logits = reference(ids, pixels.double()) / T  # (B, T, V), full logits
+    assert logits.dtype == torch.float64
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = targets != IGNORE_INDEX
+    ref_lp = torch.where(valid, logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0], 0.0)
+    ref_ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0)
+    assert (logprobs.detach().double() - ref_lp).abs().max().item() <= 1e-5
+    assert (entropy.detach().double() - ref_ent).abs().max().item() <= 1e-5
+    ((a.double() * ref_lp).sum() + (b.double() * ref_ent).sum()).backward()
+    params = list(model.named_parameters())
+    assert {n.split(".")[0] for n, _ in params} == {"vision_model", "mlp1", "language_model"}
+    assert any(n == "language_model.lm_head.weight" for n, _ in params) != tie
+    for (name, p), q in zip(params, reference.parameters(), strict=True):
+        scale = q.grad.abs().max().item()
+        assert scale > 0, name  # every parameter takes part: no comparison of zeros with zeros
+        err = (p.grad.double() - q.grad).abs().max().item() / scale
+        assert err <= 2e-5, f"{name}: gradient error {err:.1e} of max |gradient|"  # fp32 lands at <= 4e-6
+
+
+def test_text_only_batch_runs_a_blank_tile_while_vision_trains(tok):
+    """Training on a batch without images still runs the vision tower (one blank tile, weighted 0), so every
+    parameter gets a gradient (zero for the vision side) and data-parallel ranks reduce the same parameters; the
+    values are those of inference, which skips the tower, as does training with the tower frozen."""
+    model = random_tiny(tok, False, seed=9)
+    runs = []
+    model.vision_model.register_forward_hook(lambda *_: runs.append(1))
+    ids = torch.randint(10, tok.get_vocab_size(), (2, 7), generator=torch.Generator().manual_seed(2))  # words only
+    targets = ids.roll(-1, dims=1)
+    with torch.no_grad():
+        want = model(ids, targets=targets)
+    assert runs == []
+    logprobs, entropy = model(ids, targets=targets)
+    assert runs == [1]
+    assert torch.equal(logprobs.detach(), want[0]) and torch.equal(entropy.detach(), want[1])
+    (logprobs.sum() + entropy.sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if name.startswith(("vision_model.", "mlp1.")):
+            assert not p.grad.any(), name
+        else:
+            assert p.grad.abs().max() > 0, name
+    for p in [*model.vision_model.parameters(), *model.mlp1.parameters()]:
+        p.requires_grad_(False)
+    model(ids, targets=targets)
+    assert runs == [1]
+
+
+def test_bad_model_inputs(tok):
+    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    V = cfg.llm.vocab_size
+    model = M.VLM.from_config(cfg)
+    ids, pixels = image_prompt(tok, cfg)  # 3 tiles -> 12 image tokens
+    nan, inf = pixels.clone(), pixels.clone()
+    nan[1, 2, 3, 4], inf[0, 0, 0, 0] = float("nan"), float("inf")
+    cases = [
+        ((ids, pixels[:2]), "12 image-context tokens .* 2 image tiles give 8 connector features"),
+        ((ids,), "12 image-context tokens .* 0 image tiles"),
+        ((ids, pixels[0]), r"pixel_values of shape \(3, 56, 56\): the model takes \(tiles, 3, 56, 56\) tiles"),
+        ((ids, torch.zeros(3, 3, 112, 112)), r"pixel_values of shape \(3, 3, 112, 112\): the model takes"),
+        ((ids, nan), r"pixel_values must be finite floats \(torch.float32; NaN or inf found"),
+        ((ids, inf), "pixel_values must be finite floats"),
+        ((ids, pixels.long()), r"pixel_values must be finite floats \(torch.int64"),
+        ((torch.tensor([[1, 2, V]]),), rf"token ids must lie in \[0, {V}\): got 1..{V}"),
+        ((torch.tensor([[5, -1]]),), rf"token ids must lie in \[0, {V}\): got -1..5"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(*args)
+    text_only = M.VLM.from_config(M.VLMConfig(llm=cfg.llm, vision=None, layout="qwen2"))
+    with pytest.raises(ValueError, match="pixel_values given to a text-only model"):
+        text_only(torch.tensor([[1, 2]]), pixels)
+
+
+CONFIG_CASES = [  # (layout of the checkpoint, change to its config.json, what the error must say after the file name)
+    ("remote", lambda c: c["llm_config"].update(hidden_size="64"),
+     "llm_config.hidden_size must be a positive integer, got '64'"),
+    ("native", lambda c: c["text_config"].update(hidden_size="64"),
+     "llm_config.hidden_size must be a positive integer, got '64'"),
+    ("remote", lambda c: c["llm_config"].update(rms_norm_eps=0), "llm_config.rms_norm_eps must be a positive number"),
+    ("remote", lambda c: c["llm_config"].update(rms_norm_eps=-1e-6), "rms_norm_eps must be a positive number"),
+    ("remote", lambda c: c["vision_config"].update(layer_norm_eps=float("nan")), "layer_norm_eps must be a positive"),
+    ("remote", lambda c: c.update(select_layer=3), "select_layer 3 is outside the vision tower's 2 layers"),
+    ("remote", lambda c: c.update(select_layer=-3), "select_layer -3 is outside"),
+    ("remote", lambda c: c.update(select_layer=0), "select_layer 0 is outside"),
+    ("native", lambda c: c.update(vision_feature_layer=5), "select_layer 5 is outside"),
+    ("remote", lambda c: c.update(max_dynamic_patch=0), "config.max_dynamic_patch must be a positive integer, got 0"),
+    ("remote", lambda c: c["llm_config"].update(num_attention_heads=0), "llm_config.num_attention_heads must be a"),
+    ("remote", lambda c: c["llm_config"].update(num_key_value_heads=0), "llm_config.num_key_value_heads must be a"),
+    ("remote", lambda c: c["vision_config"].update(num_attention_heads=0), "vision_config.num_attention_heads must"),
+    ("remote", lambda c: c.update(force_image_size=None) or c["vision_config"].update(patch_size=0),
+     "vision_config.patch_size must be a positive integer, got 0"),
+    ("native", lambda c: c["vision_config"].update(patch_size=[0, 0]), "vision_config.patch_size must be a positive"),
+    ("remote", lambda c: c["llm_config"].update(head_dim=0), "llm_config.head_dim must be a positive integer, got 0"),
+    ("remote", lambda c: c["llm_config"].update(rope_theta="1e6"), "llm_config.rope_theta must be a positive number"),
+    ("remote", lambda c: c["llm_config"].update(tie_word_embeddings="false"),
+     "llm_config.tie_word_embeddings must be true or false, got 'false'"),
+    ("remote", lambda c: c["llm_config"].pop("vocab_size"), "missing required key 'vocab_size'"),
+    ("native", lambda c: c["text_config"].pop("vocab_size"), "missing required key 'vocab_size'"),
+    ("remote", lambda c: c.update(vision_config=[32]), "vision_config must be a JSON object, got \\[32\\]"),
+    ("remote", lambda c: "[1, 2]", "must hold a JSON object, got list"),
+    ("remote", lambda c: "", "not valid JSON"),
+    ("remote", lambda c: '{"llm_config": ', "not valid JSON"),
+]
+
+
+def test_bad_config_json_names_file_and_field(tmp_path, tok):
+    """Each bad config.json raises a ValueError that starts with the file's path and names the field and value."""
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
+    good = {}
+    for layout in ("remote", "native"):
+        model.save_pretrained(tmp_path / layout, layout=layout)
+        assert M.VLM.from_pretrained(tmp_path / layout).config.layout == layout  # unchanged, it loads
+        good[layout] = (tmp_path / layout / "config.json").read_text()
+    for layout, change, message in CONFIG_CASES:
+        f = tmp_path / layout / "config.json"
+        c = json.loads(good[layout])
+        text = change(c)
+        f.write_text(text if isinstance(text, str) else json.dumps(c))
+        with pytest.raises(ValueError) as e:
+            M.read_config(tmp_path / layout)
+        assert str(e.value).startswith(f"{f}: ") and re.search(message, str(e.value)), (message, str(e.value))
+        with pytest.raises(ValueError, match=re.escape(str(e.value))):
+            M.VLM.from_pretrained(tmp_path / layout)
+
+
+@pytest.mark.parametrize("fails_at", ["second shard", "config.json"])
+def test_failed_save_in_place_keeps_the_previous_checkpoint(tmp_path, tok, monkeypatch, fails_at):
+    """A save over a remote-layout sharded checkpoint, in the native layout, that fails midway leaves the previous
+    checkpoint loadable with its own weights and no temporaries; the same save, not failing, replaces it."""
+    path = tmp_path / "ckpt"
+    M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), seed=1).save_pretrained(
+        path, max_shard_bytes=50_000)
+    model = M.VLM.from_pretrained(path)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    written = []
+
+    def save_file(tensors, filename, metadata=None):
+        if fails_at == "second shard" and written:
+            raise OSError("disk full")
+        written.append(filename)
+        real_save_file(tensors, filename, metadata=metadata)
+
+    def write_file(f, text):
+        if fails_at == "config.json" and f.name == "config.json":
+            raise OSError("disk full")
+        real_write_file(f, text)
+
+    real_save_file, real_write_file = M.save_file, M.write_file
+    monkeypatch.setattr(M, "save_file", save_file)
+    monkeypatch.setattr(M, "write_file", write_file)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(path, layout="native", max_shard_bytes=50_000)
+    assert len(written) == 1 if fails_at == "second shard" else len(written) > 1  # after some weights were written
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    monkeypatch.undo()
+    back = M.VLM.from_pretrained(path)
+    assert back.config.layout == "remote"
+    assert back.state_dict().keys() == old.keys() and all(torch.equal(v, old[k]) for k, v in back.state_dict().items())
+
+    model.save_pretrained(path, layout="native")
+    back = M.VLM.from_pretrained(path)
+    assert back.config.layout == "native" and sorted(p.name for p in path.glob("model*")) == ["model.safetensors"]
+    new = model.state_dict()
+    assert back.state_dict().keys() == new.keys() and all(torch.equal(v, new[k]) for k, v in back.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_files_follow_the_umask(tmp_path, tok, umask, mode):
+    """Weights get the same permissions as config.json and any file this process creates (safetensors alone would
+    write 0600, unreadable by the group a cluster's jobs share)."""
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
+    previous = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "ckpt", max_shard_bytes=50_000)
+    finally:
+        os.umask(previous)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").iterdir()}
+    assert len(modes) > 3 and {"config.json", "model.safetensors.index.json"} <= modes.keys()
+    assert modes == dict.fromkeys(modes, mode)
+
+
+def test_save_refuses_a_shared_directory_or_a_file(tmp_path, tok):
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
+    (tmp_path / "runs" / "step-1").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"runs holds directories \['step-1'\]"):
+        model.save_pretrained(tmp_path / "runs")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file is a file, not a checkpoint directory"):
+        model.save_pretrained(tmp_path / "file")
+    assert (tmp_path / "runs" / "step-1").is_dir() and (tmp_path / "file").read_text() == "x"
+
+
+def test_unknown_dtype_flag(monkeypatch, capsys):
+    """`python model.py --ckpt X --dtype foo` stops in argparse, naming the value, before touching X."""
+    monkeypatch.setattr(sys, "argv", ["model.py", "--ckpt", "nowhere", "--dtype", "foo"])
+    with pytest.raises(SystemExit) as e:
+        M.main()
+    assert e.value.code == 2 and "argument --dtype: invalid choice: 'foo'" in capsys.readouterr().err
