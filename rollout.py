@@ -247,15 +247,20 @@ class Sampler:
     def _check(self, i: int, r: Request):
         """A request that cannot run raises here, naming it, before any work is done."""
         P, cfg = len(r.ids), self.model.config
-        if not 0 < P < self.max_len:
+        if P == 0:
+            raise ValueError(f"request {i}: empty prompt")
+        if P >= self.max_len:
             raise ValueError(f"request {i}: prompt of {P} tokens leaves no room for a new token in max_len "
                              f"{self.max_len} (prompts are never truncated: that could cut an image span); "
                              f"shorten it or raise the sampler's max_len")
-        bad = [t for t in r.ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.llm.vocab_size]
+        V = cfg.llm.vocab_size
+        bad = [(k, t) for k, t in enumerate(r.ids) if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
         if bad:
-            raise ValueError(f"request {i}: token id {bad[0]!r} outside the vocabulary [0, {cfg.llm.vocab_size})")
-        if r.max_new_tokens is not None and (isinstance(r.max_new_tokens, bool) or r.max_new_tokens < 1):
-            raise ValueError(f"request {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+            raise ValueError(f"request {i}: token id {bad[0][1]!r} at position {bad[0][0]} is not an int in the "
+                             f"vocabulary [0, {V}) ({len(bad)} such ids)")
+        n = r.max_new_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"request {i}: max_new_tokens must be an integer >= 1, got {n!r}")
         error = self.model.image_input_error(r.ids.count(cfg.image_token_id), r.pixel_values)
         if error:
             raise ValueError(f"request {i}: {error}")
@@ -266,11 +271,13 @@ class Sampler:
                  ) -> list[list[Completion]]:
         """`num_samples` completions per request, aligned with `requests`. temperature 0 is greedy; top_k 0 and
         top_p 1 are off. Throughput figures land in `self.stats`."""
-        if not 0 <= temperature < float("inf") or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 \
-                or max_new_tokens < 1:
-            raise ValueError(f"need a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1, "
-                             f"max_new_tokens >= 1; got {temperature}, {top_p}, {top_k}, {num_samples}, "
-                             f"{max_new_tokens}")
+        for name, value, ok, want in [
+                ("temperature", temperature, 0 <= temperature < float("inf"), "finite and >= 0"),
+                ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"), ("top_k", top_k, top_k >= 0, ">= 0"),
+                ("num_samples", num_samples, num_samples >= 1, ">= 1"),
+                ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, ">= 1")]:
+            if not ok:  # comparisons with nan are False: a nan fails here too
+                raise ValueError(f"{name} must be {want}, got {value!r}")
         for i, r in enumerate(requests):
             self._check(i, r)
         seeds = [r.seed if r.seed is not None else hash((seed, i)) for i, r in enumerate(requests)]  # ints: stable

@@ -16,6 +16,7 @@ import model as M
 from entropy import logprob_entropy
 from conftest import image_prompt, make_hf_internvl, randomize, text_config
 from data import build_prompt, special_ids
+import rollout
 from rollout import Request, Sampler, sample, uniform
 
 SEED = int(os.environ.get("ROLLOUT_TEST_SEED", 0))  # the random models' seed (the assertions hold for any)
@@ -203,6 +204,47 @@ def test_bad_requests(internvl, tok):
         Sampler(model, max_len=600)
 
 
+def test_bad_requests_fail_at_the_door(internvl, tok, monkeypatch):
+    """Each bad request raises naming its index and the problem before any request's prefill runs."""
+    _, model = internvl
+    V = model.config.llm.vocab_size
+    sampler = Sampler(model, max_slots=2, max_len=64)
+    prefills, prefill = [], sampler._prefill
+    monkeypatch.setattr(sampler, "_prefill", lambda *a, **k: prefills.append(1) or prefill(*a, **k))
+    ok = text_request(tok, model.config, "how many")
+    img = image_request(tok, model.config, (112, 56))  # 3 tiles: 12 image tokens
+    nan = img.pixel_values.clone()
+    nan[2, 0, 5, 5] = float("nan")
+    cases = [
+        (Request(ok.ids + [V]), rf"request 2: token id {V} at position {len(ok.ids)} is not an int in the "
+                                rf"vocabulary \[0, {V}\)"),
+        (Request([-1] + ok.ids), rf"request 2: token id -1 at position 0 is not an int in the vocabulary"),
+        (Request(ok.ids[:2] + [3.0]), "request 2: token id 3.0 at position 2 is not an int"),
+        (Request([]), "request 2: empty prompt"),
+        (Request(ok.ids, max_new_tokens=0), "request 2: max_new_tokens must be an integer >= 1, got 0"),
+        (Request(img.ids, nan), r"request 2: pixel_values must be finite floats \(torch.float32; NaN or inf found"),
+        (Request(img.ids, img.pixel_values[0]), r"request 2: pixel_values of shape \(3, 56, 56\): the model takes "
+                                                r"\(tiles, 3, 56, 56\) tiles"),
+        (Request(img.ids, torch.zeros(3, 3, 112, 112)), r"request 2: pixel_values of shape \(3, 3, 112, 112\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sampler.generate([ok, img, bad, ok])
+    for kw, message in [(dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+                        (dict(temperature=float("nan")), "temperature must be finite and >= 0, got nan"),
+                        (dict(temperature=float("inf")), "temperature must be finite and >= 0, got inf"),
+                        (dict(temperature=-0.5), "temperature must be finite and >= 0, got -0.5"),
+                        (dict(top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
+                        (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+                        (dict(top_k=-1), "top_k must be >= 0, got -1"),
+                        (dict(num_samples=0), "num_samples must be >= 1, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            sampler.generate([ok], **kw)
+    assert prefills == []
+    sampler.generate([ok, img], max_new_tokens=1)  # the good requests alone do run (one prefill batch)
+    assert prefills == [1]
+
+
 def test_sample_distribution_and_filters():
     """Inverse-CDF draws from the counter-based uniforms follow softmax(z / T); top-k/top-p/bans cut the support."""
     z = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
@@ -222,9 +264,35 @@ def test_sample_distribution_and_filters():
     assert set(tok.tolist()) == {0}
 
 
+def test_bf16_cache_under_fp32_weights(internvl, tok):
+    """cache_dtype=bf16 with fp32 parameters: every cache tensor is bf16, and greedy decoding still follows the fp32
+    model: each token is the argmax of a full fp32 recompute up to bf16 rounding (exact ties aside), and the log-probs
+    are within bf16 rounding of the recompute's, yet not equal to them (the decode steps did read bf16 keys)."""
+    _, model = internvl
+    assert model.language_model.embed_tokens.weight.dtype == torch.float32
+    assert Sampler(model, max_slots=1, max_len=8).cache.k[0].dtype == torch.float32  # default: the parameters'
+    sampler = Sampler(model, max_slots=4, max_len=64, cache_dtype=torch.bfloat16)
+    assert {t.dtype for t in sampler.cache.k + sampler.cache.v + sampler.stage.k + sampler.stage.v} == {torch.bfloat16}
+    reqs = mixed_requests(tok, model.config)
+    banned = [model.config.image_token_id]  # the Sampler's default ban
+    worst_lp, worst_gap = 0.0, 0.0
+    for r, [c] in zip(reqs, sampler.generate(reqs, max_new_tokens=8, temperature=0.0), strict=True):
+        assert len(c.ids) == 8
+        with torch.no_grad():
+            logits = model(torch.tensor([r.ids + c.ids]), r.pixel_values)[0, len(r.ids) - 1:-1]  # (8, V) fp32
+        ids = torch.tensor(c.ids)[:, None]
+        ref = torch.log_softmax(logits, -1).gather(1, ids)[:, 0]  # over the full vocabulary, banned ids included
+        worst_lp = max(worst_lp, (ref - torch.tensor(c.logprobs)).abs().max().item())
+        allowed = logits.index_fill(1, torch.tensor(banned), float("-inf"))
+        worst_gap = max(worst_gap, (allowed.max(-1).values - logits.gather(1, ids)[:, 0]).max().item())
+    assert worst_gap <= 2e-2
+    assert 1e-4 < worst_lp <= 2e-2  # fp32 caches land at ~1e-6, bf16 ones at ~4e-3 here
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # from inside torch.compile
 def test_compiled_decode_matches_eager(tok):
-    """compile=True: the whole static cache, one compiled step (CUDA graphs on a GPU, inductor C++ on a CPU)."""
+    """compile=True: the whole static cache, one compiled step (CUDA graphs on a GPU, inductor C++ on a CPU): the
+    same tokens and the same log-probs as the eager step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), device=device)
     reqs = mixed_requests(tok, model.config)
@@ -234,6 +302,17 @@ def test_compiled_decode_matches_eager(tok):
     eager = Sampler(model, max_slots=4, max_len=64, sync_every=3).generate(reqs, **kw)
     compiled = Sampler(model, max_slots=4, max_len=64, sync_every=3, compile=True).generate(reqs, **kw)
     assert [[c.ids for c in g] for g in eager] == [[c.ids for c in g] for g in compiled]
+    pairs = [(a, b) for g, h in zip(eager, compiled, strict=True) for a, b in zip(g, h, strict=True)]
+    assert sum(len(a.logprobs) for a, _ in pairs) == 5 * 3 * 20
+    assert max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-5
+
+
+def test_unknown_dtype_flag(monkeypatch, capsys):
+    """`python rollout.py --ckpt X --dtype foo` (chat) stops in argparse, naming the value, before touching X."""
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--ckpt", "nowhere", "--dtype", "foo"])
+    with pytest.raises(SystemExit) as e:
+        rollout.main()
+    assert e.value.code == 2 and "argument --dtype: invalid choice: 'foo'" in capsys.readouterr().err
 
 
 def test_chat_command(tmp_path, tok):
