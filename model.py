@@ -515,7 +515,9 @@ class VLM(nn.Module):
         B, T, C = h.shape
         logprobs, entropy = logprob_entropy(h.reshape(B * T, C), self.language_model.head_weight,
                                             targets.reshape(B * T), temperature)
-        return logprobs.view(B, T), entropy.view(B, T)
+        # Copies, not views: FSDP2 hooks a module's outputs for backward, and an in-place op on a view output would
+        # drop that hook (torch warns); B x T floats cost nothing next to the forward.
+        return logprobs.view(B, T).clone(), entropy.view(B, T).clone()
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0):
