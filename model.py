@@ -504,11 +504,12 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, targets=None, temperature: float = 1.0, positions=None,
                 cache=None, slots=None):
-        """Without `targets`: logits (B, T, V) in fp32 (fp64 for an fp64 model). With `targets` (B, T), the token each position predicts
-        (entropy.IGNORE_INDEX where none): per-token (logprobs, entropy) of softmax(logits / temperature), each
-        (B, T) fp32, from the fused kernel on the final hidden states and the head weight, never the full logits.
-        They are computed here rather than by the caller because a data-parallel wrapper (FSDP2) gathers a
-        module's weights only while its forward runs: outside it the head weight is a shard."""
+        """Without `targets`: logits (B, T, V) in fp32 (fp64 for an fp64 model). With `targets` (B, T), the token
+        each position predicts (entropy.IGNORE_INDEX where none): per-token (logprobs, entropy) of
+        softmax(logits / temperature), each (B, T) fp32, from the fused kernel on the final hidden states and the
+        head weight, never the full logits. They are computed here rather than by the caller because a
+        data-parallel wrapper (FSDP2) gathers a module's weights only while its forward runs: outside it the head
+        weight is a shard."""
         h = self.hidden(input_ids, pixel_values, positions, cache, slots)
         if targets is None:
             return self.language_model.logits(h)
