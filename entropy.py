@@ -273,7 +273,8 @@ def critical_token_ids(tokenizer: Tokenizer, words: Sequence[str] = CRITICAL_WOR
     for word in words:
         for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
             pieces = tokenizer.encode(variant, add_special_tokens=False).ids
-            if len(pieces) == 1:
+            # A word the vocabulary lacks may encode to one <unk>: only a piece that decodes back to it counts.
+            if len(pieces) == 1 and tokenizer.decode(pieces).strip().lower() == word:
                 ids[pieces[0]] = word
     return ids
 

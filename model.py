@@ -488,11 +488,11 @@ class VLM(nn.Module):
         if pixel_values is not None:
             feats = self.image_features(pixel_values).to(x.dtype)
             return x.masked_scatter((input_ids == tok)[..., None], feats)
-        if self.vision_model is not None and torch.is_grad_enabled() and any(
-                p.requires_grad for p in [*self.vision_model.parameters(), *self.mlp1.parameters()]):
-            # A batch without images still runs the vision tower on one blank tile, weighted 0: every trainable
-            # parameter then takes part in every step, so data-parallel ranks always reduce (and gather) the same
-            # parameters, whatever their batches hold (a rank that skipped the tower would stall the others).
+        if self.vision_model is not None and self.training:
+            # In training mode a batch without images still runs the vision tower on one blank tile, weighted 0:
+            # every parameter then takes part in every forward and backward, so data-parallel ranks always gather
+            # and reduce the same parameters whatever their batches hold (a rank that skipped the tower would stall
+            # the others), frozen tower or not, with or without grad. Inference (eval mode) skips it.
             v = self.config.vision
             blank = torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=x.dtype, device=x.device)
             x = x + 0.0 * self.image_features(blank).sum()

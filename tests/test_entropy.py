@@ -180,3 +180,10 @@ def test_critical_entropy_by_hand(bpe):
     assert math.isnan(none["critical_entropy"]) and none["num_critical"] == 0 and none["num_tokens"] == 10
     with pytest.raises(ValueError, match="shapes differ"):
         critical_entropy(token_ids, entropy.flatten(), None, ids)
+
+
+def test_critical_token_ids_skip_unknown_words():
+    """A word-level vocabulary maps a missing word to one <unk>: that is no spelling of the word."""
+    from data import word_tokenizer
+    tok = word_tokenizer(["wait", "cells"])
+    assert critical_token_ids(tok) == {tok.token_to_id("wait"): "wait"}
