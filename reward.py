@@ -4,8 +4,9 @@ What it follows:
 - math-verify (HuggingFace) decides mathematical equivalence (numbers, LaTeX expressions, intervals, sets, tuples);
   each call runs under a hard time limit of our own (`_with_time_limit`), after caps that keep pathological
   answers away from sympy.
-- MMMU's official eval_utils.py answer parsing (`parse_multi_choice_response`, `parse_open_response`, `eval_open`)
-  is re-implemented here as `parse_multiple_choice`, `parse_open`, `match_open` so that eval.py reuses it.
+- MMMU's official eval_utils.py answer parsing: `parse_open` / `match_open` re-implement `parse_open_response` /
+  `eval_open` exactly (eval.py judges open questions with them); `parse_multiple_choice` is a lenient variant of
+  `parse_multi_choice_response` for rewards (eval.py has the exact one).
 - DAPO (Yu et al. 2025, "soft overlong punishment") for the length penalty.
 
 A data row is the dict of the JSONL data files: {"question", "answer", "answer_type", "options", "image", "subject"}
@@ -240,7 +241,7 @@ _OPEN_NUMBERS = [re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b"),
                  re.compile(r"-?(?:(?<!\d)\d+\.\d+|\.\d+|(?<!\d)\d+\b)(?![eE][+-]?\d+)(?![,\d])")]
 
 
-def _mmmu_normalize(s: str) -> list[str | float]:
+def mmmu_normalize(s: str) -> list[str | float]:
     """MMMU's normalize_str: a number becomes a float rounded to 2 places; a string is lower-cased, and a single
     character is padded with a space on either side so that it cannot match inside a word."""
     s = s.strip()
@@ -270,12 +271,12 @@ def parse_open(response: str) -> list[str | float]:
             keys.append(shortest)
     keys = keys or [response.strip().strip(".").lower()]
     candidates = keys + [n for k in keys for pattern in _OPEN_NUMBERS for n in pattern.findall(k)]
-    return list(dict.fromkeys(x for c in candidates for x in _mmmu_normalize(c)))
+    return list(dict.fromkeys(x for c in candidates for x in mmmu_normalize(c)))
 
 
 def match_open(answer: str | list[str], candidates: list[str | float]) -> bool:
     """MMMU's eval_open: a number candidate must equal a gold number; a string candidate must contain a gold string."""
-    golds = [x for a in ([answer] if isinstance(answer, str) else answer) for x in _mmmu_normalize(a)]
+    golds = [x for a in ([answer] if isinstance(answer, str) else answer) for x in mmmu_normalize(a)]
     return any(any(isinstance(g, str) and g in c for g in golds) if isinstance(c, str) else c in golds
                for c in candidates)
 
@@ -477,7 +478,7 @@ def accuracy_reward(response: str, row: dict, time_limit_s: float = DEFAULT_TIME
     return _is_right(final_answer(response, row), row, time_limit_s)
 
 
-def _think_ok(response: str) -> bool:
+def think_ok(response: str) -> bool:
     """Exactly one <think>, then exactly one </think>, with something in between."""
     if response.count("<think>") != 1 or response.count("</think>") != 1:
         return False
@@ -489,7 +490,7 @@ def format_reward(response: str, row: dict, require_think: bool = True) -> float
     """1.0 if the response gives a final answer and, when required, one non-empty <think>...</think> block before it
     (the answer is only read after </think>). A template that pre-fills "<think>" must prepend it to the response."""
     has_answer = final_answer(response, validate_row(row)) is not None
-    return float(has_answer and (not require_think or _think_ok(response)))
+    return float(has_answer and (not require_think or think_ok(response)))
 
 
 def overlong_penalty(num_tokens: int, max_len: int, cache_len: int) -> float:
@@ -535,7 +536,7 @@ def score(response: str, row: dict, cfg: RewardConfig | None = None, num_tokens:
     try:
         answer = final_answer(response, row)
         accuracy = _is_right(answer, row, cfg.time_limit_s)
-        fmt = float(answer is not None and (not cfg.require_think or _think_ok(response)))
+        fmt = float(answer is not None and (not cfg.require_think or think_ok(response)))
         over = overlong_penalty(num_tokens, cfg.max_len, cfg.cache_len) if num_tokens is not None else 0.0
     except Exception as e:  # noqa: BLE001 - one bad response must not stop training
         return _failed(f"{type(e).__name__}: {str(e)[:200]}")
