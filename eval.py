@@ -1,0 +1,686 @@
+"""MMMU-style evaluation of a checkpoint: MMMU's release parquet files or the project's JSONL rows, InternVL prompts
+with each image where the question places it, greedy and sampled answers judged by MMMU's official rules, accuracy per
+subject / discipline / overall, response length, truncation and critical-token entropy; one process or torchrun.
+
+What it follows:
+- MMMU's official eval (github.com/MMMU-Benchmark/MMMU, mmmu/utils): `parse_multi_choice_response` +
+  `eval_multi_choice` for multiple choice (re-implemented here as `mmmu_multiple_choice`), `parse_open_response` +
+  `eval_open` for open questions (reward.parse_open / reward.match_open, which follow them exactly), quirks included
+  (2-decimal rounding, substring matches, any number in the key phrase, option text only past 5 words, end
+  punctuation stripped one character at a time in a fixed order). Where the official script picks a random letter, the verdict
+  here is "no answer" (wrong, counted as such). The rules read the final answer only: the content of the last
+  \\boxed{} after </think>, else the text after </think> (the whole response without a think block), stripped of
+  surrounding whitespace; a think block that never closes has none. Subjects and disciplines: its DOMAIN_CAT2SUB_CAT;
+  accuracy is per question (its calculate_ins_level_acc).
+- Skywork-R1V3's MMMU protocol: greedy decoding, the final answer in \\boxed{} after the reasoning.
+- R1V3's checkpoint-selection metric: critical-token entropy over the sampled responses (entropy.py).
+
+How this differs from reward.py, deliberately: rewards are lenient so that training does not punish a right answer
+for its spelling (an explicit answer naming an option by letter, "B.", "**B**", lower case or its text wins; numbers
+and expressions are compared by math-verify; Unicode is normalised; only the answer's last 16K characters are read).
+Evaluation applies MMMU's rules as written, so that numbers compare with published ones. Rows of the project's JSONL
+files (no `question_type`) are judged by MMMU's rules too: multiple_choice rows as multiple choice, numeric and text
+rows as open questions; expression rows by math-verify (reward.is_equivalent), since MMMU's substring rule would
+accept "x^2+1" inside "x^2+10" and cannot see that (x+1)^2 is x^2+2x+1.
+
+    python eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --split validation --max-new-tokens 16384 --max-len 20480
+    torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data MMMU/ --samples 8 --temperature 0.6 --top-p 0.95
+"""
+import argparse
+import ast
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import reward
+from data import (IMAGE_PLACEHOLDER, build_prompt, load_rows, load_tokenizer, open_image, question_text, special_ids,
+                  to_rgb, tokenizer_preview)
+from entropy import CRITICAL_WORDS, IGNORE_INDEX, critical_entropy, critical_token_ids
+from model import DTYPES, VLM
+from rollout import Request, Sampler
+
+# -----------------------------------------------------------------------------------------------------------------
+# MMMU's 30 subjects under its 6 disciplines (DOMAIN_CAT2SUB_CAT of the official data_utils.py)
+
+DISCIPLINES = {
+    "Art & Design": ["Art", "Art_Theory", "Design", "Music"],
+    "Business": ["Accounting", "Economics", "Finance", "Manage", "Marketing"],
+    "Science": ["Biology", "Chemistry", "Geography", "Math", "Physics"],
+    "Health & Medicine": ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
+                          "Pharmacy", "Public_Health"],
+    "Humanities & Social Science": ["History", "Literature", "Sociology", "Psychology"],
+    "Tech & Engineering": ["Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
+                           "Energy_and_Power", "Materials", "Mechanical_Engineering"],
+}
+DISCIPLINE_OF = {s: d for d, subjects in DISCIPLINES.items() for s in subjects}
+OTHER = "Other"  # the discipline of subjects MMMU does not have (the project's own data)
+
+# -----------------------------------------------------------------------------------------------------------------
+# Judging: the final answer, MMMU's rules, the verdict
+
+
+def final_answer_text(response: str) -> str | None:
+    """What the rules read: the content of the last \\boxed{} after </think>, else the text after </think> (the whole
+    response without a think block), stripped; None if <think> opens and never closes (cut off while thinking)."""
+    region = reward.answer_region(response)
+    if region is None:
+        return None
+    boxed = reward.last_boxed(region)
+    return (boxed if boxed is not None else region).strip()
+
+
+def as_list(value) -> list | None:
+    """A list, or a string holding a Python list literal ("['24', '24.0']", how MMMU's files store lists); else
+    None."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+        return list(parsed) if isinstance(parsed, (list, tuple)) else None
+    return None
+
+
+def gold_answers(answer) -> str | list[str]:
+    """A row's answer as MMMU's eval takes it: one string, or a list of strings meaning "any of these"."""
+    golds = as_list(answer)
+    return [str(a) for a in golds] if golds is not None else str(answer)
+
+
+# The official parser strips these one after another (str.strip(c) per character), not as one set: "B.'" keeps its
+# period, because the quote is stripped after the periods.
+_MMMU_STRIP = (",", ".", "!", "?", ";", ":", "'")
+
+
+def mmmu_multiple_choice(response: str, options: list) -> tuple[str | None, str]:
+    """(letter, rule) by MMMU's parse_multi_choice_response, option i having letter chr(65 + i). Candidates: letters
+    written "(B)" (rule "bracketed"); failing those, letters between spaces, " B " ("spaced"); failing those, and only
+    in responses of more than 5 words, options whose text appears, case-insensitively ("option text"). Several
+    candidates: the one whose last mention comes last, a tie going to the earlier letter. None ("none") where the
+    official script picks a random letter."""
+    for c in _MMMU_STRIP:
+        response = response.strip(c)
+    response = f" {response} "
+    letters = [chr(65 + i) for i in range(len(options))]
+    candidates = {c: response.rfind(f"({c})") for c in letters if f"({c})" in response}
+    rule = "bracketed"
+    if not candidates:
+        candidates, rule = {c: response.rfind(f" {c} ") for c in letters if f" {c} " in response}, "spaced"
+    if not candidates and len(response.split()) > 5:
+        low = response.lower()
+        texts = [str(o).lower() for o in options]
+        candidates, rule = {c: low.rfind(t) for c, t in zip(letters, texts) if t in low}, "option text"
+    if not candidates:
+        return None, "none"
+    return max(candidates, key=candidates.get), rule  # max keeps the first of equal keys, as np.argmax does
+
+
+def rules_of(row: dict) -> str:
+    """Which rules judge a row: "multiple-choice" or "open" (MMMU's), or "math" (math-verify, the project's expression
+    rows). MMMU rows say so in `question_type`; the project's rows by `answer_type`."""
+    if "question_type" in row:
+        return "multiple-choice" if row["question_type"] == "multiple-choice" else "open"
+    kind = row.get("answer_type") or ("multiple_choice" if row.get("options") else "numeric")
+    return {"multiple_choice": "multiple-choice", "expression": "math"}.get(kind, "open")
+
+
+@dataclass
+class Verdict:
+    answer: str | None  # the final answer the rules read (see final_answer_text); None: the response gives none
+    parsed: str | list | None  # multiple choice: the letter chosen; open: MMMU's normalised candidates
+    rule: str  # what decided: bracketed / spaced / option text / none; number / substring / no match; math-verify /
+    #            timeout; no final answer
+    correct: bool
+
+    @property
+    def label(self) -> str:
+        if self.correct:
+            return "correct"
+        return "no answer" if not self.answer or self.parsed is None else "wrong"
+
+
+def verdict(response: str, row: dict, time_limit_s: float = reward.DEFAULT_TIME_LIMIT_S) -> Verdict:
+    """The verdict on one response to `row` (keys: answer, and question_type + options for MMMU rows, answer_type +
+    options for the project's rows; see `rules_of`). Never raises for a response."""
+    answer = final_answer_text(response)
+    if not answer:
+        return Verdict(answer, None, "no final answer", False)
+    kind, gold = rules_of(row), gold_answers(row["answer"])
+    if kind == "multiple-choice":
+        options = as_list(row.get("options")) or []
+        letter, rule = mmmu_multiple_choice(answer, options)
+        return Verdict(answer, letter, rule, letter is not None and letter in ([gold] if isinstance(gold, str) else gold))
+    if kind == "math":
+        try:
+            right = reward.is_equivalent(answer, gold if isinstance(gold, str) else gold[0], "expression", time_limit_s)
+        except reward.AnswerTimeout:
+            return Verdict(answer, answer, "timeout", False)
+        return Verdict(answer, answer, "math-verify", right)
+    candidates = reward.parse_open(answer)
+    golds = [g for a in ([gold] if isinstance(gold, str) else gold) for g in reward.mmmu_normalize(a)]
+    if any(not isinstance(c, str) and c in golds for c in candidates):
+        return Verdict(answer, candidates, "number", True)
+    right = reward.match_open(gold, candidates)
+    return Verdict(answer, candidates, "substring" if right else "no match", right)
+
+
+def judge(response: str, row: dict) -> bool:
+    """Whether `response` answers `row` correctly by MMMU's official rules (see `verdict`)."""
+    return verdict(response, row).correct
+
+# -----------------------------------------------------------------------------------------------------------------
+# Data: MMMU's parquet files, the project's JSONL rows
+
+MMMU_IMAGES = 7  # image_1 ... image_7
+
+
+def subject_of(mmmu_id: str, folder: str) -> str:
+    """An MMMU id is split_Subject_Name_number ("validation_Art_Theory_12"); the official eval groups by the middle.
+    Files whose ids say nothing known fall back to their folder's name (the release has one folder per subject)."""
+    middle = "_".join(mmmu_id.split("_")[1:-1])
+    return middle if middle in DISCIPLINE_OF else folder
+
+
+def _image_bytes(cell) -> bytes | None:
+    """An image column's cell: a struct {bytes, path} in the release, or plain bytes; None when absent."""
+    if isinstance(cell, dict):
+        cell = cell.get("bytes")
+    return bytes(cell) if cell else None
+
+
+def load_mmmu(path, split: str = "validation") -> list[dict]:
+    """MMMU rows from a parquet file or a folder of them (only files whose name starts with `split`, as in the
+    release's Subject/validation-00000-of-00001.parquet), in the row shape `evaluate` takes: id, question, options (a
+    list), answer, question_type, image (a list of 7 entries: the image's encoded bytes, or None), subject, and
+    subfield / topic_difficulty / img_type as given. Needs pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading MMMU's parquet files needs pyarrow: pip install pyarrow "
+                          "(or convert the data to the JSONL rows of data.py)") from None
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*.parquet") if f.name.startswith(split)) if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise FileNotFoundError(f"no parquet files for split {split!r} in {path}" if path.is_dir() else
+                                f"data file not found: {path}")
+    rows = []
+    for f in files:
+        for rec in pq.read_table(f).to_pylist():
+            options = as_list(rec.get("options") or "[]")
+            if options is None:
+                raise ValueError(f"{f}: row {rec.get('id')!r}: options {rec.get('options')!r} is not a list literal")
+            rows.append({
+                "id": str(rec["id"]), "question": rec["question"], "options": [str(o) for o in options],
+                "answer": rec["answer"], "question_type": rec.get("question_type") or "multiple-choice",
+                "answer_type": "multiple_choice" if rec.get("question_type", "multiple-choice") == "multiple-choice"
+                else "text",  # judged by question_type; this only keeps the project's row shape
+                "image": [_image_bytes(rec.get(f"image_{i}")) for i in range(1, MMMU_IMAGES + 1)],
+                "subject": subject_of(str(rec["id"]), f.parent.name if path.is_dir() else ""),
+                **{k: rec.get(k) for k in ("subfield", "topic_difficulty", "img_type")}})
+    return rows
+
+
+def load_eval_rows(path, split: str = "validation", subjects=None, limit: int | None = None) -> list[dict]:
+    """Rows from MMMU parquet (a .parquet file or a folder) or a project JSONL file (data.load_rows), then only
+    `subjects` (case-insensitive; None: all) and at most `limit` questions per subject, in file order."""
+    path = Path(path)
+    rows = load_mmmu(path, split) if path.is_dir() or path.suffix == ".parquet" else load_rows(path)
+    if subjects:
+        wanted = {s.lower() for s in subjects}
+        rows = [r for r in rows if r.get("subject", "").lower() in wanted]
+    if limit:
+        kept, seen = [], {}
+        for r in rows:
+            seen[r.get("subject", "")] = seen.get(r.get("subject", ""), 0) + 1
+            if seen[r.get("subject", "")] <= limit:
+                kept.append(r)
+        rows = kept
+    if not rows:
+        raise ValueError(f"{path}: no rows left for split {split!r}, subjects {subjects}, limit {limit}")
+    return rows
+
+# -----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+MC_INSTRUCTION = ("Answer with the option's letter from the given choices. Think step by step, then put the final "
+                  "answer in \\boxed{}.")
+OPEN_INSTRUCTION = ("Answer the question using a single word or phrase. Think step by step, then put the final answer "
+                    "in \\boxed{}.")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 4096
+    max_len: int = 8192  # prompt + response tokens when evaluate builds its sampler (else the sampler's max_len)
+    max_tiles: int | None = None  # tile cap per image (None: the checkpoint's max_dynamic_patch), lowered per question
+    #                               until prompt + max_new_tokens fits max_len
+    greedy: bool = True  # one greedy (temperature 0) answer per question: MMMU's headline protocol
+    samples: int = 0  # k sampled answers per question at `temperature`: avg@k and pass@k
+    temperature: float = 1.0  # R1V3 recommends 0.6 with top_p 0.95; 1.0 / 1.0 is the policy's own distribution
+    top_p: float = 1.0
+    seed: int = 0
+    entropy: bool = True  # critical-token entropy: a teacher-forced pass over the sampled (else greedy) responses
+    critical_words: tuple[str, ...] = CRITICAL_WORDS
+    system: str | None = None  # system message of every prompt
+    mc_instruction: str = MC_INSTRUCTION  # appended to MMMU multiple-choice questions
+    open_instruction: str = OPEN_INSTRUCTION  # appended to MMMU open questions (project rows keep their own prompt)
+    chunk: int = 32  # questions per generate call, and the unit that ranks share out (results depend on it, not
+    #                  on the number of ranks)
+    max_slots: int = 64  # sequences in flight when evaluate builds its sampler
+    compile: bool = False  # compile the sampler's decode step (when evaluate builds it)
+    entropy_batch_tokens: int = 16384  # padded tokens per teacher-forced forward
+    time_limit_s: float = reward.DEFAULT_TIME_LIMIT_S  # per math-verify check (the project's expression rows)
+    progress: bool = False  # a progress line on stderr (rank 0)
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "max_len", "chunk", "max_slots", "entropy_batch_tokens"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ValueError(f"max_tiles must be >= 1 or None, got {self.max_tiles}")
+        if self.samples < 0 or not (self.greedy or self.samples):
+            raise ValueError(f"need greedy or samples >= 1 (samples {self.samples}, greedy {self.greedy})")
+        if self.samples and not (0 < self.temperature < math.inf and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
+                             f"{self.top_p}")
+        self.critical_words = tuple(self.critical_words)
+
+# -----------------------------------------------------------------------------------------------------------------
+# Prompts: MMMU's <image i> placeholders, lettered options, an instruction; tile caps that fit max_len
+
+
+class Unanswerable(ValueError):
+    """A question that cannot be asked: an image missing or unreadable, or a prompt with no room in max_len."""
+
+
+_NUMBERED_IMAGE = re.compile(r"<image (\d+)>")
+
+
+def prompt_text(row: dict, cfg: EvalConfig) -> tuple[str, list[tuple[str, object]]]:
+    """The user message (with one data.IMAGE_PLACEHOLDER per image shown) and the images in placeholder order, as
+    (name, image) pairs: "image i" and its bytes for MMMU rows, the path twice for the project's.
+
+    MMMU rows: the question and its options lettered "A. ..." (data.question_text), then the instruction; each
+    `<image i>` (in the question or an option) becomes image i's placeholder, in place; images no placeholder names go
+    in front (InternVL's convention). The project's rows: their training prompt (data.encode's), unchanged."""
+    if "question_type" not in row:
+        return question_text(row), [(str(path), path) for path in row.get("image") or []]
+    instruction = cfg.mc_instruction if row["question_type"] == "multiple-choice" else cfg.open_instruction
+    images = list(row.get("image") or [])
+    shown, named = [], set()
+
+    def place(m: re.Match) -> str:
+        i = int(m.group(1))
+        if not 1 <= i <= len(images) or images[i - 1] is None:
+            raise Unanswerable(f"the question shows <image {i}> but the row has no image {i}")
+        shown.append((f"image {i}", images[i - 1]))
+        named.add(i)
+        return IMAGE_PLACEHOLDER
+
+    text = _NUMBERED_IMAGE.sub(place, question_text(row) + "\n" + instruction)
+    front = [(f"image {i}", im) for i, im in enumerate(images, 1) if im is not None and i not in named]
+    return "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in front) + text, front + shown
+
+
+def open_eval_image(name: str, image) -> Image.Image:
+    """A path, encoded bytes (MMMU's parquet) or a PIL image -> 8-bit RGB; Unanswerable naming the image."""
+    try:
+        if isinstance(image, Image.Image):
+            return to_rgb(image, name)
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as f:
+                f.load()
+                return to_rgb(f, name)
+        return open_image(image)
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's ways of saying it cannot decode the bytes
+        # For bytes Pillow's message names the BytesIO object by its address: left out, so that reports of the same
+        # data are the same.
+        detail = f"{len(image)} bytes" if isinstance(image, (bytes, bytearray)) else str(e)
+        raise Unanswerable(f"{name} unreadable: {type(e).__name__}: {detail}") from None
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    pixels: torch.Tensor | None  # (tiles, 3, S, S), images in placeholder order
+    max_tiles: int | None  # the tile cap per image that made it fit (None: no images)
+
+
+def build_eval_prompt(row: dict, tokenizer, config, cfg: EvalConfig, max_len: int) -> Prompt:
+    """The prompt of one question with the largest tile cap per image (from cfg.max_tiles down to the config's
+    min_dynamic_patch) that leaves max_new_tokens of room in max_len; failing that, the smallest cap if the prompt
+    leaves any room (the response gets what is left). Unanswerable otherwise, or when an image cannot be read."""
+    text, images = prompt_text(row, cfg)
+    images = [open_eval_image(name, im) for name, im in images]
+    top = min(cfg.max_tiles or config.max_dynamic_patch, config.max_dynamic_patch)
+    caps = list(range(top, config.min_dynamic_patch - 1, -1)) if images else [None]
+    for cap in caps:
+        try:
+            ids, pixels = build_prompt(tokenizer, config, text, images, cfg.system, cap)
+        except ValueError as e:  # placeholders and images disagree, a text-only model shown images
+            raise Unanswerable(str(e)) from None
+        if len(ids) + cfg.max_new_tokens <= max_len:
+            break
+    if len(ids) >= max_len:
+        raise Unanswerable(f"prompt of {len(ids)} tokens (at {cap} tile(s) per image) leaves no room in max_len "
+                           f"{max_len}")
+    return Prompt(ids, pixels, cap)
+
+# -----------------------------------------------------------------------------------------------------------------
+# Teacher-forced entropy of generated responses
+
+
+@torch.no_grad()
+def response_entropies(model: VLM, seqs: list[tuple[list[int], torch.Tensor | None, list[int]]], temperature: float,
+                       batch_tokens: int) -> list[torch.Tensor]:
+    """For each (prompt ids, pixels, response ids): the entropy of softmax(logits / temperature) at each response
+    token, from the position that predicted it, fp32 (len(response),). Sequences go through `model(..., targets=)`
+    (the fused log-prob/entropy path, no full logits) right-padded, in order, as many per forward as fit
+    `batch_tokens` padded tokens; padding after a sequence is invisible to it under causal attention."""
+    param = model.language_model.embed_tokens.weight
+    pad = 1 if model.config.image_token_id == 0 else 0  # anything but <IMG_CONTEXT>, which embed counts
+    batches, longest = [[]], 0
+    for seq in seqs:  # consecutive runs whose padded size (count x longest) stays within batch_tokens
+        n = len(seq[0]) + len(seq[2])
+        if batches[-1] and (len(batches[-1]) + 1) * max(longest, n) > batch_tokens:
+            batches.append([])
+            longest = 0
+        batches[-1].append(seq)
+        longest = max(longest, n)
+    out = []
+    for batch in batches if seqs else []:
+        longest = max(len(p) + len(r) for p, _, r in batch)
+        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        targets = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        for b, (prompt, _, response) in enumerate(batch):
+            P, R = len(prompt), len(response)
+            ids[b, :P + R] = torch.tensor(prompt + response)
+            targets[b, P - 1:P - 1 + R] = torch.tensor(response)  # position t predicts token t + 1
+        pixels = [p for _, p, _ in batch if p is not None]
+        pixels = torch.cat(pixels).to(param.device, param.dtype) if pixels else None
+        _, entropy = model(ids.to(param.device), pixels, targets=targets.to(param.device), temperature=temperature)
+        entropy = entropy.float().cpu()
+        out += [entropy[b, len(p) - 1:len(p) - 1 + len(r)] for b, (p, _, r) in enumerate(batch)]
+    return out
+
+# -----------------------------------------------------------------------------------------------------------------
+# Evaluation: chunks of questions shared out across ranks, generated, judged; records merged on every rank
+
+
+MODES = ("greedy", "sample")  # record order within a question
+
+
+def _question_seed(seed: int, index: int) -> int:
+    """Each question's sampling seed depends on its place in the full row list, never on the rank that runs it."""
+    return seed * 1_000_003 + index
+
+
+def _decode(tokenizer, ids: list[int], finish_reason: str) -> str:
+    return tokenizer.decode(ids[:-1] if finish_reason == "stop" else ids, skip_special_tokens=False)
+
+
+def _record(index: int, row: dict, mode: str, sample: int, prompt: str | None, **fields) -> dict:
+    return dict(index=index, id=row.get("id", str(index)), subject=row.get("subject", ""), mode=mode, sample=sample,
+                prompt=prompt, gold=row["answer"], **fields)
+
+
+def _run_chunk(model: VLM, tokenizer, sampler: Sampler, chunk: list[tuple[int, dict]], cfg: EvalConfig,
+               critical_ids: dict, stats: dict) -> list[dict]:
+    """Records of one chunk of (index, row): every greedy and sampled answer, judged; questions that cannot be asked
+    get one "unanswered" record per answer they would have had."""
+    modes = ([("greedy", 1, 0.0)] if cfg.greedy else []) + ([("sample", cfg.samples, cfg.temperature)]
+                                                             if cfg.samples else [])
+    records, asked = [], []
+    for index, row in chunk:
+        try:
+            asked.append((index, row, build_eval_prompt(row, tokenizer, model.config, cfg, sampler.max_len)))
+        except Unanswerable as e:
+            records += [_record(index, row, mode, j, None, response=None, answer=None, parsed=None,
+                                verdict="unanswered", rule=None, error=str(e), num_tokens=0, finish_reason=None,
+                                format=False, max_tiles=None, entropy=None)
+                        for mode, n, _ in modes for j in range(n)]
+    for mode, n, temperature in modes:
+        if not asked:
+            break
+        requests = [Request(p.ids, p.pixels, seed=_question_seed(cfg.seed, i)) for i, _, p in asked]
+        groups = sampler.generate(requests, num_samples=n, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, seed=cfg.seed)
+        stats["tokens"] += sampler.stats["tokens"]
+        stats["seconds"] += sampler.stats["seconds"]
+        entropies = None
+        if cfg.entropy and (mode == "sample" or not cfg.samples):  # the sampled responses when there are any
+            seqs = [(p.ids, p.pixels, c.ids) for (_, _, p), group in zip(asked, groups) for c in group]
+            flat = response_entropies(model, seqs, temperature or 1.0, cfg.entropy_batch_tokens)
+            entropies = [flat[q * n:(q + 1) * n] for q in range(len(asked))]
+        for q, ((index, row, p), group) in enumerate(zip(asked, groups)):
+            preview = tokenizer_preview(tokenizer, p.ids)
+            for j, c in enumerate(group):
+                response = _decode(tokenizer, c.ids, c.finish_reason)
+                v = verdict(response, row, cfg.time_limit_s)
+                ent = None
+                if entropies is not None:
+                    e = critical_entropy(torch.tensor(c.ids), entropies[q][j], None, critical_ids)
+                    ent = dict(critical_sum=0.0 if not e["num_critical"] else e["critical_entropy"] * e["num_critical"],
+                               num_critical=e["num_critical"], sum=float(entropies[q][j].double().sum()),
+                               num_tokens=e["num_tokens"])
+                records.append(_record(index, row, mode, j, preview, response=response, answer=v.answer,
+                                       parsed=v.parsed, verdict=v.label, rule=v.rule, error=None,
+                                       num_tokens=len(c.ids), finish_reason=c.finish_reason,
+                                       format=reward.think_ok(response) and v.label != "no answer",
+                                       max_tiles=p.max_tiles, entropy=ent))
+    return records
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def metrics(records: list[dict]) -> dict:
+    """Numbers of a set of records (one subject, one discipline, or all). Accuracies count every question, an
+    unanswered one as wrong; lengths, truncation, format and entropy are over the responses generated."""
+    greedy = [r for r in records if r["mode"] == "greedy"]
+    sampled = [r for r in records if r["mode"] == "sample"]
+    answered = [r for r in records if r["verdict"] != "unanswered"]
+    by_question: dict[int, list[bool]] = {}
+    for r in sampled:
+        by_question.setdefault(r["index"], []).append(r["verdict"] == "correct")
+    ent = [r["entropy"] for r in answered if r["entropy"] is not None]
+    n_crit, n_tok = sum(e["num_critical"] for e in ent), sum(e["num_tokens"] for e in ent)
+    return dict(
+        questions=len({r["index"] for r in records}),
+        unanswered=len({r["index"] for r in records if r["verdict"] == "unanswered"}),
+        greedy_accuracy=_mean(r["verdict"] == "correct" for r in greedy),
+        sampled_accuracy=_mean(r["verdict"] == "correct" for r in sampled),
+        pass_at_k=_mean(any(v) for v in by_question.values()),
+        format_rate=_mean(r["format"] for r in answered),
+        response_length=_mean(r["num_tokens"] for r in answered),
+        truncation_rate=_mean(r["finish_reason"] == "length" for r in answered),
+        critical_entropy=sum(e["critical_sum"] for e in ent) / n_crit if n_crit else math.nan,
+        mean_entropy=sum(e["sum"] for e in ent) / n_tok if n_tok else math.nan,
+        num_critical_tokens=n_crit)
+
+
+def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: Sampler | None = None) -> dict:
+    """Evaluate `model` on `rows` (data.load_rows rows or load_mmmu rows): the numbers of `metrics` over all rows,
+    `k` (samples per question), generated_tokens / generation_s / tokens_per_s, "subjects" and "disciplines" (the
+    same numbers per group) and "records" (one per answer: prompt, response, final answer, parsed answer, verdict,
+    rule, length, finish reason, entropy sums), in row order.
+
+    Without torch.distributed initialised, one process does everything. Under it (every rank calling with the same
+    rows), chunk c of cfg.chunk questions runs on rank c % world_size, and the records are all-gathered, so every
+    rank returns the same result; with the same chunk size it equals a one-process run's. `sampler` (e.g. the
+    trainer's) is used as it is, its max_len bounding the prompts; without one, a Sampler of cfg.max_slots x
+    cfg.max_len is built."""
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    if sampler is None:
+        stop_ids, banned_ids = special_ids(tokenizer)
+        max_len = min(cfg.max_len, model.config.llm.max_position_embeddings)
+        sampler = Sampler(model, cfg.max_slots, max_len, stop_ids, banned_ids, compile=cfg.compile)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    chunks = [list(enumerate(rows))[c:c + cfg.chunk] for c in range(0, len(rows), cfg.chunk)]
+    mine = chunks[rank::world]
+    critical_ids = critical_token_ids(tokenizer, cfg.critical_words)
+    stats, records, t0 = dict(tokens=0, seconds=0.0), [], time.perf_counter()
+    for done, chunk in enumerate(mine, 1):
+        records += _run_chunk(model, tokenizer, sampler, chunk, cfg, critical_ids, stats)
+        if cfg.progress and rank == 0:
+            greedy = [r["verdict"] == "correct" for r in records if r["mode"] == "greedy"]
+            print(f"\reval{f' rank 0 of {world}' if world > 1 else ''}: {sum(len(c) for c in mine[:done])}/"
+                  f"{sum(map(len, mine))} questions | {stats['tokens']} tokens | "
+                  f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tok/s | greedy accuracy so far "
+                  f"{_mean(greedy):.3f} | {time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+    if cfg.progress and rank == 0:
+        print(file=sys.stderr)
+    if distributed:
+        parts = [None] * world
+        dist.all_gather_object(parts, (records, stats))
+        records = [r for part, _ in parts for r in part]
+        stats = dict(tokens=sum(s["tokens"] for _, s in parts), seconds=max(s["seconds"] for _, s in parts))
+    records.sort(key=lambda r: (r["index"], MODES.index(r["mode"]), r["sample"]))
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["subject"], []).append(r)
+    disciplines: dict[str, list[dict]] = {}
+    for subject, recs in groups.items():
+        disciplines.setdefault(DISCIPLINE_OF.get(subject, OTHER), []).extend(recs)
+    order = list(DISCIPLINES) + [OTHER]
+    return dict(metrics(records), k=cfg.samples, generated_tokens=stats["tokens"], generation_s=stats["seconds"],
+                tokens_per_s=stats["tokens"] / stats["seconds"] if stats["seconds"] else math.nan,
+                subjects={s: metrics(groups[s]) for s in sorted(groups)},
+                disciplines={d: metrics(disciplines[d]) for d in order if d in disciplines},
+                records=records)
+
+# -----------------------------------------------------------------------------------------------------------------
+# Report: a table on the terminal, everything as JSON
+
+TIMING = ("generation_s", "tokens_per_s")  # the only numbers that differ between runs of the same evaluation
+
+
+def format_table(result: dict) -> str:
+    """Disciplines with their subjects beneath, then the overall line (MMMU's layout)."""
+    k = result["k"]
+    cols = [("greedy", "greedy_accuracy", "{:.3f}")] if not math.isnan(result["greedy_accuracy"]) else []
+    if k:
+        cols += [(f"avg@{k}", "sampled_accuracy", "{:.3f}"), (f"pass@{k}", "pass_at_k", "{:.3f}")]
+    cols += [("length", "response_length", "{:.0f}"), ("trunc", "truncation_rate", "{:.3f}"),
+             ("format", "format_rate", "{:.3f}"), ("crit H", "critical_entropy", "{:.3f}")]
+    head = f"{'':38s}{'n':>5s}{'unans':>6s}" + "".join(f"{name:>9s}" for name, _, _ in cols)
+    line = lambda name, m: (f"{name:38s}{m['questions']:5d}{m['unanswered']:6d}"
+                            + "".join(f"{(fmt.format(m[key]) if not math.isnan(m[key]) else '-'):>9s}"
+                                      for _, key, fmt in cols))
+    out = [head]
+    for d, m in result["disciplines"].items():
+        out.append(line(d, m))
+        members = DISCIPLINES.get(d) or sorted(s for s in result["subjects"] if s not in DISCIPLINE_OF)
+        out += [line(f"  {s or '-'}", result["subjects"][s]) for s in members if s in result["subjects"]]
+    out.append(line("Overall", result))
+    out.append(f"{result['generated_tokens']} tokens generated at {result['tokens_per_s']:.1f} tokens/s")
+    return "\n".join(out)
+
+
+def _json_safe(x):
+    """nan (no critical token, no sampled answer) as null: strict JSON has no NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def results_json(result: dict, cfg: EvalConfig, **info) -> dict:
+    """The results file: run info, config, overall numbers, timing apart, per-discipline and per-subject numbers, and
+    every record."""
+    summary = {k: v for k, v in result.items() if k not in ("subjects", "disciplines", "records") + TIMING}
+    return _json_safe(dict(info, config=asdict(cfg), summary=summary, timing={k: result[k] for k in TIMING},
+                           disciplines=result["disciplines"], subjects=result["subjects"], records=result["records"]))
+
+# -----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    d = EvalConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--data", required=True, help="MMMU parquet file or folder of them, or a project JSONL file")
+    p.add_argument("--split", default="validation",
+                   help="MMMU split: the files in a --data folder whose name starts with it (a file is read whole)")
+    p.add_argument("--subjects", nargs="*", default=None, help="only these subjects (e.g. Math Art_Theory; any case)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions per subject")
+    p.add_argument("--out", default="runs/eval.json", help="results JSON (every prompt, response and verdict)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="response tokens per answer")
+    p.add_argument("--max-len", type=int, default=d.max_len, help="prompt + response tokens (the KV cache length)")
+    p.add_argument("--max-tiles", type=int, default=d.max_tiles, help="tile cap per image (default: checkpoint's)")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=d.greedy,
+                   help="one greedy answer per question (MMMU's headline number)")
+    p.add_argument("--samples", type=int, default=d.samples, help="k sampled answers per question: avg@k, pass@k")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature for --samples")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling for --samples (1: off)")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (per question: seed and its index)")
+    p.add_argument("--entropy", action=argparse.BooleanOptionalAction, default=d.entropy,
+                   help="critical-token entropy (one teacher-forced pass over the sampled, else greedy, responses)")
+    p.add_argument("--system", default=d.system, help="system message")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="questions per generate call and per rank share")
+    p.add_argument("--max-slots", type=int, default=d.max_slots, help="sequences decoded at once")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                   help="compile the sampler's decode step (CUDA graphs on a GPU)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress line")
+    args = p.parse_args(argv)
+    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, max_len=args.max_len, max_tiles=args.max_tiles,
+                     greedy=args.greedy, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                     seed=args.seed, entropy=args.entropy, system=args.system, chunk=args.chunk,
+                     max_slots=args.max_slots, compile=args.compile, progress=args.progress)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    rows = load_eval_rows(args.data, args.split, args.subjects, args.limit)
+    model = VLM.from_pretrained(args.ckpt, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.ckpt)
+    if rank == 0:
+        print(f"eval: {len(rows)} questions from {args.data} on {device} x {dist.get_world_size() if distributed else 1}"
+              f" | {json.dumps(asdict(cfg))}", flush=True)
+    result = evaluate(model, tokenizer, rows, cfg)
+    if rank == 0:
+        print(format_table(result))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results_json(result, cfg, checkpoint=str(args.ckpt), data=str(args.data),
+                                               split=args.split), indent=1, allow_nan=False) + "\n")
+        unanswered = [r for r in result["records"] if r["verdict"] == "unanswered" and r["sample"] == 0
+                      and r["mode"] == ("greedy" if cfg.greedy else "sample")]
+        for r in unanswered:
+            print(f"unanswered {r['id']}: {r['error']}")
+        print(f"wrote {out}")
+    if distributed:
+        dist.barrier()  # no rank tears down its connections while another still uses them
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
