@@ -89,7 +89,7 @@ CASES = [
     ("mc-listing-all", think("(A) 12 cm (B) 15 cm (C) 18 cm (D) 21 cm"), mc("B"), "wrong", "bracketed"),
     ("mc-restated-then-chosen", think("Comparing (A) 12 cm, (B) 15 cm and (C) 18 cm, the length is (B) 15 cm."),
      mc("B"), "correct", "bracketed"),
-    ("mc-quote-period-quirk", think("So I'd answer 'B.'"), mc("B"), "no answer", "none"),  # the "." outlives "'"
+    ("mc-quote-period-quirk", think("'The answer is B.'"), mc("B"), "no answer", "none"),  # "." outlives "'"
     ("mc-gold-list", think("\\boxed{B}"), mc("['B', 'C']"), "correct", "spaced"),
     ("mc-options-literal", think("\\boxed{B}"), mc("B", "['12 cm', '15 cm']"), "correct", "spaced"),
     # which part of the response is read
@@ -270,7 +270,7 @@ MMMU = {
 @pytest.fixture(scope="module")
 def mmmu_dir(tmp_path_factory):
     """The release's layout: one folder per subject, validation-*.parquet, plus a dev file that --split skips."""
-    import pyarrow as pa
+    pa = pytest.importorskip("pyarrow")  # optional: only MMMU's parquet files need it
     import pyarrow.parquet as pq
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("options", pa.string()),
@@ -472,7 +472,7 @@ def full_logit_entropy(model, prompt_ids, pixels, response_ids, temperature):
 
 def test_evaluate_counts_by_hand_with_scripted_responses(tok):
     config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
-    model = M.VLM.from_config(config, seed=1)
+    model = M.VLM.from_config(config, seed=1).eval()
     cfg = E.EvalConfig(max_new_tokens=16, samples=2, temperature=0.7, chunk=2, critical_words=("wait", "red"))
     sampler = ScriptedSampler(tok, SCRIPT)
     res = E.evaluate(model, tok, ROWS, cfg, sampler=sampler)
@@ -504,7 +504,7 @@ def test_evaluate_counts_by_hand_with_scripted_responses(tok):
 
 def test_response_entropies_batched_equal_one_at_a_time(tok):
     config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
-    model = M.VLM.from_config(config, seed=2)
+    model = M.VLM.from_config(config, seed=2).eval()
     g = torch.Generator().manual_seed(0)
     seqs = []
     for n, image in ((3, None), (7, WIDE), (1, SQUARE), (5, None)):
