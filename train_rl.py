@@ -462,6 +462,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if (path / "state" / ".metadata").is_file() else None
 
 
+def jsonable(m: dict) -> dict:
+    """nan and inf (no critical token this step, no samples) as null: strict JSON that any tool reads."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+
+
 def write_atomic(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -848,25 +853,27 @@ def sync_copy(run: Run):
 def heldout(run: Run, step: int) -> dict:
     """Greedy and avg@k accuracy, format rate, response length and critical-token entropy on --eval_data with
     eval.py's scoring, the rows split across ranks; OUT/best/ keeps the best checkpoint by --select."""
-    from eval import EvalConfig, evaluate  # eval.py imports this file's neighbours, not this file
+    from eval import EvalConfig, evaluate, results_json  # eval.py builds on rollout.py and data.py, not on this file
     cfg, out = run.cfg, Path(run.cfg.out)
     sync_copy(run)
     t0 = time.perf_counter()
-    result = evaluate(run.copy, run.tokenizer, run.eval_rows,
-                      EvalConfig(max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples,
-                                 temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed),
-                      sampler=run.sampler)
+    eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples, temperature=cfg.temperature,
+                          max_tiles=cfg.max_tiles, seed=cfg.seed)
+    result = evaluate(run.copy, run.tokenizer, run.eval_rows, eval_cfg, sampler=run.sampler)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     summary |= dict(step=step, t_eval=time.perf_counter() - t0)
     value = summary["greedy_accuracy"] if cfg.select == "accuracy" else summary["critical_entropy"]
-    if run.d.rank == 0:
+    if run.d.rank == 0:  # every prompt, response, extracted answer and verdict, as eval.py writes them
+        write_atomic(out / f"eval_step_{step:06d}.json", json.dumps(results_json(
+            result, eval_cfg, checkpoint=cfg.init_from, data=cfg.eval_data, stage=cfg.stage, step=step), indent=1))
         with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps(summary) + "\n")
+            f.write(json.dumps(jsonable(summary)) + "\n")
         best_file = out / "best.json"
         best = json.loads(best_file.read_text()) if best_file.is_file() else None
         if math.isfinite(value) and (best is None or value > best["value"]):
             run.copy.save_pretrained(out / "best")
-            write_atomic(best_file, json.dumps(dict(select=cfg.select, value=value, **summary), indent=2) + "\n")
+            write_atomic(best_file, json.dumps(jsonable(dict(select=cfg.select, value=value, **summary)),
+                                               indent=2) + "\n")
         print(f"eval  step {step}: greedy {summary['greedy_accuracy']:.3f} avg@{cfg.eval_samples} "
               f"{summary.get('sampled_accuracy', math.nan):.3f} format {summary.get('format_rate', math.nan):.3f} "
               f"len {summary.get('response_length', math.nan):.1f} critical entropy "
@@ -940,7 +947,9 @@ def train(cfg: TrainConfig) -> dict:
     metrics_file = out / "metrics.jsonl"
     if d.rank == 0:  # a killed run may have logged steps after its last checkpoint: those are about to rerun
         lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
-        metrics_file.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= start))
+        kept = [x for x in lines if json.loads(x)["step"] <= start]
+        if kept != lines or not metrics_file.is_file():
+            write_atomic(metrics_file, "".join(f"{x}\n" for x in kept))
     wandb = _wandb(cfg) if d.rank == 0 else None
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stopping", True))
     last_eval, saved = {}, None
@@ -962,7 +971,7 @@ def train(cfg: TrainConfig) -> dict:
             if d.rank == 0:
                 print(log_line(m, cfg.steps), flush=True)
                 with open(metrics_file, "a") as f:
-                    f.write(json.dumps(m) + "\n")
+                    f.write(json.dumps(jsonable(m)) + "\n")
                 if wandb:
                     wandb.log(m, step=step)
             stopping = bool(all_max(float(run.stopping), device=d.device)[0])

@@ -15,6 +15,7 @@ import data as D  # noqa: E402 - after TRITON_INTERPRET is set
 import model as M  # noqa: E402
 
 WORDS = "how many red squares are there in the image answer is one two three".split()
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +67,19 @@ def image_prompt(tok, config, size=(112, 56)):
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     ids, pixels = D.build_prompt(tok, config, "how many red squares are there", [img])
     return torch.tensor([ids]), pixels
+
+
+@pytest.fixture
+def in_process():
+    """train_rl.train() run inside pytest: a world of one, torn down afterwards with the environment and the thread
+    count it set."""
+    import torch.distributed as dist
+    env, threads = dict(os.environ), torch.get_num_threads()
+    for k in DIST_ENV:
+        os.environ.pop(k, None)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(threads)

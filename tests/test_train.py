@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -20,10 +19,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 import data as D
 import model as M
 import train_rl as T
+from conftest import DIST_ENV
 from grid_task import GridTaskConfig, prepare
 
 REPO = Path(__file__).resolve().parent.parent
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +54,6 @@ def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
-
-@pytest.fixture
-def in_process():
-    """train() run inside pytest: a world of one, torn down afterwards with the environment and thread count."""
-    env, threads = dict(os.environ), torch.get_num_threads()
-    for k in DIST_ENV:
-        os.environ.pop(k, None)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
-    torch.set_num_threads(threads)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The loss
