@@ -27,7 +27,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from grid_task import GridTaskConfig, prepare
-from train_rl import TrainConfig, init_distributed, latest_checkpoint, train
+from parallel import init_distributed, latest_checkpoint
+from train_rl import TrainConfig, train
 
 # The tiny task's settings (design.md section 5): a full trace is 52 tokens + <|im_end|>, a prompt 16.
 # Half the cores: a loaded 2-core machine ran SFT steps 10x slower with 2 threads than its 0.12 s median, while on an

@@ -33,9 +33,7 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
-import socket
 import sys
 import time
 import typing
@@ -44,16 +42,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
 import reward
 from data import encode, load_rows, load_tokenizer, special_ids
 from entropy import IGNORE_INDEX, critical_entropy, critical_token_ids
-from model import VLM, read_config
+from model import VLM
+from parallel import (MODULES, Dist, all_gather, all_max, all_sum, build_rollout_copy, build_sharded,
+                      init_distributed, latest_checkpoint, load_checkpoint, refresh, save_checkpoint, set_threads,
+                      write_atomic)
 from rollout import Request, Sampler
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -138,148 +136,6 @@ class TrainConfig:
         if self.overlong_buffer < 0:
             self.overlong_buffer = self.max_new_tokens // 5
 
-
-MODULES = {"vit": "vision_model", "connector": "mlp1", "llm": "language_model"}
-
-# -----------------------------------------------------------------------------------------------------------------
-# Processes: one code path for `python train_rl.py` (a world of one) and torchrun
-
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-
-def init_distributed() -> Dist:
-    """NCCL on CUDA, gloo on CPU. A plain `python` launch becomes a world of one on a free local port, so FSDP,
-    all-reduces and the checkpoint code run exactly as under torchrun."""
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
-
-
-def set_threads(threads: int, world: int):
-    """On a small CPU, more threads than cores per process oversubscribes it: 2 threads on a loaded 2-core machine
-    ran 20-30x slower than 1 (design.md, section 5). Default: the cores split between the processes on this node."""
-    if threads == 0:
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(threads)
-
-
-def all_sum(*values: float, device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_max(*values: float, device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def all_gather(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-# -----------------------------------------------------------------------------------------------------------------
-# Model: the sharded trainer, a frozen reference, and the plain copy the sampler reads
-
-
-def set_trainable(model: VLM, train: str):
-    """requires_grad per stage, before any forward: turning a parameter on after FSDP2 has run it in mixed precision
-    breaks its gradient casts (torch 2.13)."""
-    names = {MODULES[m] for m in train.split(",")}
-    for name, module in model.named_children():
-        module.requires_grad_(name in names)
-
-
-def shard(model: VLM, cfg: TrainConfig, device: torch.device) -> list:
-    """torchtitan's order: activation checkpointing and compile per block (both keep parameter names), fully_shard
-    each ViT block and each LLM block, then the root, which holds the embeddings, final norm, head (tied or not:
-    a tied head must share the embeddings' unit) and the connector. Returns the FSDP units in a fixed order."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()  # CPU runs stay fp32: the parity reference
-    blocks = [*(model.vision_model.encoder.layers if model.vision_model is not None else []),
-              *model.language_model.layers]
-    for block in blocks:
-        if cfg.activation_checkpointing:  # recompute the block in backward; replaces forward, not the module
-            block.forward = _checkpointed(block.forward)
-        if cfg.compile_blocks:
-            block.compile()
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return [*blocks, model]
-
-
-def _checkpointed(forward):
-    return lambda *args: torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
-
-
-def build_trainer_model(cfg: TrainConfig, d: Dist, trainable: bool = True):
-    """The FSDP-sharded model with the stage's trainable set, loaded from `init_from` through rank 0 (which reads the
-    file; the others receive their shards). Master parameters stay fp32 whatever the checkpoint's dtype."""
-    config = read_config(cfg.init_from)
-    with torch.device("meta"):
-        model = VLM(config)
-    set_trainable(model, cfg.train if trainable else "")
-    if not trainable:
-        model.requires_grad_(False)
-    units = shard(model, cfg, d.device)
-    model.to_empty(device=d.device)
-    # bf16 on the host for a GPU run (a 38B: 76 GB of host memory rather than 152), cast into the fp32 shards.
-    host_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    full = VLM.from_pretrained(cfg.init_from, dtype=host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
-    assert not bad, f"sharded master parameters must be fp32: {bad[:3]}"
-    return model, units, config
-
-
-def build_rollout_copy(config, source_dir: str, device: torch.device) -> VLM:
-    """The sampler's weights: a plain unsharded model (bf16 on GPU, fp32 on CPU), allocated once; `refresh` copies
-    the trained weights into it in place, so the compiled decode step and its CUDA graphs stay valid."""
-    with torch.device("meta"):
-        copy = VLM(config)
-    copy.to_empty(device=device)
-    copy.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    copy.requires_grad_(False)
-    copy.source_dir = source_dir
-    return copy.eval()
-
-
-@torch.no_grad()
-def refresh(copy: VLM, units: list):
-    """Unshard each FSDP unit in the same order on every rank, copy the parameters it owns, reshard: peak memory is
-    one unit's full weights on top of the copy. The root's unshard leaves the blocks' parameters sharded (DTensor),
-    which are skipped there and copied with their own unit."""
-    targets = dict(copy.named_parameters())
-    prefix = {id(u): "" for u in units}
-    root = units[-1]
-    for name, module in root.named_modules():
-        if id(module) in prefix:
-            prefix[id(module)] = f"{name}." if name else ""
-    for unit in units:
-        unit.unshard()
-        for name, p in unit.named_parameters():
-            if not isinstance(p, DTensor):
-                targets[prefix[id(unit)] + name].copy_(p)
-        unit.reshard()
 
 # -----------------------------------------------------------------------------------------------------------------
 # Data: one global prompt order, the same on every rank, each rank taking its share
@@ -450,87 +306,6 @@ def micro_batches(seqs: list[Sequence], size: int, count: int, dummy: Sequence) 
     return out + [[dummy]] * (count - len(out))
 
 # -----------------------------------------------------------------------------------------------------------------
-# Checkpoints: OUT/step_NNNNNN/{model/, state/, config.json}, written under a temporary name and renamed when
-# complete; OUT/latest names the newest complete one and is replaced last.
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    f = out / "latest"
-    if not f.is_file():
-        return None
-    path = out / f.read_text().strip()
-    return path if (path / "state" / ".metadata").is_file() else None
-
-
-def jsonable(m: dict) -> dict:
-    """nan and inf (no critical token this step, no samples) as null: strict JSON that any tool reads."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(ctx, step: int) -> Path:
-    """Model weights via save_pretrained in the source's layout with its tokenizer (loadable by VLM.from_pretrained,
-    and for the native layout by transformers), from the rollout copy, which equals the trained weights after every
-    refresh; training state through torch.distributed.checkpoint, each rank writing its own shards."""
-    cfg, d, out = ctx.cfg, ctx.d, Path(ctx.cfg.out)
-    name = f"step_{step:06d}"
-    final, tmp = out / name, out / f"{name}.tmp"
-    if d.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(ctx.model, ctx.optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "scheduler": ctx.scheduler.state_dict(),
-             "meta": {"step": step, "stage": cfg.stage, "bad_steps": ctx.bad_steps},
-             "stream": ctx.stream.state(), f"rank{d.rank}": _rank_state(d)}
-    dcp.save(state, checkpoint_id=str(tmp / "state"))
-    if d.rank == 0:
-        ctx.copy.save_pretrained(tmp / "model")
-        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(out / "latest", name)
-        if cfg.keep > 0:
-            steps = sorted(p for p in out.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in steps[:-cfg.keep]:
-                shutil.rmtree(old)
-    dist.barrier()
-    return final
-
-
-def _rank_state(d: Dist) -> dict:
-    state = {"cpu_rng": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(d.device)
-    return state
-
-
-def load_checkpoint(ctx, path: Path) -> int:
-    """Restores what save_checkpoint wrote; returns the step it was taken after."""
-    d = ctx.d
-    model_sd, optim_sd = get_state_dict(ctx.model, ctx.optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "scheduler": ctx.scheduler.state_dict(),
-             "meta": {"step": 0, "stage": "", "bad_steps": 0}, "stream": ctx.stream.state(),
-             f"rank{d.rank}": _rank_state(d)}
-    dcp.load(state, checkpoint_id=str(path / "state"))
-    if state["meta"]["stage"] != ctx.cfg.stage:
-        raise ValueError(f"{path} is a {state['meta']['stage']} checkpoint; this run is --stage {ctx.cfg.stage}")
-    set_state_dict(ctx.model, ctx.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    ctx.scheduler.load_state_dict(state["scheduler"])
-    ctx.stream.load(state["stream"])
-    ctx.bad_steps = int(state["meta"]["bad_steps"])
-    torch.set_rng_state(state[f"rank{d.rank}"]["cpu_rng"])
-    if d.device.type == "cuda":
-        torch.cuda.set_rng_state(state[f"rank{d.rank}"]["cuda_rng"], d.device)
-    return int(state["meta"]["step"])
-
-# -----------------------------------------------------------------------------------------------------------------
 # One training run
 
 
@@ -587,8 +362,9 @@ def setup(cfg: TrainConfig, d: Dist) -> Run:
     if cfg.stage == "sft" and (missing := [r["id"] for r in rows if not r.get("response")]):
         raise ValueError(f"{cfg.data}: --stage sft needs a `response` in every row; {len(missing)} rows have none "
                          f"(first: id {missing[0]!r})")
-    model, units, config = build_trainer_model(cfg, d)
-    ref = build_trainer_model(cfg, d, trainable=False)[0] if cfg.kl_beta > 0 else None
+    model, units, config = build_sharded(cfg.init_from, cfg.train, d, cfg.activation_checkpointing,
+                                         cfg.compile_blocks)
+    ref = build_sharded(cfg.init_from, "", d, cfg.activation_checkpointing)[0] if cfg.kl_beta > 0 else None
     copy = build_rollout_copy(config, cfg.init_from, d.device)
     refresh(copy, units)
     stop_ids, banned_ids = special_ids(tokenizer)
@@ -841,6 +617,46 @@ def sft_step(run: Run, step: int) -> dict:
                 skipped_rows=len(run.skipped_rows), t_update=time.perf_counter() - t0) | metrics
 
 # -----------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 from the spec sheets
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def log_line(m: dict, steps: int) -> str:
+    head = f"{m['stage']:4s} {m['step']:>5d}/{steps}"
+    tail = (f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e}{' SKIPPED' if m['skipped'] else ''} | "
+            f"{m['tokens_per_s']:.0f} tok/s | mem {m['peak_mem_mb']:.0f}M")
+    if m["stage"] == "sft":
+        return f"{head} | loss {m['loss']:.4f} ent {m['entropy']:.3f} | {tail} | {m['t_step']:.2f}s"
+    return (f"{head} | reward {m['reward']:.3f}±{m['reward_std']:.3f} acc {m['accuracy']:.3f} fmt {m['format']:.2f} "
+            f"| len {m['response_len']:.1f}/{m['response_len_max']:.0f} trunc {m['truncated']:.2f} "
+            f"kept {m['kept_groups']:.2f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f} kl {m['kl']:.4f} "
+            f"ent {m['entropy']:.3f} crit {m['critical_entropy']:.3f} gap {m['logprob_gap']:.1e}/"
+            f"{m['logprob_gap_max']:.1e} | {tail} | t {m['t_rollout']:.2f}/{m['t_logprob']:.2f}/"
+            f"{m['t_update']:.2f}s")
+
+
+def mfu(run: Run, m: dict) -> float | None:
+    """Model FLOPs utilisation of the update: 6 x parameters x tokens through the model, over the device peak."""
+    if run.d.device.type != "cuda":
+        return None
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    params = sum(p.numel() for p in run.copy.parameters())
+    return 6 * params * m["forward_tokens"] / (m["t_update"] * run.d.world * peak) if peak else None
+
+
+def jsonable(m: dict) -> dict:
+    """nan and inf (no critical token this step, no samples) as null: strict JSON that any tool reads."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+
+# -----------------------------------------------------------------------------------------------------------------
 # Held-out evaluation (eval.py's scoring) and checkpoint selection
 
 
@@ -882,42 +698,14 @@ def heldout(run: Run, step: int) -> dict:
     return summary
 
 # -----------------------------------------------------------------------------------------------------------------
-# Logging
-
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 from the spec sheets
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-
-
-def log_line(m: dict, steps: int) -> str:
-    head = f"{m['stage']:4s} {m['step']:>5d}/{steps}"
-    tail = (f"gnorm {m['grad_norm']:.3f} lr {m['lr']:.2e}{' SKIPPED' if m['skipped'] else ''} | "
-            f"{m['tokens_per_s']:.0f} tok/s | mem {m['peak_mem_mb']:.0f}M")
-    if m["stage"] == "sft":
-        return f"{head} | loss {m['loss']:.4f} ent {m['entropy']:.3f} | {tail} | {m['t_step']:.2f}s"
-    return (f"{head} | reward {m['reward']:.3f}±{m['reward_std']:.3f} acc {m['accuracy']:.3f} fmt {m['format']:.2f} "
-            f"| len {m['response_len']:.1f}/{m['response_len_max']:.0f} trunc {m['truncated']:.2f} "
-            f"kept {m['kept_groups']:.2f} | clip {m['clip_low']:.3f}/{m['clip_high']:.3f} kl {m['kl']:.4f} "
-            f"ent {m['entropy']:.3f} crit {m['critical_entropy']:.3f} gap {m['logprob_gap']:.1e}/"
-            f"{m['logprob_gap_max']:.1e} | {tail} | t {m['t_rollout']:.2f}/{m['t_logprob']:.2f}/"
-            f"{m['t_update']:.2f}s")
-
-
-def mfu(run: Run, m: dict) -> float | None:
-    """Model FLOPs utilisation of the update: 6 x parameters x tokens through the model, over the device peak."""
-    if run.d.device.type != "cuda":
-        return None
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    params = sum(p.numel() for p in run.copy.parameters())
-    return 6 * params * m["forward_tokens"] / (m["t_update"] * run.d.world * peak) if peak else None
-
-# -----------------------------------------------------------------------------------------------------------------
 # The loop
+
+
+def training_state(run: Run, step: int) -> dict:
+    """What a checkpoint keeps beside the model and optimizer, the same on every rank (the sampler's seeds derive
+    from the step, so no sampler state is needed)."""
+    return {"scheduler": run.scheduler.state_dict(), "stream": run.stream.state(),
+            "meta": {"step": step, "stage": run.cfg.stage, "bad_steps": run.bad_steps}}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -940,7 +728,12 @@ def train(cfg: TrainConfig) -> dict:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     start = 0
     if cfg.resume and previous:
-        start = load_checkpoint(run, previous)
+        state = load_checkpoint(previous, d, run.model, run.optimizer, training_state(run, 0))
+        if state["meta"]["stage"] != cfg.stage:
+            raise ValueError(f"{previous} is a {state['meta']['stage']} checkpoint; this run is --stage {cfg.stage}")
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.stream.load(state["stream"])
+        run.bad_steps, start = int(state["meta"]["bad_steps"]), int(state["meta"]["step"])
         refresh(run.copy, run.units)
         if d.rank == 0:
             print(f"resumed from {previous} (step {start})", flush=True)
@@ -980,7 +773,8 @@ def train(cfg: TrainConfig) -> dict:
                 last_eval = heldout(run, step)
             if last or (cfg.save_every and step % cfg.save_every == 0):
                 sync_copy(run)
-                saved = save_checkpoint(run, step)
+                saved = save_checkpoint(out, step, d, run.model, run.optimizer, training_state(run, step), run.copy,
+                                        json.dumps(asdict(cfg), indent=2) + "\n", cfg.keep)
             if run.bad_steps >= 3:
                 raise RuntimeError(f"{run.bad_steps} non-finite steps in a row at step {step}: saved {saved} and "
                                    f"stopped (lower --lr, check the data, or resume from an earlier checkpoint)")

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import data as D
 import model as M
+import parallel as P
 import train_rl as T
 from conftest import DIST_ENV
 from grid_task import GridTaskConfig, prepare
@@ -266,7 +267,7 @@ def bandit_task(tmp: Path):
 def test_grpo_learns_and_the_rollout_copy_follows(tmp_path, in_process, monkeypatch):
     init, rows = bandit_task(tmp_path)
     checks, snapshots = [], []
-    original = T.refresh
+    original = P.refresh
 
     def checked_refresh(copy, units):
         original(copy, units)

@@ -1,0 +1,237 @@
+"""The distributed plumbing of train_rl.py: processes, FSDP2 sharding, the plain copy the sampler reads, and
+checkpoints through torch.distributed.checkpoint. model.py never imports torch.distributed; this file does.
+
+One code path for `python train_rl.py` (a world of one on a free local port) and `torchrun`: NCCL on CUDA, gloo on
+CPU. Sharding follows torchtitan's parallelize (build on meta -> per-block activation checkpointing and compile ->
+fully_shard each block, then the root -> to_empty -> load through rank 0). Rollouts read a plain unsharded copy,
+refreshed in place unit by unit after every optimizer step (the approach tested in design.md section 7: bit-exact on
+CPU, parameter addresses fixed, so a compiled decode step and its CUDA graphs stay valid).
+
+    python -m pytest -q tests/test_train.py       # 1 vs 2 processes, resume after SIGKILL, the copy after each step
+"""
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from model import VLM, read_config
+
+# -----------------------------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed() -> Dist:
+    """NCCL on CUDA, gloo on CPU. A plain `python` launch becomes a world of one on a free local port, so FSDP,
+    all-reduces and the checkpoint code run exactly as under torchrun."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def set_threads(threads: int, world: int):
+    """On a small CPU, more threads than cores per process oversubscribes it: 2 threads on a loaded 2-core machine
+    ran 20-30x slower than 1 (design.md, section 5). Default: the cores split between the processes on this node."""
+    if threads == 0:
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    torch.set_num_threads(threads)
+
+
+def all_sum(*values: float, device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(*values: float, device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+# -----------------------------------------------------------------------------------------------------------------
+# Sharding: the trainer's model, a frozen reference, and the plain copy the sampler reads
+
+MODULES = {"vit": "vision_model", "connector": "mlp1", "llm": "language_model"}  # --train names -> VLM children
+
+
+def set_trainable(model: VLM, train: str):
+    """requires_grad per stage (a comma list of MODULES keys, "" for none), before any forward: turning a parameter
+    on after FSDP2 has run it in mixed precision breaks its gradient casts (torch 2.13)."""
+    names = {MODULES[m] for m in train.split(",") if m}
+    for name, module in model.named_children():
+        module.requires_grad_(name in names)
+
+
+def shard(model: VLM, device: torch.device, activation_checkpointing: bool = False, compile_blocks: bool = False
+          ) -> list:
+    """torchtitan's order: activation checkpointing and compile per block (both keep parameter names), fully_shard
+    each ViT block and each LLM block, then the root, which holds the embeddings, final norm, head (tied or not:
+    a tied head must share the embeddings' unit) and the connector. Returns the FSDP units in a fixed order."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()  # CPU runs stay fp32: the parity reference
+    blocks = [*(model.vision_model.encoder.layers if model.vision_model is not None else []),
+              *model.language_model.layers]
+    for block in blocks:
+        if activation_checkpointing:  # recompute the block in backward; replaces forward, not the module
+            block.forward = _checkpointed(block.forward)
+        if compile_blocks:
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return [*blocks, model]
+
+
+def _checkpointed(forward):
+    return lambda *args: torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+
+
+def build_sharded(init_from: str, train: str, d: Dist, activation_checkpointing: bool = False,
+                  compile_blocks: bool = False):
+    """(model, units, config): the FSDP-sharded model with `train` trainable, loaded from `init_from` through rank 0
+    (which reads the file; the others receive their shards). Master parameters stay fp32 whatever the checkpoint's
+    dtype."""
+    config = read_config(init_from)
+    with torch.device("meta"):
+        model = VLM(config)
+    set_trainable(model, train)
+    units = shard(model, d.device, activation_checkpointing, compile_blocks)
+    model.to_empty(device=d.device)
+    # bf16 on the host for a GPU run (a 38B: 76 GB of host memory rather than 152), cast into the fp32 shards.
+    host_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    full = VLM.from_pretrained(init_from, dtype=host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+    assert not bad, f"sharded master parameters must be fp32: {bad[:3]}"
+    return model, units, config
+
+
+def build_rollout_copy(config, source_dir: str, device: torch.device) -> VLM:
+    """The sampler's weights: a plain unsharded model (bf16 on GPU, fp32 on CPU), allocated once; `refresh` copies
+    the trained weights into it in place, so the compiled decode step and its CUDA graphs stay valid."""
+    with torch.device("meta"):
+        copy = VLM(config)
+    copy.to_empty(device=device)
+    copy.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    copy.requires_grad_(False)
+    copy.source_dir = source_dir
+    return copy.eval()
+
+
+@torch.no_grad()
+def refresh(copy: VLM, units: list):
+    """Unshard each FSDP unit in the same order on every rank, copy the parameters it owns, reshard: peak memory is
+    one unit's full weights on top of the copy. The root's unshard leaves the blocks' parameters sharded (DTensor),
+    which are skipped there and copied with their own unit."""
+    targets = dict(copy.named_parameters())
+    prefix = {id(u): "" for u in units}
+    for name, module in units[-1].named_modules():
+        if id(module) in prefix:
+            prefix[id(module)] = f"{name}." if name else ""
+    for unit in units:
+        unit.unshard()
+        for name, p in unit.named_parameters():
+            if not isinstance(p, DTensor):
+                targets[prefix[id(unit)] + name].copy_(p)
+        unit.reshard()
+
+# -----------------------------------------------------------------------------------------------------------------
+# Checkpoints: OUT/step_NNNNNN/{model/, state/, config.json}, written under a temporary name and renamed when
+# complete; OUT/latest names the newest complete one and is replaced last.
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    f = Path(out) / "latest"
+    if not f.is_file():
+        return None
+    path = Path(out) / f.read_text().strip()
+    return path if (path / "state" / ".metadata").is_file() else None
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rank_state(d: Dist) -> dict:
+    state = {"cpu_rng": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(d.device)
+    return state
+
+
+def save_checkpoint(out: Path, step: int, d: Dist, model, optimizer, state: dict, copy: VLM, config_json: str,
+                    keep: int = 0) -> Path:
+    """OUT/step_NNNNNN: the model via save_pretrained in the source's layout with its tokenizer (loadable by
+    VLM.from_pretrained, and for the native layout by transformers), from `copy`, which must equal the trained
+    weights (refreshed); the training state through torch.distributed.checkpoint, each rank writing its own shards:
+    model and optimizer, `state` (scheduler, step, data position, ... identical on every rank) and each rank's RNG
+    under its own key (DCP keeps one copy of identical keys). `keep` > 0 prunes all but the newest `keep`."""
+    name = f"step_{step:06d}"
+    final, tmp = out / name, out / f"{name}.tmp"
+    if d.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, **state, f"rank{d.rank}": _rank_state(d)},
+             checkpoint_id=str(tmp / "state"))
+    if d.rank == 0:
+        copy.save_pretrained(tmp / "model")
+        (tmp / "config.json").write_text(config_json)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_atomic(out / "latest", name)
+        if keep > 0:
+            steps = sorted(p for p in out.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in steps[:-keep]:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, d: Dist, model, optimizer, state: dict) -> dict:
+    """Restores what save_checkpoint wrote into the model, the optimizer and this rank's RNG; `state` gives the
+    structure of the rest (templates, as returned by the objects' state_dict()), which is returned filled."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    full = {"model": model_sd, "optim": optim_sd, **state, f"rank{d.rank}": _rank_state(d)}
+    dcp.load(full, checkpoint_id=str(path / "state"))
+    set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=full["optim"])
+    torch.set_rng_state(full[f"rank{d.rank}"]["cpu_rng"])
+    if d.device.type == "cuda":
+        torch.cuda.set_rng_state(full[f"rank{d.rank}"]["cuda_rng"], d.device)
+    return {k: full[k] for k in state}
