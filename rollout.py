@@ -31,6 +31,7 @@ Deliberate choices:
 import argparse
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -268,9 +269,10 @@ class Sampler:
     @torch.inference_mode()
     def generate(self, requests: list[Request], num_samples: int = 1, max_new_tokens: int = 256,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 ) -> list[list[Completion]]:
+                 progress: Callable[[int, int, int], None] | None = None) -> list[list[Completion]]:
         """`num_samples` completions per request, aligned with `requests`. temperature 0 is greedy; top_k 0 and
-        top_p 1 are off. Throughput figures land in `self.stats`."""
+        top_p 1 are off. `progress(finished, total, tokens)` is called whenever completions finish (for a live
+        progress line). Throughput figures land in `self.stats`."""
         for name, value, ok, want in [
                 ("temperature", temperature, 0 <= temperature < float("inf"), "finite and >= 0"),
                 ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"), ("top_k", top_k, top_k >= 0, ">= 0"),
@@ -287,7 +289,7 @@ class Sampler:
         queue = deque((i, j) for i in range(len(requests)) for j in range(num_samples))
         out: list[list[Completion | None]] = [[None] * num_samples for _ in requests]
         slots: list[tuple | None] = [None] * self.max_slots  # occupant: (request, sample, start step, P, limit)
-        staged, steps, prefills, generated = None, 0, 0, 0  # staged: the group whose samples are still queued
+        staged, steps, prefills, generated, completed = None, 0, 0, 0, 0  # staged: the group still queued
         self.done.fill_(True)
         self.pos.zero_()
         while True:
@@ -303,6 +305,9 @@ class Sampler:
                     generated += n
                     slots[s] = None
                     self.pos[s] = 0  # an empty slot writes its garbage at position 0, inside any cache view
+                completed += len(finished)
+                if progress is not None:
+                    progress(completed, len(requests) * num_samples, generated)
             # Admit queued samples into free slots, prefilling the prompts not seen yet in token-capped batches.
             take = [(s, *queue.popleft()) for s in [s for s, o in enumerate(slots) if o is None][:len(queue)]]
             groups = {} if staged is None else {staged.index: staged}

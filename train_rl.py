@@ -429,6 +429,22 @@ def decode(run: Run, ids: list[int]) -> str:
     return run.tokenizer.decode(ids[:-1] if ids and ids[-1] in run.stop_ids else ids, skip_special_tokens=False)
 
 
+def progress_line(run: Run, step: int, every_s: float = 10.0):
+    """For rank 0's sampler: a line every `every_s` seconds while a rollout runs (quiet for short ones)."""
+    if run.d.rank != 0:
+        return None
+    t0 = last = time.perf_counter()
+
+    def show(done: int, total: int, tokens: int):
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_s:
+            last = now
+            print(f"  step {step} rollout on rank 0: {done}/{total} samples done, {tokens} tokens, "
+                  f"{tokens / (now - t0):.0f} tokens/s, {now - t0:.0f}s", flush=True)
+    return show
+
+
 def rollout(run: Run, step: int) -> tuple[list[Sequence], dict]:
     """Rounds of prompts_per_step prompts (global) until enough groups carry signal (dynamic sampling), then the
     first prompts_per_step informative groups in the global prompt order are kept."""
@@ -445,7 +461,8 @@ def rollout(run: Run, step: int) -> tuple[list[Sequence], dict]:
         requests = [Request(ex.prompt_ids, ex.pixel_values, seed=request_seed(cfg.seed, step, rnd, i))
                     for _, i, ex in encoded]
         groups = run.sampler.generate(requests, num_samples=G, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, top_p=1.0, top_k=0) if requests else []
+                                      temperature=cfg.temperature, top_p=1.0, top_k=0,
+                                      progress=progress_line(run, step)) if requests else []
         flat = [(i, ex, c) for (_, i, ex), group in zip(encoded, groups) for c in group]
         scores = score(run, [decode(run, c.ids) for _, _, c in flat], [run.rows[i] for i, _, _ in flat],
                        [len(c.ids) for _, _, c in flat])

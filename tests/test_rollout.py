@@ -334,3 +334,16 @@ def test_chat_command(tmp_path, tok):
     assert response == tok.decode(want.ids) and want.ids, (response, want)
     assert f"{len(ids)} prompt tokens, {len(want.ids)} generated ({want.finish_reason})" in stats
     assert "tokens/s" in stats
+
+
+def test_progress_reports_every_finished_completion(qwen, tok):
+    """progress(finished, total, tokens): non-decreasing, ending at every completion and every generated token."""
+    _, model = qwen
+    calls = []
+    sampler = Sampler(model, max_slots=2, max_len=64, stop_ids=[tok.token_to_id("red")])
+    out = sampler.generate(mixed_requests(tok, model.config), num_samples=2, max_new_tokens=12, temperature=1.0,
+                           progress=lambda *a: calls.append(a))
+    total = sum(len(g) for g in out)
+    assert calls[-1] == (total, total, sum(len(c.ids) for g in out for c in g))
+    assert all(a[0] <= b[0] and a[2] <= b[2] and a[1] == total for a, b in zip(calls, calls[1:]))
+    assert len(calls) > 1

@@ -219,7 +219,8 @@ def test_grpo_step_two_processes_match_one(task, tmp_path):
 
 def test_resume_after_sigkill_is_bitwise(task, tmp_path):
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
-            "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2", "--curriculum", "pass_rate"]
+            "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2", "--curriculum", "pass_rate",
+            "--keep", "2"]
     launch([str(REPO / "train_rl.py"), *common(task, tmp_path / "whole"), *args])
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
     cut = tmp_path / "cut"
@@ -237,6 +238,25 @@ def test_resume_after_sigkill_is_bitwise(task, tmp_path):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the steps after the last checkpoint are logged once, by the resumed run
+    assert sorted(p.name for p in cut.glob("step_*")) == ["step_000003", "step_000004"]  # --keep 2
+
+
+def test_sigterm_saves_and_exits(task, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_rl.py"), *common(task, out), "--stage", "sft",
+                             "--steps", "10000", "--prompts_per_step", "4", "--micro_batch", "4"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    step = len((out / "metrics.jsonl").read_text().splitlines())
+    assert (out / "latest").read_text() == f"step_{step:06d}" and step < 10000
+    assert f"SIGTERM: saved {out / f'step_{step:06d}'} at step {step}; continue with --resume" in stdout
 
 
 def test_connector_only_changes_only_the_connector(task, tmp_path):
@@ -287,6 +307,36 @@ def test_grpo_learns_and_the_rollout_copy_follows(tmp_path, in_process, monkeypa
     updated = [m["kept_groups"] > 0 for m in metrics]  # a step whose groups all agree has nothing to learn from
     assert sum(updated) >= 3
     assert [not torch.equal(a, b) for a, b in zip(snapshots, snapshots[1:])] == updated  # the copy follows
+
+def test_reward_failures_score_zero_and_training_goes_on(tmp_path, in_process, monkeypatch):
+    init, rows = bandit_task(tmp_path)
+    calls = []
+    original = T.reward.score_batch
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("pool died")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(T.reward, "score_batch", failing)
+    T.train(T.TrainConfig(init_from=str(init), data=str(rows), out=str(tmp_path / "out"), steps=3,
+                          prompts_per_step=4, group_size=4, micro_batch=16, max_new_tokens=1, max_len=32,
+                          format_weight=0.0, overlong_buffer=0, threads=1, dynamic_sampling=False))
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward_errors"] for m in metrics] == [0, 16, 0] and metrics[1]["reward"] == 0.0
+
+
+def test_pass_rate_curriculum_orders_easy_to_hard():
+    stream = T.PromptStream(n=6, seed=0, curriculum="pass_rate")
+    first = stream.take(6)
+    assert sorted(first) == list(range(6))  # nothing known yet: the seeded permutation
+    stream.record([(0, 8, 8), (1, 6, 8), (2, 0, 8), (3, 3, 8), (3, 1, 8)])  # row 3: 4 / 16
+    second = stream.take(5)
+    unseen = [i for i in first if i in (4, 5)]
+    assert second == [1, *unseen, 3, 2]  # 0.75, unseen (0.5, in permutation order), 0.25, 0; row 0 always solved
+    assert stream.epoch == 1 and stream.position == 5
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input and non-finite steps
