@@ -690,15 +690,16 @@ def heldout(run: Run, step: int) -> dict:
     cfg, out = run.cfg, Path(run.cfg.out)
     sync_copy(run)
     t0 = time.perf_counter()
-    eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, samples=cfg.eval_samples, temperature=cfg.temperature,
-                          max_tiles=cfg.max_tiles, seed=cfg.seed)
+    eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, samples=cfg.eval_samples,
+                          temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed)
     result = evaluate(run.copy, run.tokenizer, run.eval_rows, eval_cfg, sampler=run.sampler)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     summary |= dict(step=step, t_eval=time.perf_counter() - t0)
     value = summary["greedy_accuracy"] if cfg.select == "accuracy" else summary["critical_entropy"]
     if run.d.rank == 0:  # every prompt, response, extracted answer and verdict, as eval.py writes them
         write_atomic(out / f"eval_step_{step:06d}.json", json.dumps(results_json(
-            result, eval_cfg, checkpoint=cfg.init_from, data=cfg.eval_data, stage=cfg.stage, step=step), indent=1))
+            result, eval_cfg, checkpoint=f"{out} step {step}", init_from=cfg.init_from, data=cfg.eval_data,
+            stage=cfg.stage, step=step), indent=1))
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps(jsonable(summary)) + "\n")
         best_file = out / "best.json"

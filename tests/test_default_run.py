@@ -1,5 +1,6 @@
 """default_run.py (`python train_rl.py` with no arguments), shortened to a few steps per stage: every artifact it
 promises exists and loads, a rerun reuses what is done, and its rank correlation matches a hand computation."""
+import importlib.util
 import json
 import math
 from dataclasses import replace
@@ -53,7 +54,8 @@ def test_short_pipeline_end_to_end(tmp_path, in_process, monkeypatch, capsys):
     hf = InternVLForConditionalGeneration.from_pretrained(out / "grpo" / "step_000004" / "model")
     ours = VLM.from_pretrained(out / "grpo" / "step_000004" / "model")
     assert torch.equal(hf.lm_head.weight, ours.language_model.lm_head.weight)
-    assert (out / "grpo" / "plot.png").stat().st_size > 1000
+    if importlib.util.find_spec("matplotlib"):  # optional: without it the run prints how to get the plot
+        assert (out / "grpo" / "plot.png").stat().st_size > 1000
     grpo_config = json.loads((out / "grpo" / "config.json").read_text())
     assert grpo_config["train"] == "connector,llm" and grpo_config["init_from"].startswith(str(out / "sft"))
     assert json.loads((out / "grpo_connector" / "config.json").read_text())["train"] == "connector"
