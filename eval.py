@@ -7,8 +7,8 @@ What it follows:
   `eval_multi_choice` for multiple choice (re-implemented here as `mmmu_multiple_choice`), `parse_open_response` +
   `eval_open` for open questions (reward.parse_open / reward.match_open, which follow them exactly), quirks included
   (2-decimal rounding, substring matches, any number in the key phrase, option text only past 5 words, end
-  punctuation stripped one character at a time in a fixed order). Where the official script picks a random letter, the verdict
-  here is "no answer" (wrong, counted as such). The rules read the final answer only: the content of the last
+  punctuation stripped one character at a time in a fixed order). Where the official script picks a random letter, the
+  verdict here is "no answer" (wrong, counted as such). The rules read the final answer only: the content of the last
   \\boxed{} after </think>, else the text after </think> (the whole response without a think block), stripped of
   surrounding whitespace; a think block that never closes has none. Subjects and disciplines: its DOMAIN_CAT2SUB_CAT;
   accuracy is per question (its calculate_ins_level_acc).
@@ -161,7 +161,8 @@ def verdict(response: str, row: dict, time_limit_s: float = reward.DEFAULT_TIME_
     if kind == "multiple-choice":
         options = as_list(row.get("options")) or []
         letter, rule = mmmu_multiple_choice(answer, options)
-        return Verdict(answer, letter, rule, letter is not None and letter in ([gold] if isinstance(gold, str) else gold))
+        golds = [gold] if isinstance(gold, str) else gold
+        return Verdict(answer, letter, rule, letter is not None and letter in golds)
     if kind == "math":
         try:
             right = reward.is_equivalent(answer, gold if isinstance(gold, str) else gold[0], "expression", time_limit_s)
@@ -663,8 +664,9 @@ def main(argv=None):
     model = VLM.from_pretrained(args.ckpt, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.ckpt)
     if rank == 0:
-        print(f"eval: {len(rows)} questions from {args.data} on {device} x {dist.get_world_size() if distributed else 1}"
-              f" | {json.dumps(asdict(cfg))}", flush=True)
+        world = dist.get_world_size() if distributed else 1
+        print(f"eval: {len(rows)} questions from {args.data} on {device} x {world} | {json.dumps(asdict(cfg))}",
+              flush=True)
     result = evaluate(model, tokenizer, rows, cfg)
     if rank == 0:
         print(format_table(result))
