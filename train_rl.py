@@ -58,9 +58,9 @@ from rollout import Request, Sampler
 # Config
 
 
-def arg(default, help: str):
-    """A config field with its command-line help."""
-    return field(default=default, metadata={"help": help})
+def arg(default, help: str, choices: tuple | None = None):
+    """A config field with its command-line help (and the values it may take)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TrainConfig:
     data: str | None = arg(None, "training JSONL of data.py rows (SFT rows need a `response`)")
     eval_data: str | None = arg(None, "held-out JSONL, evaluated every --eval_every steps and at the end")
     out: str = arg("out/run", "output directory: checkpoints, metrics.jsonl, eval.jsonl, best/")
-    stage: str = arg("grpo", "sft (cold start) or grpo")
+    stage: str = arg("grpo", "sft (cold start) or grpo", ("sft", "grpo"))
     train: str = arg("connector,llm", "trainable modules, a comma list of vit, connector, llm (R1V3: the connector "
                      "stays trainable in RL; `connector` alone is its connector-only stage)")
     steps: int = arg(100, "optimizer steps (GRPO: rollouts)")
@@ -81,7 +81,8 @@ class TrainConfig:
     max_tiles: int | None = arg(None, "tile cap per image (default: the checkpoint's max_dynamic_patch)")
     temperature: float = arg(1.0, "rollout temperature; log-probs are taken at the same temperature")
     lr: float = arg(1e-6, "peak learning rate (AdamW, betas 0.9/0.95)")
-    schedule: str = arg("constant", "constant or cosine (down to min_lr_ratio x lr), after linear warmup")
+    schedule: str = arg("constant", "constant or cosine (down to min_lr_ratio x lr), after linear warmup",
+                        ("constant", "cosine"))
     warmup_steps: int = arg(0, "linear warmup steps")
     min_lr_ratio: float = arg(0.1, "cosine floor as a fraction of --lr")
     weight_decay: float = arg(0.0, "AdamW weight decay")
@@ -100,13 +101,15 @@ class TrainConfig:
     format_weight: float = arg(0.1, "reward weight of the format check (<think>...</think> then an answer)")
     overlong_buffer: int = arg(-1, "DAPO soft overlong penalty over the last N tokens (-1: max_new_tokens // 5, "
                                "0: off)")
-    curriculum: str = arg("uniform", "uniform, or pass_rate: each epoch easy -> hard, always-solved rows skipped")
+    curriculum: str = arg("uniform", "uniform, or pass_rate: each epoch easy -> hard, always-solved rows skipped",
+                          ("uniform", "pass_rate"))
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     eval_every: int = arg(0, "held-out evaluation every N steps (0: only at the end)")
     eval_samples: int = arg(8, "held-out samples per question at the rollout temperature, for avg@k (0: greedy "
                             "only)")
     eval_limit: int = arg(0, "evaluate only the first N held-out rows (0: all)")
-    select: str = arg("accuracy", "best checkpoint (OUT/best) by held-out accuracy or by critical_entropy (R1V3)")
+    select: str = arg("accuracy", "best checkpoint (OUT/best) by held-out accuracy or by critical_entropy (R1V3)",
+                      ("accuracy", "critical_entropy"))
     keep: int = arg(0, "keep the N newest step checkpoints (0: all)")
     resume: bool = arg(False, "continue from OUT/latest, the newest complete checkpoint")
     seed: int = arg(0, "data order and sampling seed")
@@ -833,7 +836,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                            help=f.metadata["help"])
         else:
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
+                           choices=f.metadata["choices"])
     p.add_argument("--bench", action="store_true", help="time GRPO steps of the tiny task, 1 vs 2 processes "
                    "(see default_run.py)")
     p.add_argument("--connector_stage", type=int, default=0, help="default run only: after GRPO, N steps of R1V3's "
