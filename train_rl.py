@@ -185,13 +185,15 @@ class PromptStream:
             c[1] += total
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position,
+        """Everything `take` depends on; the epoch's order too, since the curriculum sorted it by the pass rates
+        of its start, which are not the pass rates now."""
+        return {"epoch": self.epoch, "position": self.position, "order": list(self.order),
                 "correct": {str(k): v for k, v in sorted(self.correct.items())}}
 
     def load(self, state: dict):
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = [int(i) for i in state["order"]]
         self.correct = {int(k): list(v) for k, v in state["correct"].items()}
-        self._new_epoch()
 
 # -----------------------------------------------------------------------------------------------------------------
 # Losses. Both return the SUM of per-token losses over the micro-batch; the caller divides by the number of response

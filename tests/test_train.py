@@ -236,6 +236,9 @@ def test_resume_after_sigkill_is_bitwise(task, tmp_path):
     launch([str(REPO / "train_rl.py"), *common(task, cut), *args, "--resume"])
     whole, resumed = weights(tmp_path / "whole", 4), weights(cut, 4)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert max_diff(whole, weights(tmp_path / "whole", 3)) > 1e-4  # the resumed steps did update
+    kept = [json.loads(x)["kept_groups"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert all(k > 0 for k in kept[2:]), kept
     steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the steps after the last checkpoint are logged once, by the resumed run
     assert sorted(p.name for p in cut.glob("step_*")) == ["step_000003", "step_000004"]  # --keep 2
@@ -332,10 +335,14 @@ def test_pass_rate_curriculum_orders_easy_to_hard():
     first = stream.take(6)
     assert sorted(first) == list(range(6))  # nothing known yet: the seeded permutation
     stream.record([(0, 8, 8), (1, 6, 8), (2, 0, 8), (3, 3, 8), (3, 1, 8)])  # row 3: 4 / 16
-    second = stream.take(5)
+    second = stream.take(2)
     unseen = [i for i in first if i in (4, 5)]
-    assert second == [1, *unseen, 3, 2]  # 0.75, unseen (0.5, in permutation order), 0.25, 0; row 0 always solved
-    assert stream.epoch == 1 and stream.position == 5
+    state = stream.state()
+    stream.record([(5, 8, 8), (4, 0, 8)])  # later results reorder the next epoch, not this one
+    assert second + stream.take(3) == [1, *unseen, 3, 2]  # 0.75, unseen (0.5, permutation order), 0.25, 0; no row 0
+    resumed = T.PromptStream(n=6, seed=0, curriculum="pass_rate")
+    resumed.load(state)
+    assert resumed.take(3) == [unseen[1], 3, 2] and resumed.epoch == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
