@@ -554,7 +554,7 @@ def grpo_update(run: Run, seqs: list[Sequence]) -> dict:
         nonlocal gap_sum, gap_max
         m = mb.mask > 0
         gap = (logprobs.detach() - mb.sampler_logprobs).abs()[m]
-        gap_sum, gap_max = gap_sum + gap.sum().item(), max([gap_max] + gap.tolist())
+        gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item() if gap.numel() else 0.0)
         c = critical_entropy(mb.targets, entropy.detach(), m, run.critical_ids)
         for k, v in enumerate((c["critical_entropy"] * c["num_critical"] if c["num_critical"] else 0.0,
                                c["num_critical"], c["mean_entropy"] * c["num_tokens"] if c["num_tokens"] else 0.0,

@@ -3,8 +3,6 @@ promises exists and loads, a rerun reuses what is done, and its rank correlation
 import importlib.util
 import json
 import math
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch

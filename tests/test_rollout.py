@@ -218,7 +218,7 @@ def test_bad_requests_fail_at_the_door(internvl, tok, monkeypatch):
     cases = [
         (Request(ok.ids + [V]), rf"request 2: token id {V} at position {len(ok.ids)} is not an int in the "
                                 rf"vocabulary \[0, {V}\)"),
-        (Request([-1] + ok.ids), rf"request 2: token id -1 at position 0 is not an int in the vocabulary"),
+        (Request([-1] + ok.ids), r"request 2: token id -1 at position 0 is not an int in the vocabulary"),
         (Request(ok.ids[:2] + [3.0]), "request 2: token id 3.0 at position 2 is not an int"),
         (Request([]), "request 2: empty prompt"),
         (Request(ok.ids, max_new_tokens=0), "request 2: max_new_tokens must be an integer >= 1, got 0"),
