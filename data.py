@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from entropy import IGNORE_INDEX
 from model import IMG_CONTEXT, VLMConfig, read_config
 from reward import validate_row
 
@@ -312,6 +313,69 @@ def encode(row: dict, tokenizer: Tokenizer, config: VLMConfig, max_tiles: int | 
             raise ValueError("the tokenizer has no <|im_end|> token: SFT responses cannot be terminated")
         response = tokenizer.encode(row["response"], add_special_tokens=False).ids + [end]
     return Example(ids, pixels, response)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Batches of sequences: right padding with shifted targets, token-capped runs, responses back to text
+
+
+def pad_id(config: VLMConfig) -> int:
+    """The id right padding uses: any token but <IMG_CONTEXT>, which VLM.embed counts against the image tiles.
+    Padding after a sequence is invisible to it under causal attention."""
+    return 1 if config.image_token_id == 0 else 0
+
+
+@dataclass
+class Padded:
+    """Prompt + response sequences, right-padded into one batch. Position t predicts token t + 1, so row b's
+    response tokens are its targets from `starts[b]` = len(prompt) - 1 on, for `lengths[b]` positions."""
+    input_ids: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, T): the response token each position predicts, IGNORE_INDEX elsewhere
+    starts: list[int]
+    lengths: list[int]
+
+    def place(self, rows, dtype=torch.float32) -> torch.Tensor:
+        """(B, T) zeros with row b's values at its response positions: a number per row (broadcast), or a list or
+        tensor of lengths[b] values."""
+        out = torch.zeros(self.targets.shape, dtype=dtype)
+        for b, (start, n, values) in enumerate(zip(self.starts, self.lengths, rows)):
+            out[b, start:start + n] = values if isinstance(values, (int, float)) else torch.as_tensor(values)
+        return out
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Row b's response positions of a (B, T) tensor aligned with `targets`."""
+        return [x[b, start:start + n] for b, (start, n) in enumerate(zip(self.starts, self.lengths))]
+
+
+def right_pad(prompts: list[list[int]], responses: list[list[int]], pad: int) -> Padded:
+    """One batch of prompt + response ids with the targets that teach (or score) the responses."""
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    targets = torch.full((len(prompts), T), IGNORE_INDEX, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+        targets[b, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r, dtype=torch.long)
+    return Padded(ids, targets, [len(p) - 1 for p in prompts], [len(r) for r in responses])
+
+
+def token_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive runs of indices whose padded size (count x longest) stays within `max_tokens`; an item longer
+    than that goes alone."""
+    batches, longest = [], 0
+    for i, n in enumerate(lengths):
+        if batches and (len(batches[-1]) + 1) * max(longest, n) <= max_tokens:
+            batches[-1].append(i)
+            longest = max(longest, n)
+        else:
+            batches.append([i])
+            longest = n
+    return batches
+
+
+def decode_response(tokenizer: Tokenizer, ids: list[int], stop_ids) -> str:
+    """A completion's text for rewards and verdicts: the stop token that ended it dropped, other special tokens
+    (Qwen's <think> is one) kept."""
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=False)
 
 
 def tokenizer_preview(tok: Tokenizer, ids: list[int]) -> str:

@@ -83,6 +83,15 @@ def uniform(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> tor
     return ((h >> 40) & ((1 << 24) - 1)).float() * 2.0 ** -24  # top 24 bits: exact in fp32
 
 
+def mix_seed(*parts: int) -> int:
+    """One 62-bit seed from integers (run seed, step, round, row; run seed, question; ...): every caller derives its
+    seeds here, from what identifies a draw and never from the process that makes it."""
+    h = 0
+    for x in parts:
+        h = (h * 1_000_003 + int(x)) % 2**62
+    return h
+
+
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float, top_k: int,
            banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V) fp32, overwritten (in place: on a CPU each pass over B x V costs as much as a decoder layer);

@@ -1,0 +1,103 @@
+"""What every script of the project shares at its edges: command-line flags generated from a config dataclass, and
+the files it writes for people and tools (strict JSON, atomic replacement, appended JSONL).
+
+One flag per dataclass field, spelt like the field (`--max_new_tokens`, nanoGPT's style), its help from the
+field's metadata, its default shown; booleans take `--name` / `--no-name`, optional numbers take a value or keep
+None, tuples take a comma list. A config's own `__post_init__` checks the values, so a script's flags and the
+Python API accept exactly the same things.
+
+    python train_rl.py --help      # every flag of the trainer, generated from TrainConfig
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import typing
+from pathlib import Path
+
+
+def arg(default, help: str, choices: tuple | None = None):
+    """A config field with its command-line help (and the values it may take)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _kind(annotation) -> type:
+    """The scalar type a flag parses: int for `int | None`, str for `tuple[str, ...]`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (tuple, list):
+        return tuple
+    return next(t for t in (bool, int, float, str) if t is annotation or t in args)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per init field of the dataclass `cls` (those named in `skip` left out)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind, help = _kind(hints[f.name]), f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+        elif kind is tuple:
+            parser.add_argument(f"--{f.name}", type=lambda s: tuple(w for w in s.split(",") if w),
+                                default=default, help=f"{help} (a comma list)")
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help,
+                                choices=f.metadata.get("choices"))
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser that shows each flag's default; `description` is usually the script's first docstring
+    paragraph."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def config_from(args: argparse.Namespace, cls, **override):
+    """`cls` built from the parsed flags that belong to it, then `override`."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{k: v for k, v in vars(args).items() if k in names} | override)
+
+
+def given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags that `argv` sets explicitly (`--seed 1`, `--seed=1`, `--no-compile`)."""
+    out = set()
+    for action in parser._actions:
+        if any(a == s or a.startswith(s + "=") for s in action.option_strings for a in argv):
+            out.add(action.dest)
+    return out
+
+# -----------------------------------------------------------------------------------------------------------------
+# Files: strict JSON (nan and inf as null, which every JSON reader accepts), replaced atomically or appended
+
+
+def json_safe(x):
+    """nan and inf (no critical token in a step, no sampled answer) as None, recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def write_atomic(path: Path, text: str):
+    """Write `path` whole or not at all: a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict):
+    """One strict-JSON line at the end of `path`."""
+    with open(path, "a") as f:
+        f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file written by `append_jsonl`, with the nulls of non-finite numbers back as nan."""
+    return [{k: math.nan if v is None else v for k, v in json.loads(line).items()}
+            for line in Path(path).read_text().splitlines() if line.strip()]
