@@ -10,44 +10,53 @@ and a plot. RL has to find the strategy the cold start rarely used: reading the 
     python train_rl.py --train llm              # GRPO with the connector frozen (R1V3: it must stay trainable)
     python train_rl.py --connector_stage 20     # then R1V3's connector-only stage (GRPO, --train connector)
     python train_rl.py --select critical_entropy  # OUT/grpo/best by critical-token entropy instead of accuracy
-    python train_rl.py --bench                  # GRPO step time split and tokens/s, 1 vs 2 processes
+    python default_run.py --help                # the same command: every flag
 
 Flags given on the command line configure the GRPO stage (the cold start is fixed, so variants share it: their
 GRPO output goes to OUT/grpo_<flags>/ and their table to OUT/summary_<flags>.json); --seed, --threads, --compile
-and --out apply to every stage. Calibration of these settings: design.md section 5.
+and --out apply to every stage. The settings below were calibrated on a 2-core CPU: the smallest model and task
+on which GRPO reliably flips the cold start's strategy within a few minutes.
 """
 import json
 import math
 import os
-import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch.distributed as dist
 
+import cli
+from cli import arg, read_jsonl
 from grid_task import GridTaskConfig, prepare
 from parallel import init_distributed, latest_checkpoint
 from train_rl import TrainConfig, train
 
-# The tiny task's settings (design.md section 5): a full trace is 52 tokens + <|im_end|>, a prompt 16.
-# Half the cores: a loaded 2-core machine ran SFT steps 10x slower with 2 threads than its 0.12 s median, while on an
-# idle one 1 thread costs 20% (0.12 s vs 0.10 s).
-COMMON = dict(max_new_tokens=64, max_len=96, overlong_buffer=0, eval_samples=8, reward_workers=1,
+# The tiny task's settings: a full trace is 52 tokens + <|im_end|>, a prompt 16. Half the cores: on a loaded small
+# machine a second torch thread per core oversubscribes it and slows steps down many times over, while on an idle
+# one a single thread costs little.
+COMMON = dict(max_new_tokens=64, max_len=96, overlong_buffer=0, eval_samples=8, reward_workers=1, resume=True,
               threads=max(1, (os.cpu_count() or 1) // 2))
 SFT = dict(stage="sft", train="vit,connector,llm", steps=1000, prompts_per_step=64, micro_batch=64, lr=3e-3,
            schedule="cosine", min_lr_ratio=0.1, grad_clip=1.0)
 GRPO = dict(stage="grpo", train="connector,llm", steps=40, prompts_per_step=8, group_size=8, micro_batch=64, lr=5e-4,
             updates_per_rollout=2, eval_every=10, temperature=1.0)
-EVERY_STAGE = {"seed", "threads", "compile", "out"}  # command-line flags that also apply to the cold start
+EVERY_STAGE = {"seed", "threads", "compile"}  # command-line flags that also apply to the cold start
 COLUMNS = [("greedy_accuracy", "greedy"), ("sampled_accuracy", "avg@k"), ("format_rate", "format"),
            ("response_length", "length"), ("critical_entropy", "critical entropy")]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """metrics.jsonl / eval.jsonl, with the nulls train_rl.py writes for nan back as nan."""
-    return [{k: math.nan if v is None else v for k, v in json.loads(x).items()}
-            for x in path.read_text().splitlines()]
+@dataclass
+class DefaultRun:
+    """The pipeline's settings: where it writes, the task, each stage's training settings (the paths are filled in
+    from the task and the stage before), and the optional connector-only stage after GRPO."""
+    out: Path
+    task: GridTaskConfig = field(default_factory=GridTaskConfig)
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(**COMMON, **SFT))
+    grpo: TrainConfig = field(default_factory=lambda: TrainConfig(**COMMON, **GRPO))
+    connector_stage: int = 0  # steps of the connector-only stage (0: none)
+    variant: str = ""  # "" for the default GRPO settings, else "_flag-value_..." naming what the flags changed
 
 
 def run_stage(cfg: TrainConfig) -> dict:
@@ -63,12 +72,6 @@ def run_stage(cfg: TrainConfig) -> dict:
             raise ValueError(f"{out} was trained with other settings {diff}: choose another --out or delete it")
     train(cfg)
     return next(e for e in reversed(read_jsonl(out / "eval.jsonl")) if e["step"] == cfg.steps)
-
-
-def variant_name(fields: dict, given: set) -> str:
-    """"" for the default GRPO settings, else "_flag-value_..." naming what the command line changed."""
-    changed = sorted(k for k in given - EVERY_STAGE if k in fields)
-    return "".join(f"_{k}-{str(fields[k]).replace(',', '+')}" for k in changed)
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -112,7 +115,7 @@ def plot(run: Path, png: Path, start: dict) -> str:
     """Reward, accuracy and critical-token entropy per step (training rollouts, and held-out evaluations from the
     cold start's, `start`, at step 0)."""
     try:
-        import matplotlib
+        import matplotlib  # optional: the run prints how to get it when it is missing
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -146,50 +149,38 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_default(fields: dict, given: set, connector_stage: int):
+def run_default(run: DefaultRun):
     """task -> SFT -> eval -> GRPO -> eval (-> connector-only stage) -> table, summary.json, plot."""
     t0 = time.perf_counter()
-    d = init_distributed()
-    out = Path(fields["out"] if "out" in given else "runs/default" if not fields["seed"]
-               else f"runs/default_seed{fields['seed']}")
-    task_cfg = GridTaskConfig(seed=fields["seed"])
-    if d.rank == 0:
+    proc = init_distributed()
+    out = run.out
+    if proc.rank == 0:
         print(f"[1/4] preparing the task in {out / 'task'} (cached)", flush=True)
-        task = prepare(out / "task", task_cfg)
+        prepare(out / "task", run.task)
     dist.barrier()
-    task = prepare(out / "task", task_cfg)  # complete by now: only reads the manifest
-    flags = {k: v for k, v in fields.items() if k in given and k in TrainConfig.__dataclass_fields__}
+    task = prepare(out / "task", run.task)  # complete by now: only reads the manifest
     data = dict(data=str(task.train_jsonl), eval_data=str(task.heldout_jsonl))
-
-    def config(stage: dict, flags: dict, **paths) -> TrainConfig:  # defaults < tiny task < stage < flags < paths
-        return TrainConfig(**{**TrainConfig().__dict__, **COMMON, **stage, **flags, **paths, "resume": True})
-
-    if d.rank == 0:
-        print(f"[2/4] cold-start SFT ({SFT['steps']} steps x {SFT['prompts_per_step']} traces) -> {out / 'sft'}",
+    if proc.rank == 0:
+        print(f"[2/4] cold-start SFT ({run.sft.steps} steps x {run.sft.prompts_per_step} traces) -> {out / 'sft'}",
               flush=True)
-    sft_eval = run_stage(config(SFT, {k: v for k, v in flags.items() if k in EVERY_STAGE},
-                                init_from=str(task.init_checkpoint), out=str(out / "sft"), **data))
-    name = variant_name(fields, given)
-    grpo_out = out / f"grpo{name}"
-    grpo_cfg = config(GRPO, flags, init_from=str(latest_checkpoint(out / "sft") / "model"), out=str(grpo_out),
-                      **data)
-    if d.rank == 0:
-        print(f"[3/4] GRPO ({grpo_cfg.steps} steps x {grpo_cfg.prompts_per_step} prompts x {grpo_cfg.group_size} "
-              f"samples, trains {grpo_cfg.train}) -> {grpo_out}", flush=True)
-    grpo_eval = run_stage(grpo_cfg)
+    sft_eval = run_stage(replace(run.sft, init_from=str(task.init_checkpoint), out=str(out / "sft"), **data))
+    grpo_out = out / f"grpo{run.variant}"
+    grpo = replace(run.grpo, init_from=str(latest_checkpoint(out / "sft") / "model"), out=str(grpo_out), **data)
+    if proc.rank == 0:
+        print(f"[3/4] GRPO ({grpo.steps} steps x {grpo.prompts_per_step} prompts x {grpo.group_size} samples, "
+              f"trains {grpo.train}) -> {grpo_out}", flush=True)
+    grpo_eval = run_stage(grpo)
     rows = {"cold start (SFT)": sft_eval, "GRPO": grpo_eval}
     summary = {"sft": sft_eval, "grpo": grpo_eval}
-    if connector_stage:
-        conn = config({**GRPO, "train": "connector", "steps": connector_stage},
-                      {k: v for k, v in flags.items() if k not in ("train", "steps")},
-                      init_from=str(latest_checkpoint(grpo_out) / "model"), out=str(out / f"grpo{name}_connector"),
-                      **data)
+    if run.connector_stage:
+        conn = replace(grpo, train="connector", steps=run.connector_stage, out=str(out / f"grpo{run.variant}_connector"),
+                       init_from=str(latest_checkpoint(grpo_out) / "model"))
         summary["connector_only"] = rows["+ connector-only stage"] = run_stage(conn)
-    if d.rank == 0:
+    if proc.rank == 0:
         summary["selection"] = s = selection(sft_eval, grpo_out)
         summary["minutes"] = (time.perf_counter() - t0) / 60
-        summary_file = out / f"summary{name}.json"
-        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+        summary_file = out / f"summary{run.variant}.json"
+        cli.write_atomic(summary_file, json.dumps(cli.json_safe(summary), indent=2) + "\n")
         picture = plot(grpo_out, grpo_out / "plot.png", sft_eval)
         held = len(task.heldout_jsonl.read_text().splitlines())
         print(f"[4/4] held-out: {held} grids never trained on\n{table(rows)}\n"
@@ -200,37 +191,40 @@ def run_default(fields: dict, given: set, connector_stage: int):
               f"checkpoints {out / 'sft'}, {grpo_out} (best/: by --select) | metrics {grpo_out / 'metrics.jsonl'} | "
               f"table {summary_file} | plot {picture} | {summary['minutes']:.1f} min", flush=True)
 
+# -----------------------------------------------------------------------------------------------------------------
+# Command line: the trainer's flags configure GRPO (a few every stage), plus the pipeline's own
 
-def bench(fields: dict, given: set):
-    """GRPO steps of the tiny task from its random init, one process then two (torchrun), every group kept (no
-    dynamic sampling: a random model's rewards are all 0), median step of the last runs printed as a table."""
-    out = Path(fields["out"] if "out" in given else "runs/bench")
-    task = prepare(out / "task", GridTaskConfig(seed=fields["seed"]))
-    steps = fields["steps"] if "steps" in given else 8
-    args = ["--init_from", str(fields["init_from"] or task.init_checkpoint), "--data", str(task.train_jsonl),
-            "--stage", "grpo", "--steps", str(steps), "--prompts_per_step", "8", "--group_size", "8",
-            "--micro_batch", "64", "--max_new_tokens", "64", "--max_len", "96", "--no-dynamic_sampling",
-            "--overlong_buffer", "0", "--reward_workers", "1", "--lr", "1e-4"]
-    if "compile" in given:
-        args.append("--compile" if fields["compile"] else "--no-compile")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    results = {}
-    for n in (1, 2):
-        run = out / f"nproc{n}"
-        subprocess.run(["rm", "-rf", str(run)], check=True)
-        head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                f"--nproc_per_node={n}"]
-        print(f"bench: {n} process(es), {steps} GRPO steps ...", flush=True)
-        subprocess.run([*head, str(Path(__file__).with_name("train_rl.py")), *args, "--out", str(run)], check=True,
-                       env=env, stdout=subprocess.DEVNULL)
-        metrics = read_jsonl(run / "metrics.jsonl")[1:]  # the first step warms up
-        med = lambda k: sorted(m[k] for m in metrics)[len(metrics) // 2]
-        results[n] = {k: med(k) for k in ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s",
-                                          "peak_mem_mb")}
-    print(f"{'processes':>10s}{'step s':>10s}{'rollout':>10s}{'logprob':>10s}{'update':>10s}{'tokens/s':>10s}"
-          f"{'peak MB':>10s}")
-    for n, r in results.items():
-        print(f"{n:>10d}{r['t_step']:>10.3f}{r['t_rollout']:>10.3f}{r['t_logprob']:>10.3f}{r['t_update']:>10.3f}"
-              f"{r['tokens_per_s']:>10.0f}{r['peak_mem_mb']:>10.0f}")
-    print(f"(medians over steps 2..{steps}; 64 samples of up to 64 tokens per step; tokens/s = generated tokens "
-          f"per second of step time)")
+
+@dataclass
+class PipelineFlags:
+    connector_stage: int = arg(0, "after GRPO, N steps of R1V3's connector-only stage (GRPO with --train connector)")
+
+
+def from_command_line(argv: list[str]) -> DefaultRun:
+    """defaults < the tiny task's settings < the stage's < the flags given."""
+    p = cli.parser(__doc__.split("\n\n")[0].replace("\n", " "))
+    cli.add_flags(p, TrainConfig)
+    cli.add_flags(p, PipelineFlags)
+    args = p.parse_args(argv)
+    flags = {k: getattr(args, k) for k in cli.given(p, argv) if k in TrainConfig.__dataclass_fields__}
+    out = Path(flags.pop("out")) if "out" in flags else Path("runs/default" if not args.seed
+                                                             else f"runs/default_seed{args.seed}")
+    changed = sorted(k for k in flags if k not in EVERY_STAGE)
+    variant = "".join(f"_{k}-{str(flags[k]).replace(',', '+')}" for k in changed)
+    every = {k: v for k, v in flags.items() if k in EVERY_STAGE}
+    return DefaultRun(out=out, task=GridTaskConfig(seed=args.seed),
+                      sft=TrainConfig(**{**COMMON, **SFT, **every}), grpo=TrainConfig(**{**COMMON, **GRPO, **flags}),
+                      connector_stage=args.connector_stage, variant=variant)
+
+
+def main(argv: list[str] | None = None):
+    run = from_command_line(sys.argv[1:] if argv is None else argv)
+    try:
+        run_default(run)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

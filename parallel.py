@@ -4,11 +4,13 @@ checkpoints through torch.distributed.checkpoint. model.py never imports torch.d
 One code path for `python train_rl.py` (a world of one on a free local port) and `torchrun`: NCCL on CUDA, gloo on
 CPU. Sharding follows torchtitan's parallelize (build on meta -> per-block activation checkpointing and compile ->
 fully_shard each block, then the root -> to_empty -> load through rank 0). Rollouts read a plain unsharded copy,
-refreshed in place unit by unit after every optimizer step (the approach tested in design.md section 7: bit-exact on
-CPU, parameter addresses fixed, so a compiled decode step and its CUDA graphs stay valid).
+refreshed in place unit by unit after every optimizer step: bit-exact with the trained weights, and the copy's
+parameter addresses never change, so a compiled decode step and its CUDA graphs stay valid.
 
     python -m pytest -q tests/test_train.py       # 1 vs 2 processes, resume after SIGKILL, the copy after each step
 """
+import copy
+import dataclasses
 import os
 import shutil
 import socket
@@ -56,8 +58,8 @@ def init_distributed() -> Dist:
 
 
 def set_threads(threads: int, world: int):
-    """On a small CPU, more threads than cores per process oversubscribes it: 2 threads on a loaded 2-core machine
-    ran 20-30x slower than 1 (design.md, section 5). Default: the cores split between the processes on this node."""
+    """On a small CPU, more threads than cores per process oversubscribes it, and a loaded machine then runs many
+    times slower than with one thread. Default: the cores split between the processes on this node."""
     if threads == 0:
         threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     torch.set_num_threads(threads)
@@ -79,6 +81,30 @@ def all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+def summed_over_ranks(stats, device, maxima: tuple[str, ...] = ()):
+    """A copy of the dataclass `stats` with each numeric field summed over the ranks (the fields named in `maxima`:
+    their largest value), nested dataclasses field by field; two all-reduces whatever the number of fields."""
+    leaves = []  # (owner, field name, reduce with max)
+
+    def walk(obj):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value)
+            else:
+                leaves.append((obj, f.name, f.name in maxima))
+
+    stats = copy.deepcopy(stats)
+    walk(stats)
+    for use_max in (False, True):
+        mine = [(obj, name) for obj, name, m in leaves if m == use_max]
+        if mine:
+            values = (all_max if use_max else all_sum)(*(float(getattr(o, n)) for o, n in mine), device=device)
+            for (obj, name), v in zip(mine, values):
+                setattr(obj, name, type(getattr(obj, name))(v))
+    return stats
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # Sharding: the trainer's model, a frozen reference, and the plain copy the sampler reads

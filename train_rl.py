@@ -5,9 +5,9 @@ The Skywork-R1V3 recipe (Shen et al. 2025): (1) cold-start SFT on reasoning trac
 format reward while the connector stays trainable, (3) a connector-only stage (`--train connector`); checkpoints are
 picked by the entropy of the policy at reflective ("critical") tokens. GRPO after Shao et al. 2024 (DeepSeekMath),
 with DAPO's changes (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, soft overlong penalty.
-Sharding after torchtitan (build on meta -> fully_shard blocks, then the root -> to_empty -> load).
+Sharding after torchtitan (parallel.py).
 
-    python train_rl.py                                    # the tiny CPU default: SFT -> eval -> GRPO -> eval
+    python train_rl.py                                    # no --data / --init_from: the tiny CPU default run
     python train_rl.py --init_from CKPT --data train.jsonl --eval_data held.jsonl --out out/grpo
     torchrun --nproc_per_node=8 train_rl.py --init_from InternVL3-8B --data k12.jsonl --eval_data mmmu_dev.jsonl \\
         --out out/r1v --prompts_per_step 128 --group_size 8 --max_new_tokens 8192 --lr 1e-6 --compile
@@ -28,16 +28,15 @@ Departures from textbook GRPO, each a flag:
 - Overlong: DAPO's soft penalty over the last `--overlong_buffer` tokens; `--mask_truncated` drops truncated
   completions from the loss.
 """
-import argparse
 import json
 import math
 import os
 import resource
+import runpy
 import signal
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -45,27 +44,36 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
+import cli
 import reward
-from data import encode, load_rows, load_tokenizer, special_ids
-from entropy import IGNORE_INDEX, critical_entropy, critical_token_ids
+from cli import arg
+from data import Example, Padded, decode_response, encode, load_rows, load_tokenizer, pad_id, right_pad, special_ids
+from entropy import EntropySums, critical_entropy, critical_token_ids
+from eval import EvalConfig, evaluate, results_json
 from model import VLM
 from parallel import (MODULES, Dist, all_gather, all_max, all_sum, build_rollout_copy, build_sharded,
                       init_distributed, latest_checkpoint, load_checkpoint, refresh, save_checkpoint, set_threads,
-                      write_atomic)
-from rollout import Request, Sampler
+                      summed_over_ranks)
+from rollout import Completion, Request, Sampler, mix_seed
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
 
 
-def arg(default, help: str, choices: tuple | None = None):
-    """A config field with its command-line help (and the values it may take)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass
+class LossConfig:
+    """The settings of the clipped policy-gradient loss (TrainConfig's fields of the same names)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float = 3.0
+    tis_cap: float = 2.0
+    kl_beta: float = 0.0
+    entropy_coef: float = 0.0
 
 
 @dataclass
 class TrainConfig:
-    init_from: str | None = arg(None, "checkpoint directory in any layout model.py loads (remote, native, qwen2)")
+    init_from: str | None = arg(None, "checkpoint directory in any layout checkpoint.py loads (remote, native, qwen2)")
     data: str | None = arg(None, "training JSONL of data.py rows (SFT rows need a `response`)")
     eval_data: str | None = arg(None, "held-out JSONL, evaluated every --eval_every steps and at the end")
     out: str = arg("out/run", "output directory: checkpoints, metrics.jsonl, eval.jsonl, best/")
@@ -122,23 +130,24 @@ class TrainConfig:
     wandb: str | None = arg(None, "wandb project to log to, when the wandb package is installed")
 
     def __post_init__(self):
-        if self.stage not in ("sft", "grpo"):
-            raise ValueError(f"--stage must be sft or grpo, got {self.stage!r}")
         if not set(self.train.split(",")) <= set(MODULES) or not self.train:
             raise ValueError(f"--train takes a comma list of {sorted(MODULES)}, got {self.train!r}")
         for name in ("steps", "prompts_per_step", "group_size", "micro_batch", "max_new_tokens", "max_len",
                      "updates_per_rollout", "max_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.schedule not in ("constant", "cosine") or self.curriculum not in ("uniform", "pass_rate") or \
-                self.select not in ("accuracy", "critical_entropy"):
-            raise ValueError("--schedule constant|cosine, --curriculum uniform|pass_rate, "
-                             "--select accuracy|critical_entropy")
+        for name in ("stage", "schedule", "curriculum", "select"):
+            choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not (self.lr > 0 and self.temperature > 0 and 0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError("need lr > 0, temperature > 0, 0 <= clip_low < 1, clip_high >= 0")
         if self.overlong_buffer < 0:
             self.overlong_buffer = self.max_new_tokens // 5
 
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(**{f.name: getattr(self, f.name) for f in fields(LossConfig)})
 
 # -----------------------------------------------------------------------------------------------------------------
 # Data: one global prompt order, the same on every rank, each rank taking its share
@@ -158,7 +167,7 @@ class PromptStream:
     order: list = field(default_factory=list)
 
     def _new_epoch(self):
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=g).tolist()
         if self.curriculum == "pass_rate":
             rate = {i: self.correct[i][0] / self.correct[i][1] for i in self.correct if self.correct[i][1]}
@@ -179,6 +188,7 @@ class PromptStream:
         return out
 
     def record(self, results: list[tuple[int, int, int]]):
+        """(row, right, total) per sampled group."""
         for i, right, total in results:
             c = self.correct.setdefault(i, [0, 0])
             c[0] += right
@@ -196,25 +206,29 @@ class PromptStream:
         self.correct = {int(k): list(v) for k, v in state["correct"].items()}
 
 # -----------------------------------------------------------------------------------------------------------------
-# Losses. Both return the SUM of per-token losses over the micro-batch; the caller divides by the number of response
-# tokens of the whole step across ranks and multiplies by the world size (FSDP averages gradients over ranks).
+# Losses and advantages. Losses return the SUM of per-token losses over the micro-batch; the caller divides by the
+# number of response tokens of the whole step across ranks and multiplies by the world size (FSDP averages
+# gradients over ranks).
 
 
 @dataclass
-class LossStats:
+class UpdateStats:
+    """Sums over the response tokens of an update (add across micro-batches, then across ranks)."""
     tokens: float = 0.0  # response tokens counted in the loss
     clipped_low: float = 0.0  # tokens with A < 0 whose ratio fell below 1 - eps_low (no gradient)
     clipped_high: float = 0.0  # tokens with A > 0 whose ratio rose above 1 + eps_high (no gradient)
     kl: float = 0.0  # sum of the k3 estimate
-    entropy: float = 0.0  # sum of the policy's entropy
+    gap: float = 0.0  # sum of |trainer - sampler| log-prob before the update
+    gap_max: float = 0.0  # largest such gap (reduced with max, not sum)
+    entropy: EntropySums = field(default_factory=EntropySums)  # the policy's entropy, before the update
 
-    def add(self, other: "LossStats"):
-        for k, v in asdict(other).items():
-            setattr(self, k, getattr(self, k) + v)
+    def __add__(self, o: "UpdateStats") -> "UpdateStats":
+        return UpdateStats(self.tokens + o.tokens, self.clipped_low + o.clipped_low, self.clipped_high + o.clipped_high,
+                           self.kl + o.kl, self.gap + o.gap, max(self.gap_max, o.gap_max), self.entropy + o.entropy)
 
 
-def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: TrainConfig, sampler_logprobs=None, ref_logprobs=None,
-              entropy=None) -> tuple[torch.Tensor, LossStats]:
+def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, sampler_logprobs=None, ref_logprobs=None,
+              entropy=None) -> tuple[torch.Tensor, UpdateStats]:
     """PPO-clip with clip-higher and dual clip, per token; all (B, T) but advantages (B,). mask is 1 on the response
     tokens that count. sampler_logprobs give the truncated importance weight min(exp(old - sampler), tis_cap);
     ref_logprobs the k3 KL term; entropy the bonus."""
@@ -235,15 +249,14 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: TrainConfig, sample
         loss = loss - cfg.entropy_coef * entropy
     mask = mask.to(loss.dtype)
     with torch.no_grad():
-        stats = LossStats(tokens=mask.sum().item(),
-                          clipped_low=((adv < 0) & (ratio < 1 - cfg.clip_low)).mul(mask).sum().item(),
-                          clipped_high=((adv > 0) & (ratio > 1 + cfg.clip_high)).mul(mask).sum().item(),
-                          kl=(kl * mask).sum().item(),
-                          entropy=0.0 if entropy is None else (entropy * mask).sum().item())
+        stats = UpdateStats(tokens=mask.sum().item(),
+                            clipped_low=((adv < 0) & (ratio < 1 - cfg.clip_low)).mul(mask).sum().item(),
+                            clipped_high=((adv > 0) & (ratio > 1 + cfg.clip_high)).mul(mask).sum().item(),
+                            kl=(kl * mask).sum().item())
     return (loss * mask).sum(), stats
 
 
-def advantages_of(rewards: torch.Tensor, use_std: bool, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, use_std: bool, eps: float = 1e-6) -> torch.Tensor:
     """(groups, G) rewards -> advantages: minus the group mean, over the group std when `use_std` (Dr. GRPO drops
     it). A group of one has no spread: advantage 0."""
     centred = rewards - rewards.mean(-1, keepdim=True)
@@ -279,29 +292,23 @@ class MicroBatch:
     advantages: torch.Tensor  # (B,)
     sampler_logprobs: torch.Tensor  # (B, T), aligned with targets
     old_logprobs: torch.Tensor | None  # (B, T)
+    seqs: list[Sequence]
+    padded: Padded  # where each sequence's response sits
 
 
-def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, mask_truncated: bool) -> MicroBatch:
-    """Right-padded rows; position t predicts ids[t + 1], so a response's tokens are the targets from P - 1 on."""
-    T = max(len(s.prompt) + len(s.response) for s in seqs)
-    B = len(seqs)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    mask, slp, olp = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
-    for b, s in enumerate(seqs):
-        P, R = len(s.prompt), len(s.response)
-        ids[b, :P + R] = torch.tensor(s.prompt + s.response)
-        targets[b, P - 1:P + R - 1] = torch.tensor(s.response)
-        mask[b, P - 1:P + R - 1] = s.weight * (0.0 if mask_truncated and s.truncated else 1.0)
-        if s.sampler_logprobs is not None:
-            slp[b, P - 1:P + R - 1] = torch.tensor(s.sampler_logprobs)
-        if s.old_logprobs is not None:
-            olp[b, P - 1:P + R - 1] = s.old_logprobs
+def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, pad: int, mask_truncated: bool
+         ) -> MicroBatch:
+    """Right-padded rows (data.right_pad), each sequence's per-token values placed on its response positions."""
+    padded = right_pad([s.prompt for s in seqs], [s.response for s in seqs], pad)
+    mask = padded.place([s.weight * (0.0 if mask_truncated and s.truncated else 1.0) for s in seqs])
+    sampler = padded.place([s.sampler_logprobs if s.sampler_logprobs is not None else 0.0 for s in seqs])
+    old = padded.place([s.old_logprobs if s.old_logprobs is not None else 0.0 for s in seqs]) \
+        if any(s.old_logprobs is not None for s in seqs) else None
     pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
     to = lambda t: t.to(device, non_blocking=True)
-    return MicroBatch(to(ids), torch.cat(pixels).to(device, dtype) if pixels else None, to(targets), to(mask),
-                      to(torch.tensor([s.advantage for s in seqs])), to(slp),
-                      to(olp) if any(s.old_logprobs is not None for s in seqs) else None)
+    return MicroBatch(to(padded.input_ids), torch.cat(pixels).to(device, dtype) if pixels else None,
+                      to(padded.targets), to(mask), to(torch.tensor([s.advantage for s in seqs])), to(sampler),
+                      None if old is None else to(old), seqs, padded)
 
 
 def micro_batches(seqs: list[Sequence], size: int, count: int, dummy: Sequence) -> list[list[Sequence]]:
@@ -311,32 +318,7 @@ def micro_batches(seqs: list[Sequence], size: int, count: int, dummy: Sequence) 
     return out + [[dummy]] * (count - len(out))
 
 # -----------------------------------------------------------------------------------------------------------------
-# One training run
-
-
-@dataclass
-class Run:
-    """Everything a step needs, built once by `setup`."""
-    cfg: TrainConfig
-    d: Dist
-    model: VLM  # FSDP-sharded, the parameters the optimizer updates
-    units: list  # its FSDP units, in the order every rank unshards them
-    copy: VLM  # plain copy the sampler (and evaluation) reads, refreshed after every optimizer step
-    sampler: Sampler
-    ref: VLM | None  # frozen sharded reference for the KL term (kl_beta > 0 only)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    stream: PromptStream
-    rows: list[dict]
-    eval_rows: list[dict]
-    tokenizer: object
-    stop_ids: list[int]
-    critical_ids: dict
-    dummy: Sequence
-    bad_steps: int = 0  # non-finite steps in a row
-    stopping: bool = False  # SIGTERM received: save and leave at the end of this step
-    stale: bool = False  # the copy lags the trained weights (SFT refreshes it only when it is read)
-    skipped_rows: set = field(default_factory=set)
+# What a run holds: the policy being trained, the data, the sampler
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -350,15 +332,113 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def setup(cfg: TrainConfig, d: Dist) -> Run:
+@dataclass
+class Policy:
+    """The weights being trained: the FSDP-sharded model (the parameters the optimizer updates), its units in the
+    order every rank unshards them, the optimizer and its schedule, an optional frozen reference (KL term), and the
+    plain copy the sampler and evaluation read, refreshed from the trained weights."""
+    model: VLM
+    units: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    reference: VLM | None
+    rollout_model: VLM
+    rollout_stale: bool = False  # SFT refreshes the copy only when something reads it
+    bad_steps: int = 0  # non-finite steps in a row
+
+    def forward(self, mb: MicroBatch, temperature: float = 1.0, model: VLM | None = None):
+        """Per-token (log-probs, entropy) from inside the sharded model's forward (see VLM.forward)."""
+        return (model or self.model)(mb.input_ids, mb.pixel_values, targets=mb.targets, temperature=temperature)
+
+    def step(self, loss: float, grad_clip: float, rank: int) -> dict:
+        """Clip, then step unless the loss or the gradient norm is not finite (then the update is dropped, logged,
+        and three such steps in a row stop the run after a save)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # DTensor: sharded norms combined
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            print(f"[rank {rank}] non-finite loss {loss} or grad norm {norm}: update skipped "
+                  f"({self.bad_steps} in a row)", file=sys.stderr, flush=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.rollout_stale = True
+        return dict(loss=loss, grad_norm=norm, lr=lr, skipped=not finite)
+
+    def sync_rollout_model(self):
+        """The trained weights into the sampler's copy, in place, if they changed since the last copy."""
+        if self.rollout_stale:
+            refresh(self.rollout_model, self.units)
+            self.rollout_stale = False
+
+
+@dataclass
+class TrainData:
+    """The rows, how they become model inputs, and the order they are taken in."""
+    rows: list[dict]
+    eval_rows: list[dict]
+    tokenizer: object
+    stream: PromptStream
+    stop_ids: list[int]
+    critical_ids: dict
+    skipped: set = field(default_factory=set)  # rows that could not be encoded, each reported once
+
+    def example(self, i: int, cfg: TrainConfig, config, rank: int) -> Example | None:
+        """data.encode, or None for a row that cannot run (an image that fails to decode past its header, a prompt
+        with no room in max_len): such a row is skipped with a one-time warning and counted, never stops training."""
+        try:
+            ex = encode(self.rows[i], self.tokenizer, config, cfg.max_tiles)
+            room = cfg.max_len - len(ex.prompt_ids) - (len(ex.response_ids) if cfg.stage == "sft" else 1)
+            if room < 0:
+                raise ValueError(f"prompt of {len(ex.prompt_ids)} tokens (+ response) does not fit --max_len "
+                                 f"{cfg.max_len}")
+            return ex
+        except (OSError, ValueError) as e:
+            if i not in self.skipped:
+                print(f"[rank {rank}] skipping row {self.rows[i]['id']!r}: {e}", file=sys.stderr, flush=True)
+            self.skipped.add(i)
+            return None
+
+
+@dataclass
+class Run:
+    """Everything a step needs, built once by `setup`."""
+    cfg: TrainConfig
+    proc: Dist
+    policy: Policy
+    sampler: Sampler  # on policy.rollout_model
+    data: TrainData
+    stopping: bool = False  # SIGTERM received: save and leave at the end of this step
+
+    @property
+    def dummy(self) -> Sequence:
+        """A zero-weight sequence for the micro-batches a rank runs only to keep FSDP's collectives in step."""
+        pad = self.data.stop_ids[0] if self.data.stop_ids else 0
+        return Sequence(row=-1, prompt=[pad], response=[pad], pixel_values=None, weight=0.0)
+
+    def batches(self, seqs: list[Sequence]) -> list[MicroBatch]:
+        """This rank's micro-batches of `seqs`, as many as the rank with the most (dummies fill the rest)."""
+        count = int(all_max(math.ceil(len(seqs) / self.cfg.micro_batch), device=self.proc.device)[0])
+        dtype = self.policy.rollout_model.language_model.embed_tokens.weight.dtype
+        pad = pad_id(self.policy.rollout_model.config)
+        return [pack(b, self.proc.device, dtype, pad, self.cfg.mask_truncated)
+                for b in micro_batches(seqs, self.cfg.micro_batch, count, self.dummy)]
+
+
+def setup(cfg: TrainConfig, proc: Dist) -> Run:
     """Everything is checked before step 0: the checkpoint, the data rows (every problem reported at once), the
     stage's needs; then the sharded model, the rollout copy and its sampler, the optimizer."""
     if not cfg.init_from or not Path(cfg.init_from).is_dir():
         raise FileNotFoundError(f"--init_from: checkpoint directory not found: {cfg.init_from!r}")
     if not cfg.data:
         raise ValueError("--data: a training JSONL file is required")
-    if cfg.prompts_per_step % d.world:
-        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world} processes")
+    if cfg.prompts_per_step % proc.world:
+        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {proc.world} processes")
     tokenizer = load_tokenizer(cfg.init_from)
     rows = load_rows(cfg.data)
     eval_rows = load_rows(cfg.eval_data) if cfg.eval_data else []
@@ -367,76 +447,149 @@ def setup(cfg: TrainConfig, d: Dist) -> Run:
     if cfg.stage == "sft" and (missing := [r["id"] for r in rows if not r.get("response")]):
         raise ValueError(f"{cfg.data}: --stage sft needs a `response` in every row; {len(missing)} rows have none "
                          f"(first: id {missing[0]!r})")
-    model, units, config = build_sharded(cfg.init_from, cfg.train, d, cfg.activation_checkpointing,
+    model, units, config = build_sharded(cfg.init_from, cfg.train, proc, cfg.activation_checkpointing,
                                          cfg.compile_blocks)
-    ref = build_sharded(cfg.init_from, "", d, cfg.activation_checkpointing)[0] if cfg.kl_beta > 0 else None
-    copy = build_rollout_copy(config, cfg.init_from, d.device)
-    refresh(copy, units)
+    reference = build_sharded(cfg.init_from, "", proc, cfg.activation_checkpointing)[0] if cfg.kl_beta > 0 else None
+    rollout_model = build_rollout_copy(config, proc.device)
+    refresh(rollout_model, units)
     stop_ids, banned_ids = special_ids(tokenizer)
-    compile = cfg.compile if cfg.compile is not None else d.device.type == "cuda"
-    slots = cfg.prompts_per_step // d.world * (cfg.group_size if cfg.stage == "grpo" else 1)
-    sampler = Sampler(copy, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len, stop_ids=stop_ids,
-                      banned_ids=banned_ids, compile=compile)
+    compile = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
+    slots = cfg.prompts_per_step // proc.world * (cfg.group_size if cfg.stage == "grpo" else 1)
+    sampler = Sampler(rollout_model, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len,
+                      stop_ids=stop_ids, banned_ids=banned_ids, compile=compile)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                   foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     get_state_dict(model, optimizer)  # gives every trainable parameter its optimizer state now: saves are complete
-    pad = stop_ids[0] if stop_ids else 0
-    dummy = Sequence(row=-1, prompt=[pad], response=[pad], pixel_values=None, weight=0.0)
-    return Run(cfg, d, model, units, copy, sampler, ref, optimizer, scheduler,
-               PromptStream(len(rows), cfg.seed, cfg.curriculum), rows, eval_rows, tokenizer, stop_ids,
-               critical_token_ids(tokenizer), dummy)
-
-
-def encode_row(run: Run, i: int):
-    """data.encode, or None for a row that cannot run (an image that fails to decode past its header, a prompt with
-    no room in max_len): such a row is skipped with a one-time warning and counted, never stops training."""
-    try:
-        ex = encode(run.rows[i], run.tokenizer, run.copy.config, run.cfg.max_tiles)
-        room = run.cfg.max_len - len(ex.prompt_ids) - (len(ex.response_ids) if run.cfg.stage == "sft" else 1)
-        if room < 0:
-            raise ValueError(f"prompt of {len(ex.prompt_ids)} tokens (+ response) does not fit --max_len "
-                             f"{run.cfg.max_len}")
-        return ex
-    except (OSError, ValueError) as e:
-        if i not in run.skipped_rows:
-            print(f"[rank {run.d.rank}] skipping row {run.rows[i]['id']!r}: {e}", file=sys.stderr, flush=True)
-        run.skipped_rows.add(i)
-        return None
+    policy = Policy(model, units, optimizer, scheduler, reference, rollout_model)
+    data = TrainData(rows, eval_rows, tokenizer, PromptStream(len(rows), cfg.seed, cfg.curriculum), stop_ids,
+                     critical_token_ids(tokenizer))
+    return Run(cfg, proc, policy, sampler, data)
 
 # -----------------------------------------------------------------------------------------------------------------
-# A GRPO step: roll out groups on the live weights, score, keep informative groups, update
+# A GRPO step: roll out a group per prompt on the live weights, score, compute advantages, keep the informative
+# groups, then the clipped loss and an optimizer step per mini-batch. The helpers it calls follow it.
 
 
-def request_seed(seed: int, step: int, rnd: int, row: int) -> int:
-    """One sampling seed per (run seed, step, round, row), whichever rank draws the prompt: the same prompts give
-    the same samples under any number of processes."""
-    return (((seed * 1000003 + step) * 1009 + rnd) * 1000003 + row) % 2**62
+def grpo_step(run: Run, step: int) -> dict:
+    cfg, t0 = run.cfg, time.perf_counter()
+    kept: dict[tuple[int, int], list[Sequence]] = {}  # (round, position in the round's global order) -> group
+    stats = RolloutStats()
+    for rnd in range(cfg.max_rounds):
+        prompts = take_prompts(run, step, rnd)  # this rank's share of the round's global order
+        groups = run.sampler.generate([p.request for p in prompts], num_samples=cfg.group_size,
+                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
+                                      top_k=0, progress=progress_line(run, step))  # rollout
+        scores = score(run, prompts, groups)  # reward
+        advantages = group_advantages(scores.reward, cfg.adv_std)  # advantages
+        kept |= informative_groups(prompts, groups, scores, advantages, rnd, cfg.dynamic_sampling)  # group filter
+        stats.add(groups, scores)
+        record_pass_rates(run, prompts, scores)
+        if not cfg.dynamic_sampling or all_sum(len(kept), device=run.proc.device)[0] >= cfg.prompts_per_step:
+            break
+    stats.rounds, stats.kept = rnd + 1, len(kept)
+    seqs = first_in_global_order(kept, cfg.prompts_per_step, cfg.group_size)
+    t1 = time.perf_counter()
+    before = old_logprobs(run, seqs) if cfg.updates_per_rollout > 1 else None  # the trainer's, pre-update
+    t2 = time.perf_counter()
+    results, update = [], UpdateStats()
+    for part in [[s for s in seqs if s.order % cfg.updates_per_rollout == k] for k in range(cfg.updates_per_rollout)]:
+        loss, part_stats = backward(run, part, grpo_loss_of(run, observe=before is None))  # loss
+        results.append(run.policy.step(loss, cfg.grad_clip, run.proc.rank))  # optimizer step
+        update += part_stats
+    run.policy.sync_rollout_model()
+    update = summed_over_ranks(update if before is None else update + before, run.proc.device, maxima=("gap_max",))
+    return (stats.metrics(run) | update_metrics(update, results, seqs, run)
+            | dict(t_rollout=t1 - t0, t_logprob=t2 - t1, t_update=time.perf_counter() - t2))
 
 
-def score(run: Run, texts: list[str], rows: list[dict], num_tokens: list[int]) -> list[dict]:
-    """reward.score_batch; a failure scores 0 with an error (counted in the metrics) and never stops training."""
-    cfg = run.cfg
+@dataclass
+class Prompt:
+    """A prompt this rank samples a group for: its row, its place in the round's global order, its model input."""
+    row: int
+    position: int
+    example: Example
+    seed: int
+
+    @property
+    def request(self) -> Request:
+        return Request(self.example.prompt_ids, self.example.pixel_values, seed=self.seed)
+
+
+def take_prompts(run: Run, step: int, rnd: int) -> list[Prompt]:
+    """The next prompts_per_step prompts of the global order, every world-th one on this rank, encoded; seeds from
+    (run seed, step, round, row), so that the same prompts give the same samples under any number of processes."""
+    cfg, proc = run.cfg, run.proc
+    mine = list(enumerate(run.data.stream.take(cfg.prompts_per_step)))[proc.rank::proc.world]
+    return [Prompt(i, pos, ex, mix_seed(cfg.seed, step, rnd, i)) for pos, i in mine
+            if (ex := run.data.example(i, cfg, run.policy.rollout_model.config, proc.rank)) is not None]
+
+
+@dataclass
+class Scores:
+    """Per prompt and sample (groups, G): reward components from reward.score_batch, and the scoring errors."""
+    reward: torch.Tensor  # float64
+    accuracy: torch.Tensor
+    format: torch.Tensor
+    errors: int
+
+
+def score(run: Run, prompts: list[Prompt], groups: list[list[Completion]]) -> Scores:
+    """reward.score_batch over every completion; a failure scores 0 with an error (counted in the metrics) and never
+    stops training."""
+    cfg, G = run.cfg, run.cfg.group_size
+    flat = [(p, c) for p, group in zip(prompts, groups) for c in group]
     reward_cfg = reward.RewardConfig(format_weight=cfg.format_weight, max_len=cfg.max_new_tokens,
                                      cache_len=cfg.overlong_buffer, overlong_weight=1.0 if cfg.overlong_buffer else 0.0)
     workers = cfg.reward_workers or (1 if (os.cpu_count() or 1) <= 4 else None)
+    texts = [decode_response(run.data.tokenizer, c.ids, run.data.stop_ids) for _, c in flat]
     try:
-        return reward.score_batch(texts, rows, reward_cfg, num_tokens, workers=workers)
+        results = reward.score_batch(texts, [run.data.rows[p.row] for p, _ in flat], reward_cfg,
+                                     [len(c.ids) for _, c in flat], workers=workers)
     except Exception as e:  # noqa: BLE001 - e.g. a broken worker pool: this batch scores 0, training goes on
-        failed = {"accuracy": 0.0, "format": 0.0, "overlong": 0.0, "reward": 0.0, "error": f"score_batch: {e}"}
-        return [dict(failed) for _ in texts]
+        results = [{"accuracy": 0.0, "format": 0.0, "overlong": 0.0, "reward": 0.0, "error": f"score_batch: {e}"}
+                   for _ in flat]
+    table = lambda key: torch.tensor([r[key] for r in results], dtype=torch.float64).view(len(prompts), G)
+    return Scores(table("reward"), table("accuracy"), table("format"), sum(r["error"] is not None for r in results))
 
 
-def decode(run: Run, ids: list[int]) -> str:
-    """A response's text for the reward: the stop token dropped, other special tokens (<think> in Qwen's
-    vocabulary) kept."""
-    return run.tokenizer.decode(ids[:-1] if ids and ids[-1] in run.stop_ids else ids, skip_special_tokens=False)
+def informative_groups(prompts: list[Prompt], groups: list[list[Completion]], scores: Scores,
+                       advantages: torch.Tensor, rnd: int, dynamic_sampling: bool) -> dict:
+    """{(round, position): the group's sequences} for the groups that carry signal: with dynamic sampling, those
+    whose rewards are not all equal (equal rewards give zero advantage everywhere)."""
+    out = {}
+    for g, (p, group) in enumerate(zip(prompts, groups)):
+        if dynamic_sampling and scores.reward[g].max() == scores.reward[g].min():
+            continue
+        out[rnd, p.position] = [Sequence(p.row, p.example.prompt_ids, c.ids, p.example.pixel_values,
+                                         float(advantages[g, j]), c.logprobs, truncated=c.finish_reason == "length")
+                                for j, c in enumerate(group)]
+    return out
+
+
+def record_pass_rates(run: Run, prompts: list[Prompt], scores: Scores):
+    """Every rank records every prompt's pass rate, so the curriculum's order stays the same on all of them."""
+    G = run.cfg.group_size
+    for results in all_gather([(p.row, int(scores.accuracy[g].sum()), G) for g, p in enumerate(prompts)]):
+        run.data.stream.record(results)
+
+
+def first_in_global_order(kept: dict, k: int, group_size: int) -> list[Sequence]:
+    """This rank's share of the first k kept groups in the global prompt order, whichever rank sampled them: the
+    same groups are trained on under any number of processes. Each sequence learns its place in that order."""
+    first = sorted(key for keys in all_gather(list(kept)) for key in keys)[:k]
+    seqs = []
+    for key in sorted(set(kept) & set(first)):
+        for j, s in enumerate(kept[key]):
+            s.order = first.index(key) * group_size + j
+            seqs.append(s)
+    return seqs
 
 
 def progress_line(run: Run, step: int, every_s: float = 10.0):
     """For rank 0's sampler: a line every `every_s` seconds while a rollout runs (quiet for short ones)."""
-    if run.d.rank != 0:
+    if run.proc.rank != 0:
         return None
     t0 = last = time.perf_counter()
 
@@ -450,193 +603,131 @@ def progress_line(run: Run, step: int, every_s: float = 10.0):
     return show
 
 
-def rollout(run: Run, step: int) -> tuple[list[Sequence], dict]:
-    """Rounds of prompts_per_step prompts (global) until enough groups carry signal (dynamic sampling), then the
-    first prompts_per_step informative groups in the global prompt order are kept."""
-    cfg, d, G = run.cfg, run.d, run.cfg.group_size
-    kept: dict[tuple[int, int], list[Sequence]] = {}  # (round, position in the round's global order) -> group
-    sums = dict(reward=0.0, reward_sq=0.0, accuracy=0.0, format=0.0, length=0.0, truncated=0.0, errors=0.0,
-                samples=0.0, groups=0.0, informative=0.0)
-    longest, rounds = 0, 0
-    t0 = time.perf_counter()
-    for rnd in range(cfg.max_rounds):
-        rounds += 1
-        mine = list(enumerate(run.stream.take(cfg.prompts_per_step)))[d.rank::d.world]
-        encoded = [(pos, i, ex) for pos, i in mine if (ex := encode_row(run, i)) is not None]
-        requests = [Request(ex.prompt_ids, ex.pixel_values, seed=request_seed(cfg.seed, step, rnd, i))
-                    for _, i, ex in encoded]
-        groups = run.sampler.generate(requests, num_samples=G, max_new_tokens=cfg.max_new_tokens,
-                                      temperature=cfg.temperature, top_p=1.0, top_k=0,
-                                      progress=progress_line(run, step)) if requests else []
-        flat = [(i, ex, c) for (_, i, ex), group in zip(encoded, groups) for c in group]
-        scores = score(run, [decode(run, c.ids) for _, _, c in flat], [run.rows[i] for i, _, _ in flat],
-                       [len(c.ids) for _, _, c in flat])
-        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float64).view(len(encoded), G)
-        right = torch.tensor([s["accuracy"] for s in scores]).view(len(encoded), G)
-        advantages = advantages_of(rewards, cfg.adv_std)
-        for g, (pos, i, ex) in enumerate(encoded):
-            if cfg.dynamic_sampling and rewards[g].max() == rewards[g].min():
-                continue  # all equal: zero advantage everywhere, no signal
-            kept[rnd, pos] = [Sequence(i, ex.prompt_ids, c.ids, ex.pixel_values, float(advantages[g, j]),
-                                       c.logprobs, truncated=c.finish_reason == "length")
-                              for j, c in enumerate(groups[g])]
-        sums["reward"] += rewards.sum().item()
-        sums["reward_sq"] += (rewards ** 2).sum().item()
-        sums["accuracy"] += right.sum().item()
-        sums["format"] += sum(s["format"] for s in scores)
-        sums["length"] += sum(len(c.ids) for _, _, c in flat)
-        sums["truncated"] += sum(c.finish_reason == "length" for _, _, c in flat)
-        sums["errors"] += sum(s["error"] is not None for s in scores)
-        sums["samples"] += len(flat)
-        sums["groups"] += len(encoded)
-        longest = max([longest] + [len(c.ids) for _, _, c in flat])
-        for results in all_gather([(i, int(right[g].sum()), G) for g, (_, i, _) in enumerate(encoded)]):
-            run.stream.record(results)  # every rank records every prompt: the curriculum order stays identical
-        total_kept, = all_sum(len(kept), device=d.device)
-        if not cfg.dynamic_sampling or total_kept >= cfg.prompts_per_step:
-            break
-    sums["informative"] = len(kept)
-    # The first prompts_per_step informative groups in the global prompt order, whichever rank holds them: the same
-    # groups are trained on under any number of processes.
-    first = sorted(key for keys in all_gather(list(kept)) for key in keys)[:cfg.prompts_per_step]
-    kept = {key: group for key, group in kept.items() if key in first}
-    for key, group in kept.items():
-        for j, s in enumerate(group):
-            s.order = first.index(key) * G + j
-    totals = dict(zip(sums, all_sum(*sums.values(), device=d.device)))
-    n = max(totals["samples"], 1)
-    mean = totals["reward"] / n
-    metrics = dict(reward=mean, reward_std=math.sqrt(max(0.0, totals["reward_sq"] / n - mean ** 2)),
-                   accuracy=totals["accuracy"] / n, format=totals["format"] / n, response_len=totals["length"] / n,
-                   response_len_max=all_max(longest, device=d.device)[0], truncated=totals["truncated"] / n,
-                   kept_groups=totals["informative"] / max(totals["groups"], 1), reward_errors=int(totals["errors"]),
-                   rounds=rounds, rollout_tokens=int(totals["length"]), skipped_rows=len(run.skipped_rows),
-                   t_rollout=time.perf_counter() - t0)
-    return [s for key in sorted(kept) for s in kept[key]], metrics
+def observed(mb: MicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor, critical_ids) -> UpdateStats:
+    """The pre-update policy against the sampler: log-prob gap and entropy (overall and at critical tokens)."""
+    m = mb.mask > 0
+    gap = (logprobs.detach() - mb.sampler_logprobs).abs()[m]
+    return UpdateStats(gap=gap.sum().item(), gap_max=gap.max().item() if gap.numel() else 0.0,
+                       entropy=critical_entropy(mb.targets, entropy.detach(), m, critical_ids))
 
 
-def forward(model: VLM, mb: MicroBatch, temperature: float = 1.0):
-    """Per-token (log-probs, entropy) from inside the sharded model's forward (see VLM.forward)."""
-    return model(mb.input_ids, mb.pixel_values, targets=mb.targets, temperature=temperature)
+def old_logprobs(run: Run, seqs: list[Sequence]) -> UpdateStats:
+    """With several updates per rollout: each sequence's log-probs before any of them (the ratio's denominator)."""
+    stats = UpdateStats()
+    with torch.no_grad():
+        for mb in run.batches(seqs):
+            logprobs, entropy = run.policy.forward(mb, run.cfg.temperature)
+            stats += observed(mb, logprobs, entropy, run.data.critical_ids)
+            for s, lp in zip(mb.seqs, mb.padded.split(logprobs.cpu())):
+                s.old_logprobs = lp
+    return stats
 
 
-def optimizer_step(run: Run, loss_total: float) -> dict:
-    """Clip, then step unless the loss or the gradient norm is not finite (then the update is dropped, logged,
-    and three such steps in a row stop the run after a save)."""
-    cfg = run.cfg
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # DTensor: sharded norms combined
-    finite = math.isfinite(loss_total) and math.isfinite(norm)
-    lr = run.scheduler.get_last_lr()[0]
-    if finite:
-        run.optimizer.step()
-        run.bad_steps = 0
-    else:
-        run.bad_steps += 1
-        print(f"[rank {run.d.rank}] non-finite loss {loss_total} or grad norm {norm}: update skipped "
-              f"({run.bad_steps} in a row)", file=sys.stderr, flush=True)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    return dict(grad_norm=norm, lr=lr, skipped=not finite)
+def grpo_loss_of(run: Run, observe: bool):
+    """The GRPO loss of one micro-batch (summed over its tokens) and its stats; `observe` adds the pre-update
+    observations when no separate old-log-prob pass made them."""
+    def loss_of(mb: MicroBatch, logprobs, entropy):
+        ref = None
+        if run.policy.reference is not None:
+            with torch.no_grad():
+                ref = run.policy.forward(mb, run.cfg.temperature, model=run.policy.reference)[0]
+        old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+        loss, stats = grpo_loss(logprobs, old, mb.advantages, mb.mask, run.cfg.loss, mb.sampler_logprobs, ref,
+                                entropy)
+        return loss, stats + observed(mb, logprobs, entropy, run.data.critical_ids) if observe else stats
+    return loss_of
 
 
-def grpo_update(run: Run, seqs: list[Sequence]) -> dict:
-    """`updates_per_rollout` optimizer steps over the kept sequences, each a token-level mean over its sequences'
-    response tokens on all ranks."""
-    cfg, d = run.cfg, run.d
-    dtype = run.copy.language_model.embed_tokens.weight.dtype
-    t0 = time.perf_counter()
-    stats, gap_sum, gap_max, crit = LossStats(), 0.0, 0.0, [0.0, 0.0, 0.0, 0.0]  # crit: sum, n, all sum, all n
-    t_logprob = 0.0
+def backward(run: Run, seqs: list[Sequence], loss_of) -> tuple[float, UpdateStats]:
+    """Forward and backward over this rank's micro-batches of `seqs`. The step's loss is a token-level mean over
+    the response tokens of every rank: each micro-batch's summed loss is divided by the global token count and
+    multiplied by the world size (FSDP averages gradients over ranks). Returns that loss, summed over ranks."""
+    cfg, proc = run.cfg, run.proc
+    weight = lambda s: 0.0 if cfg.mask_truncated and s.truncated else len(s.response)
+    tokens = max(all_sum(sum(weight(s) for s in seqs), device=proc.device)[0], 1.0)
+    total, stats = 0.0, UpdateStats()
+    for mb in run.batches(seqs):
+        logprobs, entropy = run.policy.forward(mb, cfg.temperature)
+        loss, mb_stats = loss_of(mb, logprobs, entropy)
+        (loss * proc.world / tokens).backward()
+        total += loss.item() / tokens
+        stats += mb_stats
+    return all_sum(total, device=proc.device)[0], stats
 
-    def observe(mb: MicroBatch, logprobs, entropy):  # pre-update trainer vs sampler, entropy metrics
-        nonlocal gap_sum, gap_max
-        m = mb.mask > 0
-        gap = (logprobs.detach() - mb.sampler_logprobs).abs()[m]
-        gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item() if gap.numel() else 0.0)
-        c = critical_entropy(mb.targets, entropy.detach(), m, run.critical_ids)
-        for k, v in enumerate((c["critical_entropy"] * c["num_critical"] if c["num_critical"] else 0.0,
-                               c["num_critical"], c["mean_entropy"] * c["num_tokens"] if c["num_tokens"] else 0.0,
-                               c["num_tokens"])):
-            crit[k] += v
 
-    def batches(part: list[Sequence]) -> list[tuple[list[Sequence], MicroBatch]]:
-        count = int(all_max(math.ceil(len(part) / cfg.micro_batch), device=d.device)[0])
-        return [(b, pack(b, d.device, dtype, cfg.mask_truncated))
-                for b in micro_batches(part, cfg.micro_batch, count, run.dummy)]
+@dataclass
+class RolloutStats:
+    """Sums over this rank's sampled groups of a step, for the metrics."""
+    reward: float = 0.0
+    reward_sq: float = 0.0
+    accuracy: float = 0.0
+    format: float = 0.0
+    length: float = 0.0
+    truncated: float = 0.0
+    errors: float = 0.0
+    samples: float = 0.0
+    groups: float = 0.0
+    longest: float = 0.0  # reduced with max
+    rounds: int = 0
+    kept: float = 0.0
 
-    if cfg.updates_per_rollout > 1:  # old log-probs: the trainer's, before any of this rollout's updates
-        t_logprob = -time.perf_counter()
-        with torch.no_grad():
-            for chunk, mb in batches(seqs):
-                logprobs, entropy = forward(run.model, mb, cfg.temperature)
-                observe(mb, logprobs, entropy)
-                for b, s in enumerate(chunk):
-                    P, R = len(s.prompt), len(s.response)
-                    s.old_logprobs = logprobs[b, P - 1:P + R - 1].cpu()
-        t_logprob += time.perf_counter()
-    parts = [[s for s in seqs if s.order % cfg.updates_per_rollout == k] for k in range(cfg.updates_per_rollout)]
-    results = []
-    for part in parts:
-        weight = lambda s: 0.0 if cfg.mask_truncated and s.truncated else len(s.response)
-        tokens, = all_sum(sum(weight(s) for s in part), device=d.device)
-        loss_total = 0.0
-        for _, mb in batches(part):
-            logprobs, entropy = forward(run.model, mb, cfg.temperature)
-            ref = None
-            if run.ref is not None:
-                with torch.no_grad():
-                    ref = forward(run.ref, mb, cfg.temperature)[0]
-            if cfg.updates_per_rollout == 1:
-                observe(mb, logprobs, entropy)
-            old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-            loss, st = grpo_loss(logprobs, old, mb.advantages, mb.mask, cfg, mb.sampler_logprobs, ref, entropy)
-            (loss * d.world / max(tokens, 1.0)).backward()
-            loss_total += loss.item() / max(tokens, 1.0)
-            stats.add(st)
-        loss_total, = all_sum(loss_total, device=d.device)
-        results.append(optimizer_step(run, loss_total) | {"loss": loss_total})
-    refresh(run.copy, run.units)
-    s = dict(zip(asdict(stats), all_sum(*asdict(stats).values(), device=d.device)))
-    gsum = all_sum(gap_sum, *crit, device=d.device)
-    n = max(s["tokens"], 1.0)
+    def add(self, groups: list[list[Completion]], scores: Scores):
+        flat = [c for group in groups for c in group]
+        self.reward += scores.reward.sum().item()
+        self.reward_sq += (scores.reward ** 2).sum().item()
+        self.accuracy += scores.accuracy.sum().item()
+        self.format += scores.format.sum().item()
+        self.length += sum(len(c.ids) for c in flat)
+        self.truncated += sum(c.finish_reason == "length" for c in flat)
+        self.errors += scores.errors
+        self.samples += len(flat)
+        self.groups += len(groups)
+        self.longest = max([self.longest] + [len(c.ids) for c in flat])
+
+    def metrics(self, run: Run) -> dict:
+        t = summed_over_ranks(self, run.proc.device, maxima=("longest", "rounds"))
+        n = max(t.samples, 1)
+        mean = t.reward / n
+        return dict(reward=mean, reward_std=math.sqrt(max(0.0, t.reward_sq / n - mean ** 2)), accuracy=t.accuracy / n,
+                    format=t.format / n, response_len=t.length / n, response_len_max=t.longest,
+                    truncated=t.truncated / n, kept_groups=t.kept / max(t.groups, 1), reward_errors=int(t.errors),
+                    rounds=int(t.rounds), rollout_tokens=int(t.length), skipped_rows=len(run.data.skipped))
+
+
+def update_metrics(u: UpdateStats, results: list[dict], seqs: list[Sequence], run: Run) -> dict:
+    """The update's metrics from its rank-summed stats and each optimizer step's result."""
+    n = max(u.tokens, 1.0)
+    forward_tokens = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), device=run.proc.device)[0]
     return dict(loss=sum(r["loss"] for r in results) / len(results), grad_norm=results[-1]["grad_norm"],
-                lr=results[-1]["lr"], skipped=any(r["skipped"] for r in results),
-                clip_low=s["clipped_low"] / n, clip_high=s["clipped_high"] / n, kl=s["kl"] / n,
-                entropy=gsum[3] / max(gsum[4], 1.0), critical_entropy=gsum[1] / gsum[2] if gsum[2] else math.nan,
-                logprob_gap=gsum[0] / max(gsum[4], 1.0), logprob_gap_max=all_max(gap_max, device=d.device)[0],
-                t_logprob=t_logprob, t_update=time.perf_counter() - t0 - t_logprob, update_tokens=int(s["tokens"]),
-                forward_tokens=int(all_sum(sum(len(x.prompt) + len(x.response) for x in seqs), device=d.device)[0]))
+                lr=results[-1]["lr"], skipped=any(r["skipped"] for r in results), clip_low=u.clipped_low / n,
+                clip_high=u.clipped_high / n, kl=u.kl / n, entropy=u.entropy.mean,
+                critical_entropy=u.entropy.critical_mean, logprob_gap=u.gap / max(u.entropy.num_tokens, 1),
+                logprob_gap_max=u.gap_max, update_tokens=int(u.tokens), forward_tokens=int(forward_tokens))
 
 # -----------------------------------------------------------------------------------------------------------------
 # An SFT step: teacher-forced log-likelihood of the rows' responses
 
 
 def sft_step(run: Run, step: int) -> dict:
-    cfg, d = run.cfg, run.d
-    dtype = run.copy.language_model.embed_tokens.weight.dtype
-    t0 = time.perf_counter()
-    mine = run.stream.take(cfg.prompts_per_step)[d.rank::d.world]
+    cfg, proc, t0 = run.cfg, run.proc, time.perf_counter()
+    config = run.policy.rollout_model.config
+    mine = run.data.stream.take(cfg.prompts_per_step)[proc.rank::proc.world]
     seqs = [Sequence(i, ex.prompt_ids, ex.response_ids, ex.pixel_values) for i in mine
-            if (ex := encode_row(run, i)) is not None]
-    tokens, = all_sum(sum(len(s.response) for s in seqs), device=d.device)
-    count = int(all_max(math.ceil(len(seqs) / cfg.micro_batch), device=d.device)[0])
-    loss_total, entropy_sum = 0.0, 0.0
-    for chunk in micro_batches(seqs, cfg.micro_batch, count, run.dummy):
-        mb = pack(chunk, d.device, dtype, mask_truncated=False)
-        logprobs, entropy = forward(run.model, mb)
-        loss = -(logprobs * mb.mask).sum()
-        (loss * d.world / max(tokens, 1.0)).backward()
-        loss_total += loss.item() / max(tokens, 1.0)
-        entropy_sum += (entropy.detach() * mb.mask).sum().item()
-    loss_total, entropy_sum = all_sum(loss_total, entropy_sum, device=d.device)
-    metrics = optimizer_step(run, loss_total)
-    run.stale = True
-    forward_tokens, = all_sum(sum(len(x.prompt) + len(x.response) for x in seqs), device=d.device)
-    return dict(loss=loss_total, entropy=entropy_sum / max(tokens, 1.0), update_tokens=int(tokens),
-                forward_tokens=int(forward_tokens),
-                skipped_rows=len(run.skipped_rows), t_update=time.perf_counter() - t0) | metrics
+            if (ex := run.data.example(i, cfg, config, proc.rank)) is not None]
+
+    def loss_of(mb: MicroBatch, logprobs, entropy):
+        mask = mb.mask > 0
+        return -(logprobs * mb.mask).sum(), UpdateStats(tokens=mask.sum().item(),
+                                                        entropy=EntropySums(total=entropy.detach()[mask].sum().item(),
+                                                                            num_tokens=int(mask.sum())))
+
+    loss, stats = backward(run, seqs, loss_of)
+    result = run.policy.step(loss, cfg.grad_clip, proc.rank)
+    stats = summed_over_ranks(stats, proc.device, maxima=("gap_max",))
+    forward_tokens = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), device=proc.device)[0]
+    return result | dict(entropy=stats.entropy.mean, update_tokens=int(stats.tokens),
+                         forward_tokens=int(forward_tokens), skipped_rows=len(run.data.skipped),
+                         t_update=time.perf_counter() - t0)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Logging
@@ -667,52 +758,39 @@ def log_line(m: dict, steps: int) -> str:
 
 def mfu(run: Run, m: dict) -> float | None:
     """Model FLOPs utilisation of the update: 6 x parameters x tokens through the model, over the device peak."""
-    if run.d.device.type != "cuda":
+    if run.proc.device.type != "cuda":
         return None
     peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    params = sum(p.numel() for p in run.copy.parameters())
-    return 6 * params * m["forward_tokens"] / (m["t_update"] * run.d.world * peak) if peak else None
-
-
-def jsonable(m: dict) -> dict:
-    """nan and inf (no critical token this step, no samples) as null: strict JSON that any tool reads."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+    params = sum(p.numel() for p in run.policy.rollout_model.parameters())
+    return 6 * params * m["forward_tokens"] / (m["t_update"] * run.proc.world * peak) if peak else None
 
 # -----------------------------------------------------------------------------------------------------------------
 # Held-out evaluation (eval.py's scoring) and checkpoint selection
 
 
-def sync_copy(run: Run):
-    if run.stale:
-        refresh(run.copy, run.units)
-        run.stale = False
-
-
 def heldout(run: Run, step: int) -> dict:
     """Greedy and avg@k accuracy, format rate, response length and critical-token entropy on --eval_data with
     eval.py's scoring, the rows split across ranks; OUT/best/ keeps the best checkpoint by --select."""
-    from eval import EvalConfig, evaluate, results_json  # eval.py builds on rollout.py and data.py, not on this file
     cfg, out = run.cfg, Path(run.cfg.out)
-    sync_copy(run)
+    run.policy.sync_rollout_model()
     t0 = time.perf_counter()
     eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, samples=cfg.eval_samples,
                           temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed)
-    result = evaluate(run.copy, run.tokenizer, run.eval_rows, eval_cfg, sampler=run.sampler)
+    result = evaluate(run.policy.rollout_model, run.data.tokenizer, run.data.eval_rows, eval_cfg, sampler=run.sampler)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     summary |= dict(step=step, t_eval=time.perf_counter() - t0)
     value = summary["greedy_accuracy"] if cfg.select == "accuracy" else summary["critical_entropy"]
-    if run.d.rank == 0:  # every prompt, response, extracted answer and verdict, as eval.py writes them
-        write_atomic(out / f"eval_step_{step:06d}.json", json.dumps(results_json(
+    if run.proc.rank == 0:  # every prompt, response, extracted answer and verdict, as eval.py writes them
+        cli.write_atomic(out / f"eval_step_{step:06d}.json", json.dumps(results_json(
             result, eval_cfg, checkpoint=f"{out} step {step}", init_from=cfg.init_from, data=cfg.eval_data,
             stage=cfg.stage, step=step), indent=1))
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps(jsonable(summary)) + "\n")
+        cli.append_jsonl(out / "eval.jsonl", summary)
         best_file = out / "best.json"
         best = json.loads(best_file.read_text()) if best_file.is_file() else None
         if math.isfinite(value) and (best is None or value > best["value"]):
-            run.copy.save_pretrained(out / "best")
-            write_atomic(best_file, json.dumps(jsonable(dict(select=cfg.select, value=value, **summary)),
-                                               indent=2) + "\n")
+            save_model(run.policy.rollout_model, out / "best")
+            cli.write_atomic(best_file, json.dumps(cli.json_safe(dict(select=cfg.select, value=value, **summary)),
+                                                   indent=2) + "\n")
         print(f"eval  step {step}: greedy {summary['greedy_accuracy']:.3f} avg@{cfg.eval_samples} "
               f"{summary.get('sampled_accuracy', math.nan):.3f} format {summary.get('format_rate', math.nan):.3f} "
               f"len {summary.get('response_length', math.nan):.1f} critical entropy "
@@ -727,82 +805,83 @@ def heldout(run: Run, step: int) -> dict:
 def training_state(run: Run, step: int) -> dict:
     """What a checkpoint keeps beside the model and optimizer, the same on every rank (the sampler's seeds derive
     from the step, so no sampler state is needed)."""
-    return {"scheduler": run.scheduler.state_dict(), "stream": run.stream.state(),
-            "meta": {"step": step, "stage": run.cfg.stage, "bad_steps": run.bad_steps}}
+    return {"scheduler": run.policy.scheduler.state_dict(), "stream": run.data.stream.state(),
+            "meta": {"step": step, "stage": run.cfg.stage, "bad_steps": run.policy.bad_steps}}
+
+
+def resume(run: Run, previous: Path) -> int:
+    """Model, optimizer, schedule, prompt stream and RNG from `previous`; returns the step it was saved at."""
+    state = load_checkpoint(previous, run.proc, run.policy.model, run.policy.optimizer, training_state(run, 0))
+    if state["meta"]["stage"] != run.cfg.stage:
+        raise ValueError(f"{previous} is a {state['meta']['stage']} checkpoint; this run is --stage {run.cfg.stage}")
+    run.policy.scheduler.load_state_dict(state["scheduler"])
+    run.data.stream.load(state["stream"])
+    run.policy.bad_steps = int(state["meta"]["bad_steps"])
+    refresh(run.policy.rollout_model, run.policy.units)
+    if run.proc.rank == 0:
+        print(f"resumed from {previous} (step {state['meta']['step']})", flush=True)
+    return int(state["meta"]["step"])
 
 
 def train(cfg: TrainConfig) -> dict:
     """One stage from `init_from` to OUT/step_NNNNNN (the last is also OUT/latest); returns the last held-out
     evaluation (empty without --eval_data) and where the final checkpoint is."""
-    d = init_distributed()
-    set_threads(cfg.threads, d.world)
+    proc = init_distributed()
+    set_threads(cfg.threads, proc.world)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     previous = latest_checkpoint(out)
     if previous and not cfg.resume:
         raise FileExistsError(f"{out} already holds checkpoints (latest {previous.name}): pass --resume to continue "
                               f"that run, or choose another --out")
-    run = setup(cfg, d)
-    if d.rank == 0:
+    run = setup(cfg, proc)
+    config_json = json.dumps(asdict(cfg), indent=2) + "\n"
+    if proc.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"{cfg.stage} on {d.world} process(es), {d.device}, {torch.get_num_threads()} threads each; "
-              f"{len(run.rows)} rows, {len(run.eval_rows)} held-out; config:\n{json.dumps(asdict(cfg), indent=1)}",
-              flush=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    start = 0
-    if cfg.resume and previous:
-        state = load_checkpoint(previous, d, run.model, run.optimizer, training_state(run, 0))
-        if state["meta"]["stage"] != cfg.stage:
-            raise ValueError(f"{previous} is a {state['meta']['stage']} checkpoint; this run is --stage {cfg.stage}")
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.stream.load(state["stream"])
-        run.bad_steps, start = int(state["meta"]["bad_steps"]), int(state["meta"]["step"])
-        refresh(run.copy, run.units)
-        if d.rank == 0:
-            print(f"resumed from {previous} (step {start})", flush=True)
+        print(f"{cfg.stage} on {proc.world} process(es), {proc.device}, {torch.get_num_threads()} threads each; "
+              f"{len(run.data.rows)} rows, {len(run.data.eval_rows)} held-out; config:\n{config_json}", flush=True)
+        (out / "config.json").write_text(config_json)
+    start = resume(run, previous) if cfg.resume and previous else 0
     metrics_file = out / "metrics.jsonl"
-    if d.rank == 0:  # a killed run may have logged steps after its last checkpoint: those are about to rerun
+    if proc.rank == 0:  # a killed run may have logged steps after its last checkpoint: those are about to rerun
         lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
         kept = [x for x in lines if json.loads(x)["step"] <= start]
         if kept != lines or not metrics_file.is_file():
-            write_atomic(metrics_file, "".join(f"{x}\n" for x in kept))
-    wandb = _wandb(cfg) if d.rank == 0 else None
+            cli.write_atomic(metrics_file, "".join(f"{x}\n" for x in kept))
+    wandb = _wandb(cfg) if proc.rank == 0 else None
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stopping", True))
     last_eval, saved = {}, None
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            if d.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(d.device)
-            if cfg.stage == "grpo":
-                seqs, m = rollout(run, step)
-                m |= grpo_update(run, seqs)
-            else:
-                m = sft_step(run, step)
+            if proc.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(proc.device)
+            m = grpo_step(run, step) if cfg.stage == "grpo" else sft_step(run, step)
             m |= dict(stage=cfg.stage, step=step, t_step=time.perf_counter() - t0,
-                      peak_mem_mb=all_max(peak_memory_mb(d.device), device=d.device)[0])
+                      peak_mem_mb=all_max(peak_memory_mb(proc.device), device=proc.device)[0])
             m["tokens_per_s"] = m.get("rollout_tokens", m["update_tokens"]) / m["t_step"]
             if (u := mfu(run, m)) is not None:
                 m["mfu"] = u
-            if d.rank == 0:
+            if proc.rank == 0:
                 print(log_line(m, cfg.steps), flush=True)
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(jsonable(m)) + "\n")
+                cli.append_jsonl(metrics_file, m)
                 if wandb:
                     wandb.log(m, step=step)
-            stopping = bool(all_max(float(run.stopping), device=d.device)[0])
-            last = step == cfg.steps or stopping or run.bad_steps >= 3
-            if run.eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            stopping = bool(all_max(float(run.stopping), device=proc.device)[0])
+            last = step == cfg.steps or stopping or run.policy.bad_steps >= 3
+            if run.data.eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 last_eval = heldout(run, step)
             if last or (cfg.save_every and step % cfg.save_every == 0):
-                sync_copy(run)
-                saved = save_checkpoint(out, step, d, run.model, run.optimizer, training_state(run, step), run.copy,
-                                        json.dumps(asdict(cfg), indent=2) + "\n", cfg.keep)
-            if run.bad_steps >= 3:
-                raise RuntimeError(f"{run.bad_steps} non-finite steps in a row at step {step}: saved {saved} and "
-                                   f"stopped (lower --lr, check the data, or resume from an earlier checkpoint)")
+                run.policy.sync_rollout_model()
+                saved = save_checkpoint(out, step, proc, run.policy.model, run.policy.optimizer,
+                                        training_state(run, step), run.policy.rollout_model, config_json, cfg.keep)
+                if proc.rank == 0:
+                    print(f"saved {saved}", flush=True)
+            if run.policy.bad_steps >= 3:
+                raise RuntimeError(f"{run.policy.bad_steps} non-finite steps in a row at step {step}: saved {saved} "
+                                   f"and stopped (lower --lr, check the data, or resume from an earlier checkpoint)")
             if last:
-                if stopping and d.rank == 0:
+                if stopping and proc.rank == 0:
                     print(f"SIGTERM: saved {saved} at step {step}; continue with --resume", flush=True)
                 break
         else:  # resumed at or past the last step: nothing to run
@@ -818,7 +897,7 @@ def _wandb(cfg: TrainConfig):
     if not cfg.wandb:
         return None
     try:
-        import wandb
+        import wandb  # optional: only a run that asks for it needs the package
     except ImportError:
         print("--wandb: the wandb package is not installed (pip install wandb); logging to metrics.jsonl only")
         return None
@@ -829,43 +908,20 @@ def _wandb(cfg: TrainConfig):
 # Command line
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in TrainConfig.__dataclass_fields__.values():
-        kind = next(t for t in (bool, int, float, str) if t is f.type or t in typing.get_args(f.type))
-        if kind is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata["help"])
-        else:
-            p.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
-                           choices=f.metadata["choices"])
-    p.add_argument("--bench", action="store_true", help="time GRPO steps of the tiny task, 1 vs 2 processes "
-                   "(see default_run.py)")
-    p.add_argument("--connector_stage", type=int, default=0, help="default run only: after GRPO, N steps of R1V3's "
-                   "connector-only stage (GRPO with --train connector)")
-    return p
-
-
-def main():
-    p = parser()
-    args = p.parse_args()
-    given = {a.dest for a in p._actions if any(s in sys.argv[1:] or any(x.startswith(s + "=") for x in sys.argv[1:])
-                                               for s in a.option_strings)}
-    fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__}
+def main(argv: list[str] | None = None):
+    p = cli.parser(__doc__.split("\n\n")[0].replace("\n", " "))
+    cli.add_flags(p, TrainConfig)
+    cfg = cli.config_from(p.parse_args(argv), TrainConfig)
     try:
-        if args.bench:
-            from default_run import bench
-            bench(fields, given)
-        elif args.data is None and args.init_from is None:
-            from default_run import run_default
-            run_default(fields, given, args.connector_stage)
-        else:
-            train(TrainConfig(**fields))
+        train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    if not {"--data", "--init_from", "-h", "--help"} & {a.split("=")[0] for a in sys.argv[1:]}:
+        # No data and no checkpoint: the tiny CPU default run, which has flags of its own (default_run.py).
+        runpy.run_path(str(Path(__file__).with_name("default_run.py")), run_name="__main__")
+    else:
+        main()

@@ -3,6 +3,7 @@ promises exists and loads, a rerun reuses what is done, and its rank correlation
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import InternVLForConditionalGeneration
 import default_run as R
 import grid_task
 from model import VLM
+from train_rl import TrainConfig
 
 
 def test_spearman_by_hand():
@@ -21,15 +23,29 @@ def test_spearman_by_hand():
     assert math.isnan(R.spearman([1, 1, 1], [1, 2, 3]))
 
 
-def test_short_pipeline_end_to_end(tmp_path, in_process, monkeypatch, capsys):
-    task_config = grid_task.GridTaskConfig
-    monkeypatch.setattr(R, "GridTaskConfig", lambda seed: task_config(seed=seed, n_train=64, n_heldout=12))
-    monkeypatch.setattr(R, "SFT", {**R.SFT, "steps": 12, "prompts_per_step": 16, "micro_batch": 16})
-    monkeypatch.setattr(R, "GRPO", {**R.GRPO, "steps": 4, "prompts_per_step": 4, "group_size": 4, "eval_every": 2,
-                                    "micro_batch": 16})
-    monkeypatch.setattr(R, "COMMON", {**R.COMMON, "eval_samples": 2, "threads": 1})
-    fields = {**R.TrainConfig().__dict__, "out": str(tmp_path / "run")}
-    R.run_default(fields, {"out"}, connector_stage=2)
+def small_run(out) -> R.DefaultRun:
+    """The pipeline at a few steps per stage, on a task of 64 train and 12 held-out grids."""
+    small = dict(threads=1, eval_samples=2, micro_batch=16)
+    return R.DefaultRun(out=out, task=grid_task.GridTaskConfig(n_train=64, n_heldout=12),
+                        sft=TrainConfig(**{**R.COMMON, **R.SFT, **small, "steps": 12, "prompts_per_step": 16}),
+                        grpo=TrainConfig(**{**R.COMMON, **R.GRPO, **small, "steps": 4, "prompts_per_step": 4,
+                                            "group_size": 4, "eval_every": 2}),
+                        connector_stage=2)
+
+
+def test_command_line_configures_grpo_and_names_the_variant():
+    run = R.from_command_line(["--train", "llm", "--seed", "1", "--lr", "1e-3", "--connector_stage", "3"])
+    assert run.out == Path("runs/default_seed1") and run.variant == "_lr-0.001_train-llm"
+    assert (run.grpo.train, run.grpo.lr, run.grpo.seed, run.grpo.steps) == ("llm", 1e-3, 1, R.GRPO["steps"])
+    assert (run.sft.train, run.sft.lr, run.sft.seed) == (R.SFT["train"], R.SFT["lr"], 1)  # only --seed reaches SFT
+    assert run.task.seed == 1 and run.connector_stage == 3
+    default = R.from_command_line([])
+    assert default.out == Path("runs/default") and default.variant == "" and default.grpo == TrainConfig(
+        **R.COMMON, **R.GRPO)
+
+
+def test_short_pipeline_end_to_end(tmp_path, in_process, capsys):
+    R.run_default(small_run(tmp_path / "run"))
     out = tmp_path / "run"
     printed = capsys.readouterr().out
     assert "cold start (SFT)" in printed and "+ connector-only stage" in printed and "rank correlation" in printed
@@ -37,7 +53,11 @@ def test_short_pipeline_end_to_end(tmp_path, in_process, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     for stage in ("sft", "grpo", "connector_only"):
         assert 0 <= summary[stage]["greedy_accuracy"] <= 1 and 0 <= summary[stage]["sampled_accuracy"] <= 1
-    assert summary["selection"]["steps"] == [0, 2, 4] or math.isnan(summary["grpo"]["critical_entropy"])
+    evaluated = [dict(summary["sft"], step=0)] + [json.loads(x) for x in (out / "grpo" / "eval.jsonl").read_text()
+                                                  .splitlines()]
+    assert [e["step"] for e in evaluated] == [0, 2, 4]
+    finite = [e["step"] for e in evaluated if e["critical_entropy"] is not None]  # null: no critical token sampled
+    assert summary["selection"] == {} if len(finite) < 2 else summary["selection"]["steps"] == finite
     for stage, steps in (("sft", 12), ("grpo", 4), ("grpo_connector", 2)):
         run = out / stage
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -60,6 +80,6 @@ def test_short_pipeline_end_to_end(tmp_path, in_process, monkeypatch, capsys):
 
     # A rerun trains nothing: every stage is finished with the same settings.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")}
-    R.run_default(fields, {"out"}, connector_stage=2)
+    R.run_default(small_run(out))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")} == before
     assert json.loads((out / "summary.json").read_text())["grpo"] == summary["grpo"]

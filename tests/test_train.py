@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +59,8 @@ def max_diff(a: dict, b: dict) -> float:
 # The loss
 
 
-def cfg(**kw) -> T.TrainConfig:
-    return T.TrainConfig(**{"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "tis_cap": 0.0} | kw)
+def cfg(**kw) -> T.LossConfig:
+    return T.LossConfig(**{"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "tis_cap": 0.0} | kw)
 
 
 # Two micro-batches of different lengths. Ratios are chosen to hit every branch (eps_low 0.2, eps_high 0.28, dual
@@ -81,7 +80,7 @@ def tensors(mb, seed):
     return logprobs, old, torch.tensor(mb["adv"], dtype=torch.float64), torch.tensor(mb["mask"], dtype=torch.float64)
 
 
-def naive(logprobs, old, adv, mask, c: T.TrainConfig, sampler=None, ref=None, entropy=None):
+def naive(logprobs, old, adv, mask, c: T.LossConfig, sampler=None, ref=None, entropy=None):
     """The same objective token by token, written out plainly (fp64)."""
     total = 0.0
     for b in range(logprobs.shape[0]):
@@ -143,13 +142,13 @@ def test_grpo_loss_terms_match_naive_fp64():
 
 def test_advantages():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
-    a = T.advantages_of(r, use_std=True)
+    a = T.group_advantages(r, use_std=True)
     want = torch.tensor([0.5, -0.5, -0.5, 0.5], dtype=torch.float64) / (1 / 3) ** 0.5  # Bessel-corrected std
     assert torch.allclose(a[0], want, atol=1e-5)
     assert (a[1] == 0).all()
-    assert torch.allclose(T.advantages_of(r, use_std=False)[2], torch.tensor([1.0, -1.0, 0.0, 0.0],
+    assert torch.allclose(T.group_advantages(r, use_std=False)[2], torch.tensor([1.0, -1.0, 0.0, 0.0],
                                                                            dtype=torch.float64))
-    assert (T.advantages_of(torch.tensor([[3.0]]), use_std=True) == 0).all()  # a group of one
+    assert (T.group_advantages(torch.tensor([[3.0]]), use_std=True) == 0).all()  # a group of one
 
 # ---------------------------------------------------------------------------------------------------------------
 # One process vs two
@@ -174,30 +173,10 @@ def same_step(one: Path, two: Path, task):
     assert max_diff(weights(one, 1), load_file(task.init_checkpoint / "model.safetensors")) > 1e-4  # it moved
 
 
-DRIVER = '''
-import sys, train_rl as T
-def fixed_rollout(run, step):
-    """The SFT traces as rollouts with advantages +1 / -0.5 by row, the same on any number of processes."""
-    mine = list(enumerate(run.stream.take(run.cfg.prompts_per_step)))[run.d.rank::run.d.world]
-    seqs = []
-    for pos, i in mine:
-        ex = T.encode_row(run, i)
-        response = run.tokenizer.encode(run.rows[i]["response"], add_special_tokens=False).ids
-        seqs.append(T.Sequence(i, ex.prompt_ids, response, ex.pixel_values, 1.0 if i % 2 else -0.5, order=pos))
-    return seqs, dict(rollout_tokens=sum(len(s.response) for s in seqs), t_rollout=0.0, reward=0.0,
-                      reward_std=0.0, accuracy=0.0, format=0.0, response_len=0.0, response_len_max=0,
-                      truncated=0.0, kept_groups=1.0)
-T.rollout = fixed_rollout
-sys.argv = ["train_rl.py", *sys.argv[1:]]
-T.main()
-'''
-
-
 def test_grpo_step_two_processes_match_one(task, tmp_path):
     """Fixed rollouts (two micro-batches per process of uneven size: token means across ranks and micro-batches),
     then the real sampler with fixed seeds."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + DRIVER)
+    driver = REPO / "tests" / "grpo_fixed_rollout.py"
     args = ["--stage", "grpo", "--steps", "1", "--prompts_per_step", "6", "--micro_batch", "2", "--lr", "1e-3",
             "--tis_cap", "0", "--updates_per_rollout", "2"]
     launch([str(driver), *common(task, tmp_path / "fixed1"), *args])
@@ -217,22 +196,35 @@ def test_grpo_step_two_processes_match_one(task, tmp_path):
 # Resume, frozen modules
 
 
+def start(args: list[str]) -> subprocess.Popen:
+    """`python train_rl.py ...` in the background, its output read line by line as it comes."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train_rl.py"), *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(proc: subprocess.Popen, line: str) -> list[str]:
+    """The run's output up to and including `line` (blocking reads, no polling); fails if the run ends first."""
+    seen = []
+    for out in proc.stdout:
+        seen.append(out.rstrip("\n"))
+        if seen[-1] == line:
+            return seen
+    raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {line!r}:\n" + "\n".join(seen[-30:]))
+
+
 def test_resume_after_sigkill_is_bitwise(task, tmp_path):
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
             "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2", "--curriculum", "pass_rate",
             "--keep", "2"]
     launch([str(REPO / "train_rl.py"), *common(task, tmp_path / "whole"), *args])
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_rl.py"), *common(task, cut), *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not ((cut / "latest").is_file() and (cut / "latest").read_text() == "step_000002"):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    proc = start([*common(task, cut), *args])
+    wait_for(proc, f"saved {cut / 'step_000002'}")
+    proc.kill()  # SIGKILL: no handler runs, whatever step 3 was doing is lost
     proc.wait()
-    assert not (cut / "step_000004").exists()
+    proc.stdout.close()
+    assert (cut / "latest").read_text() == "step_000002" and not (cut / "step_000004").exists()
     launch([str(REPO / "train_rl.py"), *common(task, cut), *args, "--resume"])
     whole, resumed = weights(tmp_path / "whole", 4), weights(cut, 4)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -245,21 +237,16 @@ def test_resume_after_sigkill_is_bitwise(task, tmp_path):
 
 
 def test_sigterm_saves_and_exits(task, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_rl.py"), *common(task, out), "--stage", "sft",
-                             "--steps", "10000", "--prompts_per_step", "4", "--micro_batch", "4"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    proc = start([*common(task, out), "--stage", "sft", "--steps", "10000", "--prompts_per_step", "4",
+                  "--micro_batch", "4"])
+    first = next(line for line in proc.stdout if line.startswith("sft "))  # step 1 is done
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, rest[-3000:]
     step = len((out / "metrics.jsonl").read_text().splitlines())
-    assert (out / "latest").read_text() == f"step_{step:06d}" and step < 10000
-    assert f"SIGTERM: saved {out / f'step_{step:06d}'} at step {step}; continue with --resume" in stdout
+    assert first.startswith("sft     1/10000") and (out / "latest").read_text() == f"step_{step:06d}" and step < 10000
+    assert f"SIGTERM: saved {out / f'step_{step:06d}'} at step {step}; continue with --resume" in rest
 
 
 def test_connector_only_changes_only_the_connector(task, tmp_path):
@@ -372,22 +359,18 @@ def test_bad_input_fails_before_step_0(task, tmp_path, in_process):
 
 def test_non_finite_loss_is_skipped(task, tmp_path, in_process, monkeypatch):
     """A NaN at step 2 leaves the weights as they were after step 1; three in a row save and stop."""
-    calls = []
-    original = T.forward
+    step, poison = [0], {2}
+    original_forward, original_sft = T.Policy.forward, T.sft_step
 
-    def poisoned(model, mb, temperature=1.0):
-        logprobs, entropy = original(model, mb, temperature)
-        calls.append(len(calls))
-        return (logprobs * float("nan"), entropy) if T_step[0] in poison else (logprobs, entropy)
+    def poisoned(policy, mb, temperature=1.0, model=None):
+        logprobs, entropy = original_forward(policy, mb, temperature, model)
+        return (logprobs * float("nan"), entropy) if step[0] in poison else (logprobs, entropy)
 
-    original_sft = T.sft_step
-    T_step, poison = [0], {2}
+    def counting_sft(run, n):
+        step[0] = n
+        return original_sft(run, n)
 
-    def counting_sft(run, step):
-        T_step[0] = step
-        return original_sft(run, step)
-
-    monkeypatch.setattr(T, "forward", poisoned)
+    monkeypatch.setattr(T.Policy, "forward", poisoned)
     monkeypatch.setattr(T, "sft_step", counting_sft)
     base = dict(init_from=str(task.init_checkpoint), data=str(task.train_jsonl), stage="sft",
                 train="vit,connector,llm", prompts_per_step=4, micro_batch=4, lr=1e-2, save_every=1, threads=1,
