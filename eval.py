@@ -632,10 +632,12 @@ class EvalCommand:
 def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig):
     """Print the answers to one question as `evaluate` asks it (greedy, then cfg.samples sampled), each generate
     call's followed by its prompt length, tokens generated, finish reasons and speed."""
-    prompt = build_eval_prompt({"question": question, "image": [image] if image else []}, tokenizer, model.config,
-                               cfg, min(cfg.max_len, model.config.llm.max_position_embeddings))
+    max_len = min(cfg.max_len, model.config.llm.max_position_embeddings)
+    row = {"question": question, "image": [image] if image else []}
+    prompt = build_eval_prompt(row, tokenizer, model.config, cfg, max_len)
+    # A cache just long enough for this prompt and its answers: one question needs no room for longer ones.
     sampler = build_sampler(model, tokenizer, cfg, min(cfg.max_slots, max(1, cfg.samples)),
-                            len(prompt.ids) + cfg.max_new_tokens)
+                            min(len(prompt.ids) + cfg.max_new_tokens, max_len))
     for _, n, temperature in answer_modes(cfg):
         [group] = generate(sampler, [(0, prompt)], n, temperature, cfg)
         for c in group:
