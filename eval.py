@@ -23,15 +23,17 @@ files (no `question_type`) are judged by MMMU's rules too: multiple_choice rows 
 rows as open questions; expression rows by math-verify (reward.is_equivalent), since MMMU's substring rule would
 accept "x^2+1" inside "x^2+10" and cannot see that (x+1)^2 is x^2+2x+1.
 
-    python eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --split validation --max-new-tokens 16384 --max-len 20480
-    torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data MMMU/ --samples 8 --temperature 0.6 --top-p 0.95
+    python eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --split validation --max_new_tokens 16384 --max_len 20480
+    torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data MMMU/ --samples 8 --temperature 0.6 --top_p 0.95
+
+One question instead of a benchmark (its greedy answer, and --samples k sampled ones, with the speed):
+
+    python eval.py --ckpt CKPT --question "Describe the image." --image cat.jpg --max_new_tokens 512
 """
-import argparse
 import ast
 import io
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -42,12 +44,14 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import cli
 import reward
-from data import (IMAGE_PLACEHOLDER, build_prompt, load_rows, load_tokenizer, open_image, question_text, special_ids,
-                  to_rgb, tokenizer_preview)
-from entropy import CRITICAL_WORDS, IGNORE_INDEX, critical_entropy, critical_token_ids
+from data import (IMAGE_PLACEHOLDER, build_prompt, decode_response, load_rows, load_tokenizer, open_image, pad_id,
+                  question_text, right_pad, special_ids, to_rgb, token_batches, tokenizer_preview)
+from entropy import CRITICAL_WORDS, critical_entropy, critical_token_ids
 from model import DTYPES, VLM
-from rollout import Request, Sampler
+from parallel import Dist, init_distributed
+from rollout import Request, Sampler, mix_seed
 
 # -----------------------------------------------------------------------------------------------------------------
 # MMMU's 30 subjects under its 6 disciplines (DOMAIN_CAT2SUB_CAT of the official data_utils.py)
@@ -264,27 +268,33 @@ OPEN_INSTRUCTION = ("Answer the question using a single word or phrase. Think st
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 4096
-    max_len: int = 8192  # prompt + response tokens when evaluate builds its sampler (else the sampler's max_len)
-    max_tiles: int | None = None  # tile cap per image (None: the checkpoint's max_dynamic_patch), lowered per question
-    #                               until prompt + max_new_tokens fits max_len
-    greedy: bool = True  # one greedy (temperature 0) answer per question: MMMU's headline protocol
-    samples: int = 0  # k sampled answers per question at `temperature`: avg@k and pass@k
-    temperature: float = 1.0  # R1V3 recommends 0.6 with top_p 0.95; 1.0 / 1.0 is the policy's own distribution
-    top_p: float = 1.0
-    seed: int = 0
-    entropy: bool = True  # critical-token entropy: a teacher-forced pass over the sampled (else greedy) responses
-    critical_words: tuple[str, ...] = CRITICAL_WORDS
-    system: str | None = None  # system message of every prompt
-    mc_instruction: str = MC_INSTRUCTION  # appended to MMMU multiple-choice questions
-    open_instruction: str = OPEN_INSTRUCTION  # appended to MMMU open questions (project rows keep their own prompt)
-    chunk: int = 32  # questions per generate call, and the unit that ranks share out (results depend on it, not
-    #                  on the number of ranks)
-    max_slots: int = 64  # sequences in flight when evaluate builds its sampler
-    compile: bool = False  # compile the sampler's decode step (when evaluate builds it)
-    entropy_batch_tokens: int = 16384  # padded tokens per teacher-forced forward
-    time_limit_s: float = reward.DEFAULT_TIME_LIMIT_S  # per math-verify check (the project's expression rows)
-    progress: bool = False  # a progress line on stderr (rank 0)
+    max_new_tokens: int = cli.arg(4096, "response tokens per answer")
+    max_len: int = cli.arg(8192, "prompt + response tokens (the KV cache length) when evaluate builds its sampler; "
+                           "a given sampler's own max_len bounds the prompts instead")
+    max_tiles: int | None = cli.arg(None, "tile cap per image (unset: the checkpoint's max_dynamic_patch), lowered "
+                                    "per question until prompt + max_new_tokens fits max_len")
+    greedy: bool = cli.arg(True, "one greedy (temperature 0) answer per question: MMMU's headline protocol")
+    samples: int = cli.arg(0, "k sampled answers per question at --temperature: avg@k and pass@k")
+    temperature: float = cli.arg(1.0, "temperature of the --samples answers (R1V3 recommends 0.6 with top_p 0.95; "
+                                 "1.0 / 1.0 is the policy's own distribution)")
+    top_p: float = cli.arg(1.0, "nucleus mass of the --samples answers (1: off)")
+    seed: int = cli.arg(0, "sampling seed (each question's mixes it with the question's index in the rows)")
+    entropy: bool = cli.arg(True, "critical-token entropy: one teacher-forced pass over the sampled (else greedy) "
+                            "responses")
+    critical_words: tuple[str, ...] = cli.arg(CRITICAL_WORDS, "words whose tokens' entropy is the critical-token "
+                                              "entropy")
+    system: str | None = cli.arg(None, "system message of every prompt")
+    mc_instruction: str = cli.arg(MC_INSTRUCTION, "appended to MMMU multiple-choice questions")
+    open_instruction: str = cli.arg(OPEN_INSTRUCTION, "appended to MMMU open questions (the project's rows keep "
+                                    "their own prompt)")
+    chunk: int = cli.arg(32, "questions per generate call, and the unit that ranks share out (results depend on it, "
+                         "not on the number of ranks)")
+    max_slots: int = cli.arg(64, "sequences decoded at once when evaluate builds its sampler")
+    compile: bool = cli.arg(False, "compile the sampler's decode step (CUDA graphs on a GPU) when evaluate builds it")
+    entropy_batch_tokens: int = cli.arg(16384, "padded tokens per teacher-forced forward of the entropy pass")
+    time_limit_s: float = cli.arg(reward.DEFAULT_TIME_LIMIT_S, "seconds per math-verify check (the project's "
+                                  "expression rows)")
+    progress: bool = cli.arg(False, "a progress line on stderr (rank 0)")
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_len", "chunk", "max_slots", "entropy_batch_tokens"):
@@ -390,32 +400,25 @@ def response_entropies(model: VLM, seqs: list[tuple[list[int], torch.Tensor | No
     """For each (prompt ids, pixels, response ids): the entropy of softmax(logits / temperature) at each response
     token, from the position that predicted it, fp32 (len(response),). Sequences go through `model(..., targets=)`
     (the fused log-prob/entropy path, no full logits) right-padded, in order, as many per forward as fit
-    `batch_tokens` padded tokens; padding after a sequence is invisible to it under causal attention."""
+    `batch_tokens` padded tokens."""
     param = model.language_model.embed_tokens.weight
-    pad = 1 if model.config.image_token_id == 0 else 0  # anything but <IMG_CONTEXT>, which embed counts
-    batches, longest = [[]], 0
-    for seq in seqs:  # consecutive runs whose padded size (count x longest) stays within batch_tokens
-        n = len(seq[0]) + len(seq[2])
-        if batches[-1] and (len(batches[-1]) + 1) * max(longest, n) > batch_tokens:
-            batches.append([])
-            longest = 0
-        batches[-1].append(seq)
-        longest = max(longest, n)
     out = []
-    for batch in batches if seqs else []:
-        longest = max(len(p) + len(r) for p, _, r in batch)
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        targets = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
-        for b, (prompt, _, response) in enumerate(batch):
-            P, R = len(prompt), len(response)
-            ids[b, :P + R] = torch.tensor(prompt + response)
-            targets[b, P - 1:P - 1 + R] = torch.tensor(response)  # position t predicts token t + 1
-        pixels = [p for _, p, _ in batch if p is not None]
+    for batch in token_batches([len(prompt) + len(response) for prompt, _, response in seqs], batch_tokens):
+        padded = right_pad([seqs[i][0] for i in batch], [seqs[i][2] for i in batch], pad_id(model.config))
+        pixels = [seqs[i][1] for i in batch if seqs[i][1] is not None]
         pixels = torch.cat(pixels).to(param.device, param.dtype) if pixels else None
-        _, entropy = model(ids.to(param.device), pixels, targets=targets.to(param.device), temperature=temperature)
-        entropy = entropy.float().cpu()
-        out += [entropy[b, len(p) - 1:len(p) - 1 + len(r)] for b, (p, _, r) in enumerate(batch)]
+        _, entropy = model(padded.input_ids.to(param.device), pixels, targets=padded.targets.to(param.device),
+                           temperature=temperature)
+        out += padded.split(entropy.float().cpu())
     return out
+
+
+def entropy_sums(response_ids: list[int], entropy: torch.Tensor, critical_ids) -> dict:
+    """A response's entropy as sums and counts, so that subjects, disciplines and ranks combine by adding."""
+    sums = critical_entropy(torch.tensor(response_ids), entropy, None, critical_ids)
+    critical_sum = sums["critical_entropy"] * sums["num_critical"] if sums["num_critical"] else 0.0
+    return dict(critical_sum=critical_sum, num_critical=sums["num_critical"], sum=float(entropy.double().sum()),
+                num_tokens=sums["num_tokens"])
 
 # -----------------------------------------------------------------------------------------------------------------
 # Evaluation: chunks of questions shared out across ranks, generated, judged; records merged on every rank
@@ -424,13 +427,25 @@ def response_entropies(model: VLM, seqs: list[tuple[list[int], torch.Tensor | No
 MODES = ("greedy", "sample")  # record order within a question
 
 
-def _question_seed(seed: int, index: int) -> int:
-    """Each question's sampling seed depends on its place in the full row list, never on the rank that runs it."""
-    return seed * 1_000_003 + index
+def answer_modes(cfg: EvalConfig) -> list[tuple[str, int, float]]:
+    """(mode, answers per question, temperature) of each generate call a question gets."""
+    return ([("greedy", 1, 0.0)] if cfg.greedy else []) + ([("sample", cfg.samples, cfg.temperature)]
+                                                            if cfg.samples else [])
 
 
-def _decode(tokenizer, ids: list[int], finish_reason: str) -> str:
-    return tokenizer.decode(ids[:-1] if finish_reason == "stop" else ids, skip_special_tokens=False)
+def build_sampler(model: VLM, tokenizer, cfg: EvalConfig, max_slots: int, max_len: int) -> Sampler:
+    """A sampler that stops at the tokenizer's end-of-turn tokens and never draws image tokens."""
+    stop_ids, banned_ids = special_ids(tokenizer)
+    return Sampler(model, max_slots, min(max_len, model.config.llm.max_position_embeddings), stop_ids, banned_ids,
+                   compile=cfg.compile)
+
+
+def generate(sampler: Sampler, prompts: list[tuple[int, Prompt]], n: int, temperature: float, cfg: EvalConfig):
+    """n completions of each (question index, prompt). Each question's sampling seed comes from its place in the
+    full row list, never from the rank that runs it."""
+    requests = [Request(prompt.ids, prompt.pixels, seed=mix_seed(cfg.seed, index)) for index, prompt in prompts]
+    return sampler.generate(requests, num_samples=n, max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                            top_p=cfg.top_p if temperature > 0 else 1.0, seed=cfg.seed)
 
 
 def _record(index: int, row: dict, mode: str, sample: int, prompt: str | None, **fields) -> dict:
@@ -442,9 +457,8 @@ def _run_chunk(model: VLM, tokenizer, sampler: Sampler, chunk: list[tuple[int, d
                critical_ids: dict, stats: dict) -> list[dict]:
     """Records of one chunk of (index, row): every greedy and sampled answer, judged; questions that cannot be asked
     get one "unanswered" record per answer they would have had."""
-    modes = ([("greedy", 1, 0.0)] if cfg.greedy else []) + ([("sample", cfg.samples, cfg.temperature)]
-                                                             if cfg.samples else [])
-    records, asked = [], []
+    modes = answer_modes(cfg)
+    records, asked = [], []  # asked: (index, row, prompt) of the questions that fit
     for index, row in chunk:
         try:
             asked.append((index, row, build_eval_prompt(row, tokenizer, model.config, cfg, sampler.max_len)))
@@ -456,32 +470,26 @@ def _run_chunk(model: VLM, tokenizer, sampler: Sampler, chunk: list[tuple[int, d
     for mode, n, temperature in modes:
         if not asked:
             break
-        requests = [Request(p.ids, p.pixels, seed=_question_seed(cfg.seed, i)) for i, _, p in asked]
-        groups = sampler.generate(requests, num_samples=n, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, seed=cfg.seed)
+        groups = generate(sampler, [(index, prompt) for index, _, prompt in asked], n, temperature, cfg)
         stats["tokens"] += sampler.stats["tokens"]
         stats["seconds"] += sampler.stats["seconds"]
         entropies = None
         if cfg.entropy and (mode == "sample" or not cfg.samples):  # the sampled responses when there are any
-            seqs = [(p.ids, p.pixels, c.ids) for (_, _, p), group in zip(asked, groups) for c in group]
+            seqs = [(prompt.ids, prompt.pixels, c.ids) for (_, _, prompt), group in zip(asked, groups) for c in group]
             flat = response_entropies(model, seqs, temperature or 1.0, cfg.entropy_batch_tokens)
             entropies = [flat[q * n:(q + 1) * n] for q in range(len(asked))]
-        for q, ((index, row, p), group) in enumerate(zip(asked, groups)):
-            preview = tokenizer_preview(tokenizer, p.ids)
+        for q, ((index, row, prompt), group) in enumerate(zip(asked, groups)):
+            preview = tokenizer_preview(tokenizer, prompt.ids)
             for j, c in enumerate(group):
-                response = _decode(tokenizer, c.ids, c.finish_reason)
+                response = decode_response(tokenizer, c.ids, sampler.stop_ids)
                 v = verdict(response, row, cfg.time_limit_s)
-                ent = None
-                if entropies is not None:
-                    e = critical_entropy(torch.tensor(c.ids), entropies[q][j], None, critical_ids)
-                    ent = dict(critical_sum=0.0 if not e["num_critical"] else e["critical_entropy"] * e["num_critical"],
-                               num_critical=e["num_critical"], sum=float(entropies[q][j].double().sum()),
-                               num_tokens=e["num_tokens"])
                 records.append(_record(index, row, mode, j, preview, response=response, answer=v.answer,
                                        parsed=v.parsed, verdict=v.label, rule=v.rule, error=None,
                                        num_tokens=len(c.ids), finish_reason=c.finish_reason,
                                        format=reward.think_ok(response) and v.label != "no answer",
-                                       max_tiles=p.max_tiles, entropy=ent))
+                                       max_tiles=prompt.max_tiles,
+                                       entropy=None if entropies is None else
+                                       entropy_sums(c.ids, entropies[q][j], critical_ids)))
     return records
 
 
@@ -529,21 +537,19 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
     if not rows:
         raise ValueError("no rows to evaluate")
     if sampler is None:
-        stop_ids, banned_ids = special_ids(tokenizer)
-        max_len = min(cfg.max_len, model.config.llm.max_position_embeddings)
-        sampler = Sampler(model, cfg.max_slots, max_len, stop_ids, banned_ids, compile=cfg.compile)
+        sampler = build_sampler(model, tokenizer, cfg, cfg.max_slots, cfg.max_len)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     chunks = [list(enumerate(rows))[c:c + cfg.chunk] for c in range(0, len(rows), cfg.chunk)]
-    mine = chunks[rank::world]
+    my_chunks = chunks[rank::world]
     critical_ids = critical_token_ids(tokenizer, cfg.critical_words)
     stats, records, t0 = dict(tokens=0, seconds=0.0), [], time.perf_counter()
-    for done, chunk in enumerate(mine, 1):
+    for done, chunk in enumerate(my_chunks, 1):
         records += _run_chunk(model, tokenizer, sampler, chunk, cfg, critical_ids, stats)
         if cfg.progress and rank == 0:
             greedy = [r["verdict"] == "correct" for r in records if r["mode"] == "greedy"]
-            print(f"\reval{f' rank 0 of {world}' if world > 1 else ''}: {sum(len(c) for c in mine[:done])}/"
-                  f"{sum(map(len, mine))} questions | {stats['tokens']} tokens | "
+            print(f"\reval{f' rank 0 of {world}' if world > 1 else ''}: {sum(map(len, my_chunks[:done]))}/"
+                  f"{sum(map(len, my_chunks))} questions | {stats['tokens']} tokens | "
                   f"{stats['tokens'] / max(stats['seconds'], 1e-9):.0f} tok/s | greedy accuracy so far "
                   f"{_mean(greedy):.3f} | {time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
     if cfg.progress and rank == 0:
@@ -554,16 +560,16 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
         records = [r for part, _ in parts for r in part]
         stats = dict(tokens=sum(s["tokens"] for _, s in parts), seconds=max(s["seconds"] for _, s in parts))
     records.sort(key=lambda r: (r["index"], MODES.index(r["mode"]), r["sample"]))
-    groups: dict[str, list[dict]] = {}
+    subjects: dict[str, list[dict]] = {}
     for r in records:
-        groups.setdefault(r["subject"], []).append(r)
+        subjects.setdefault(r["subject"], []).append(r)
     disciplines: dict[str, list[dict]] = {}
-    for subject, recs in groups.items():
+    for subject, recs in subjects.items():
         disciplines.setdefault(DISCIPLINE_OF.get(subject, OTHER), []).extend(recs)
     order = list(DISCIPLINES) + [OTHER]
     return dict(metrics(records), k=cfg.samples, generated_tokens=stats["tokens"], generation_s=stats["seconds"],
                 tokens_per_s=stats["tokens"] / stats["seconds"] if stats["seconds"] else math.nan,
-                subjects={s: metrics(groups[s]) for s in sorted(groups)},
+                subjects={s: metrics(subjects[s]) for s in sorted(subjects)},
                 disciplines={d: metrics(disciplines[d]) for d in order if d in disciplines},
                 records=records)
 
@@ -595,92 +601,94 @@ def format_table(result: dict) -> str:
     return "\n".join(out)
 
 
-def _json_safe(x):
-    """nan (no critical token, no sampled answer) as null: strict JSON has no NaN."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def results_json(result: dict, cfg: EvalConfig, **info) -> dict:
     """The results file: run info, config, overall numbers, timing apart, per-discipline and per-subject numbers, and
     every record."""
     summary = {k: v for k, v in result.items() if k not in ("subjects", "disciplines", "records") + TIMING}
-    return _json_safe(dict(info, config=asdict(cfg), summary=summary, timing={k: result[k] for k in TIMING},
-                           disciplines=result["disciplines"], subjects=result["subjects"], records=result["records"]))
+    return cli.json_safe(dict(info, config=asdict(cfg), summary=summary, timing={k: result[k] for k in TIMING},
+                              disciplines=result["disciplines"], subjects=result["subjects"],
+                              records=result["records"]))
 
 # -----------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: a benchmark (--data), or one question (--question)
+
+
+@dataclass
+class EvalCommand:
+    """The script's own settings (what to load, where to write); EvalConfig holds the evaluation's."""
+    ckpt: str | None = cli.arg(None, "checkpoint directory (config.json, safetensors, tokenizer.json); required")
+    data: str | None = cli.arg(None, "MMMU parquet file or folder of them, or a project JSONL file")
+    split: str = cli.arg("validation", "MMMU split: the files in a --data folder whose name starts with it (a file "
+                         "is read whole)")
+    subjects: tuple[str, ...] = cli.arg((), "only these subjects (e.g. Math,Art_Theory; any case; none: all)")
+    limit: int | None = cli.arg(None, "at most this many questions per subject")
+    out: str = cli.arg("runs/eval.json", "results JSON (every prompt, response and verdict)")
+    dtype: str | None = cli.arg(None, "weights dtype (unset: bfloat16 on CUDA, float32 on a CPU)", tuple(DTYPES))
+    progress: bool = cli.arg(True, "a progress line on stderr")
+    question: str | None = cli.arg(None, "ask this one question instead of evaluating --data, and print the answers")
+    image: str | None = cli.arg(None, "the image shown with --question")
+
+
+def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig):
+    """Print the answers to one question as `evaluate` asks it (greedy, then cfg.samples sampled), each generate
+    call's followed by its prompt length, tokens generated, finish reasons and speed."""
+    max_len = min(cfg.max_len, model.config.llm.max_position_embeddings)
+    row = {"question": question, "image": [image] if image else []}
+    prompt = build_eval_prompt(row, tokenizer, model.config, cfg, max_len)
+    # A cache just long enough for this prompt and its answers: one question needs no room for longer ones.
+    sampler = build_sampler(model, tokenizer, cfg, min(cfg.max_slots, max(1, cfg.samples)),
+                            min(len(prompt.ids) + cfg.max_new_tokens, max_len))
+    for _, n, temperature in answer_modes(cfg):
+        [group] = generate(sampler, [(0, prompt)], n, temperature, cfg)
+        for c in group:
+            print(decode_response(tokenizer, c.ids, sampler.stop_ids))
+        st = sampler.stats
+        reasons = ", ".join(c.finish_reason for c in group)
+        print(f"[{len(prompt.ids)} prompt tokens, {st['tokens']} generated ({reasons}) in {st['seconds']:.2f}s: "
+              f"{st['tokens_per_s']:.1f} tokens/s]", flush=True)
+
+
+def run_benchmark(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, cmd: EvalCommand, d: Dist):
+    """Evaluate on every rank; rank 0 prints the table and writes the results file."""
+    if d.rank == 0:
+        print(f"eval: {len(rows)} questions from {cmd.data} on {d.device} x {d.world} | {json.dumps(asdict(cfg))}",
+              flush=True)
+    result = evaluate(model, tokenizer, rows, cfg)
+    if d.rank != 0:
+        return
+    print(format_table(result))
+    out = Path(cmd.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = results_json(result, cfg, checkpoint=cmd.ckpt, data=cmd.data, split=cmd.split)
+    cli.write_atomic(out, json.dumps(results, indent=1, allow_nan=False) + "\n")
+    first = "greedy" if cfg.greedy else "sample"  # one line per unanswered question, not per answer it lacks
+    for r in result["records"]:
+        if r["verdict"] == "unanswered" and r["sample"] == 0 and r["mode"] == first:
+            print(f"unanswered {r['id']}: {r['error']}")
+    print(f"wrote {out}")
 
 
 def main(argv=None):
-    d = EvalConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--data", required=True, help="MMMU parquet file or folder of them, or a project JSONL file")
-    p.add_argument("--split", default="validation",
-                   help="MMMU split: the files in a --data folder whose name starts with it (a file is read whole)")
-    p.add_argument("--subjects", nargs="*", default=None, help="only these subjects (e.g. Math Art_Theory; any case)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many questions per subject")
-    p.add_argument("--out", default="runs/eval.json", help="results JSON (every prompt, response and verdict)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights dtype (default bfloat16 on CUDA)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="response tokens per answer")
-    p.add_argument("--max-len", type=int, default=d.max_len, help="prompt + response tokens (the KV cache length)")
-    p.add_argument("--max-tiles", type=int, default=d.max_tiles, help="tile cap per image (default: checkpoint's)")
-    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=d.greedy,
-                   help="one greedy answer per question (MMMU's headline number)")
-    p.add_argument("--samples", type=int, default=d.samples, help="k sampled answers per question: avg@k, pass@k")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature for --samples")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling for --samples (1: off)")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (per question: seed and its index)")
-    p.add_argument("--entropy", action=argparse.BooleanOptionalAction, default=d.entropy,
-                   help="critical-token entropy (one teacher-forced pass over the sampled, else greedy, responses)")
-    p.add_argument("--system", default=d.system, help="system message")
-    p.add_argument("--chunk", type=int, default=d.chunk, help="questions per generate call and per rank share")
-    p.add_argument("--max-slots", type=int, default=d.max_slots, help="sequences decoded at once")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
-                   help="compile the sampler's decode step (CUDA graphs on a GPU)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress line")
+    p = cli.parser(__doc__.split("\n\n")[0])
+    cli.add_flags(p, EvalCommand)
+    cli.add_flags(p, EvalConfig, skip=("progress",))  # EvalCommand's --progress: on at the command line
     args = p.parse_args(argv)
-    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, max_len=args.max_len, max_tiles=args.max_tiles,
-                     greedy=args.greedy, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                     seed=args.seed, entropy=args.entropy, system=args.system, chunk=args.chunk,
-                     max_slots=args.max_slots, compile=args.compile, progress=args.progress)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    rows = load_eval_rows(args.data, args.split, args.subjects, args.limit)
-    model = VLM.from_pretrained(args.ckpt, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(args.ckpt)
-    if rank == 0:
-        world = dist.get_world_size() if distributed else 1
-        print(f"eval: {len(rows)} questions from {args.data} on {device} x {world} | {json.dumps(asdict(cfg))}",
-              flush=True)
-    result = evaluate(model, tokenizer, rows, cfg)
-    if rank == 0:
-        print(format_table(result))
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results_json(result, cfg, checkpoint=str(args.ckpt), data=str(args.data),
-                                               split=args.split), indent=1, allow_nan=False) + "\n")
-        unanswered = [r for r in result["records"] if r["verdict"] == "unanswered" and r["sample"] == 0
-                      and r["mode"] == ("greedy" if cfg.greedy else "sample")]
-        for r in unanswered:
-            print(f"unanswered {r['id']}: {r['error']}")
-        print(f"wrote {out}")
-    if distributed:
+    cmd, cfg = cli.config_from(args, EvalCommand), cli.config_from(args, EvalConfig)
+    if cmd.ckpt is None or (cmd.data is None) == (cmd.question is None):
+        p.error("give --ckpt, and --data (a benchmark) or --question (one question)")
+    rows = load_eval_rows(cmd.data, cmd.split, cmd.subjects, cmd.limit) if cmd.data else None  # before the weights
+    d = init_distributed()
+    try:
+        dtype = DTYPES[cmd.dtype or ("bfloat16" if d.device.type == "cuda" else "float32")]
+        model = VLM.from_pretrained(cmd.ckpt, dtype=dtype, device=d.device)
+        tokenizer = load_tokenizer(cmd.ckpt)
+        if rows is None:
+            if d.rank == 0:
+                ask(model, tokenizer, cmd.question, cmd.image, cfg)
+        else:
+            run_benchmark(model, tokenizer, rows, cfg, cmd, d)
         dist.barrier()  # no rank tears down its connections while another still uses them
+    finally:
         dist.destroy_process_group()
 
 

@@ -1,8 +1,8 @@
 """eval.py: a table of responses judged by MMMU's official rules (each case names the rule that decides it), where
 reward.py's lenient parsing differs, MMMU-format parquet files made here (images placed where the question puts them,
 options lettered, missing and unreadable images), the whole pipeline on a tiny random checkpoint, evaluate's numbers
-against a hand count with a scripted sampler and its entropies against full-logit recomputation, and torchrun with 2
-processes against one."""
+against a hand count with a scripted sampler and its entropies against full-logit recomputation, torchrun with 2
+processes against one, and the one-question mode against the sampler in-process."""
 import io
 import json
 import os
@@ -20,7 +20,7 @@ import data as D
 import eval as E
 import model as M
 import reward
-from rollout import Completion
+from rollout import Completion, Request, Sampler
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
@@ -356,10 +356,10 @@ def test_tile_cap_shrinks_until_the_prompt_fits(mmmu_dir, tok):
         E.build_eval_prompt(row, tok, config, cfg, max_len=len(one.ids))
 
 
-def test_pipeline_on_mmmu_parquet_writes_complete_results(mmmu_dir, ckpt, tmp_path, capsys):
+def test_pipeline_on_mmmu_parquet_writes_complete_results(mmmu_dir, ckpt, tmp_path, capsys, in_process):
     out = tmp_path / "eval.json"
-    E.main(["--ckpt", str(ckpt), "--data", str(mmmu_dir), "--out", str(out), "--samples", "2", "--max-new-tokens",
-            "6", "--max-len", "256", "--chunk", "2", "--no-progress", "--temperature", "1.0"])
+    E.main(["--ckpt", str(ckpt), "--data", str(mmmu_dir), "--out", str(out), "--samples", "2", "--max_new_tokens",
+            "6", "--max_len", "256", "--chunk", "2", "--no-progress", "--temperature", "1.0"])
     res = json.loads(out.read_text())
     rows = {r["id"]: r for r in E.load_mmmu(mmmu_dir)}
     recs = res["records"]
@@ -402,14 +402,14 @@ def test_pipeline_on_mmmu_parquet_writes_complete_results(mmmu_dir, ckpt, tmp_pa
     assert lines == ["Art", "Art_Theory", "Science", "Math", "Overall"]
 
 
-def test_pipeline_on_project_jsonl_rows(ckpt, tmp_path):
+def test_pipeline_on_project_jsonl_rows(ckpt, tmp_path, in_process):
     Image.open(io.BytesIO(WIDE)).save(tmp_path / "grid.png")
     rows = [{"id": "g1", "question": "how many red cells ?", "answer": "6", "image": "grid.png",
              "subject": "counting"},
             {"id": "g2", "question": "which ?", "answer": "B", "options": ["red", "blue"]}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     E.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "eval.json"),
-            "--max-new-tokens", "4", "--max-len", "128", "--no-progress"])
+            "--max_new_tokens", "4", "--max_len", "128", "--no-progress"])
     res = json.loads((tmp_path / "eval.json").read_text())
     assert [(r["id"], r["mode"]) for r in res["records"]] == [("g1", "greedy"), ("g2", "greedy")]
     assert res["records"][0]["prompt"].count(M.IMG_CONTEXT + "x") == 1  # the training prompt: image in front
@@ -429,7 +429,7 @@ class ScriptedSampler:
 
     def __init__(self, tok, script: dict, max_len: int = 256):
         self.tok, self.script, self.max_len, self.stats = tok, script, max_len, {}
-        self.calls = []
+        self.stop_ids, self.calls = {tok.token_to_id("<|im_end|>")}, []
 
     def generate(self, requests, num_samples, max_new_tokens, temperature, top_p, seed):
         self.calls.append((len(requests), num_samples, temperature))
@@ -540,8 +540,8 @@ def run(args: list[str], nproc: int = 1, **env) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_two_processes_match_one(mmmu_dir, ckpt, tmp_path):
-    common = ["eval.py", "--ckpt", str(ckpt), "--data", str(mmmu_dir), "--samples", "2", "--max-new-tokens", "6",
-              "--max-len", "256", "--chunk", "2", "--no-progress"]
+    common = ["eval.py", "--ckpt", str(ckpt), "--data", str(mmmu_dir), "--samples", "2", "--max_new_tokens", "6",
+              "--max_len", "256", "--chunk", "2", "--no-progress"]
     run(common + ["--out", str(tmp_path / "one.json")])
     run(common + ["--out", str(tmp_path / "two.json")], nproc=2)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
@@ -550,9 +550,11 @@ def test_torchrun_two_processes_match_one(mmmu_dir, ckpt, tmp_path):
     assert len(one["records"]) == 15 and one["summary"]["questions"] == 5
 
 
+
 HELPER = """
 import json, sys
 import torch.distributed as dist
+import cli
 import eval as E
 from data import load_tokenizer
 from model import VLM
@@ -562,7 +564,7 @@ cfg = E.EvalConfig(max_new_tokens=6, max_len=256, samples=2, chunk=1)
 result = E.evaluate(VLM.from_pretrained(sys.argv[1]), load_tokenizer(sys.argv[1]), rows, cfg)
 result = {k: v for k, v in result.items() if k not in E.TIMING}
 with open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w") as f:
-    json.dump(E._json_safe(result), f)
+    json.dump(cli.json_safe(result), f)
 dist.barrier()
 dist.destroy_process_group()
 """
@@ -576,3 +578,30 @@ def test_in_process_evaluate_under_torchrun_returns_the_same_on_every_rank(mmmu_
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0 == r1 and len(r0["records"]) == 15 and r0["questions"] == 5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one-question mode
+
+
+def test_unknown_dtype_flag(capsys):
+    """`python eval.py --ckpt X --dtype foo` stops in argparse, naming the value, before touching X."""
+    with pytest.raises(SystemExit) as e:
+        E.main(["--ckpt", "nowhere", "--dtype", "foo"])
+    assert e.value.code == 2 and "argument --dtype: invalid choice: 'foo'" in capsys.readouterr().err
+
+
+def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tmp_path):
+    """`python eval.py --ckpt --question --image` prints the greedy response the Sampler gives in-process."""
+    Image.open(io.BytesIO(WIDE)).save(tmp_path / "grid.png")
+    model = M.VLM.from_pretrained(ckpt)
+    ids, pixels = D.build_prompt(tok, model.config, "how many red cells ?", [tmp_path / "grid.png"])
+    stop, banned = D.special_ids(tok)
+    [[want]] = Sampler(model, max_slots=1, max_len=len(ids) + 6, stop_ids=stop, banned_ids=banned).generate(
+        [Request(ids, pixels)], max_new_tokens=6, temperature=0.0)
+    out = run(["eval.py", "--ckpt", str(ckpt), "--question", "how many red cells ?", "--image",
+               str(tmp_path / "grid.png"), "--max_new_tokens", "6", "--dtype", "float32"]).stdout
+    response, stats = out.removesuffix("\n").rsplit("\n", 1)
+    assert response == D.decode_response(tok, want.ids, stop) and want.ids, (response, want)
+    assert stats.startswith(f"[{len(ids)} prompt tokens, {len(want.ids)} generated ({want.finish_reason}) in ")
+    assert stats.endswith(" tokens/s]")
