@@ -279,14 +279,36 @@ def critical_token_ids(tokenizer: Tokenizer, words: Sequence[str] = CRITICAL_WOR
     return ids
 
 
+@dataclass
+class EntropySums:
+    """Entropy summed over critical-token occurrences and over all counted tokens; add them up across batches and
+    ranks, then read the means."""
+    critical: float = 0.0
+    num_critical: int = 0
+    total: float = 0.0
+    num_tokens: int = 0
+
+    def __add__(self, other: "EntropySums") -> "EntropySums":
+        return EntropySums(self.critical + other.critical, self.num_critical + other.num_critical,
+                           self.total + other.total, self.num_tokens + other.num_tokens)
+
+    @property
+    def critical_mean(self) -> float:  # nan when no critical token: 0 would read as "collapsed"
+        return self.critical / self.num_critical if self.num_critical else math.nan
+
+    @property
+    def mean(self) -> float:  # nan when no token
+        return self.total / self.num_tokens if self.num_tokens else math.nan
+
+
 def critical_entropy(token_ids: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor | None,
-                     critical_ids: Collection[int]) -> dict[str, float | int]:
-    """Mean entropy over every critical-token occurrence in a set of sampled responses, and over all tokens.
+                     critical_ids: Collection[int]) -> EntropySums:
+    """Entropy summed (in fp64) over every critical-token occurrence in a set of sampled responses, and over all
+    tokens, with both counts.
 
     token_ids, entropy, mask: same shape ([B, T] or [N]). entropy[t] is the entropy of the distribution that
     produced token_ids[t] (both aligned on the response token, i.e. what `logprob_entropy` returns for targets =
-    token_ids). mask (bool, None = all) selects response tokens. An empty selection gives nan, not 0: 0 would read
-    as "collapsed"."""
+    token_ids). mask (bool, None = all) selects response tokens."""
     if not token_ids.shape == entropy.shape == (token_ids.shape if mask is None else mask.shape):
         raise ValueError(f"token_ids, entropy, mask shapes differ: {tuple(token_ids.shape)}, "
                          f"{tuple(entropy.shape)}, {None if mask is None else tuple(mask.shape)}")
@@ -294,10 +316,8 @@ def critical_entropy(token_ids: torch.Tensor, entropy: torch.Tensor, mask: torch
     ids = torch.tensor(sorted(critical_ids), dtype=token_ids.dtype, device=token_ids.device)
     critical = torch.isin(token_ids, ids) & mask
     entropy = entropy.detach().double()
-    num_critical, num_tokens = int(critical.sum()), int(mask.sum())
-    return dict(critical_entropy=entropy[critical].mean().item() if num_critical else math.nan,
-                mean_entropy=entropy[mask].mean().item() if num_tokens else math.nan,
-                num_critical=num_critical, num_tokens=num_tokens)
+    return EntropySums(critical=entropy[critical].sum().item(), num_critical=int(critical.sum()),
+                       total=entropy[mask].sum().item(), num_tokens=int(mask.sum()))
 
 
 # ---- benchmark ---------------------------------------------------------------------------------------------------

@@ -474,9 +474,8 @@ def _run_chunk(model: VLM, tokenizer, sampler: Sampler, chunk: list[tuple[int, d
                 ent = None
                 if entropies is not None:
                     e = critical_entropy(torch.tensor(c.ids), entropies[q][j], None, critical_ids)
-                    ent = dict(critical_sum=0.0 if not e["num_critical"] else e["critical_entropy"] * e["num_critical"],
-                               num_critical=e["num_critical"], sum=float(entropies[q][j].double().sum()),
-                               num_tokens=e["num_tokens"])
+                    ent = dict(critical_sum=e.critical, num_critical=e.num_critical,
+                               sum=float(entropies[q][j].double().sum()), num_tokens=e.num_tokens)
                 records.append(_record(index, row, mode, j, preview, response=response, answer=v.answer,
                                        parsed=v.parsed, verdict=v.label, rule=v.rule, error=None,
                                        num_tokens=len(c.ids), finish_reason=c.finish_reason,

@@ -556,9 +556,7 @@ def grpo_update(run: Run, seqs: list[Sequence]) -> dict:
         gap = (logprobs.detach() - mb.sampler_logprobs).abs()[m]
         gap_sum, gap_max = gap_sum + gap.sum().item(), max(gap_max, gap.max().item() if gap.numel() else 0.0)
         c = critical_entropy(mb.targets, entropy.detach(), m, run.critical_ids)
-        for k, v in enumerate((c["critical_entropy"] * c["num_critical"] if c["num_critical"] else 0.0,
-                               c["num_critical"], c["mean_entropy"] * c["num_tokens"] if c["num_tokens"] else 0.0,
-                               c["num_tokens"])):
+        for k, v in enumerate((c.critical, c.num_critical, c.total, c.num_tokens)):
             crit[k] += v
 
     def batches(part: list[Sequence]) -> list[tuple[list[Sequence], MicroBatch]]:

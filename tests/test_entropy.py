@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from entropy import (CRITICAL_WORDS, IGNORE_INDEX, Chunks, critical_entropy, critical_token_ids, logprob_entropy,
-                     logprob_entropy_reference)
+from entropy import (CRITICAL_WORDS, IGNORE_INDEX, Chunks, EntropySums, critical_entropy, critical_token_ids,
+                     logprob_entropy, logprob_entropy_reference)
 
 # Odd shapes: V = 1000 is no multiple of the vocab split (384) nor of BLOCK_V (128), D = 40 is no power of two,
 # N = 37 leaves a remainder of 5 after two 16-token chunks, so every loop runs several times and ends ragged.
@@ -173,11 +173,19 @@ def test_critical_entropy_by_hand(bpe):
     mask = torch.tensor([[1, 1, 1, 1, 1],
                          [1, 1, 0, 1, 0]], dtype=torch.bool)  # the second row's "wait" is padding
     out = critical_entropy(token_ids, entropy, mask, ids)
-    assert out["num_critical"] == 3 and out["num_tokens"] == 8
-    assert out["critical_entropy"] == pytest.approx((2.0 + 1.0 + 0.6) / 3)
-    assert out["mean_entropy"] == pytest.approx((0.1 + 2.0 + 0.3 + 1.0 + 0.5 + 0.6 + 0.2 + 0.4) / 8)
+    assert out.num_critical == 3 and out.num_tokens == 8
+    assert out.critical == pytest.approx(2.0 + 1.0 + 0.6) and out.critical_mean == pytest.approx((2.0 + 1.0 + 0.6) / 3)
+    total = 0.1 + 2.0 + 0.3 + 1.0 + 0.5 + 0.6 + 0.2 + 0.4
+    assert out.total == pytest.approx(total) and out.mean == pytest.approx(total / 8)
     none = critical_entropy(token_ids.flatten(), entropy.flatten(), None, {bpe.token_to_id("ĠHmm")})
-    assert math.isnan(none["critical_entropy"]) and none["num_critical"] == 0 and none["num_tokens"] == 10
+    assert math.isnan(none.critical_mean) and none.num_critical == 0 and none.num_tokens == 10
+    assert none.critical == 0.0 and none.mean == pytest.approx(entropy.double().mean().item())
+    # sums add up across batches (and ranks): the means of the whole are those of one call on everything
+    both = out + none
+    assert (both.num_critical, both.num_tokens) == (3, 18)
+    assert both.critical_mean == pytest.approx(out.critical_mean)
+    assert both.mean == pytest.approx((total + entropy.sum().item()) / 18)
+    assert math.isnan(EntropySums().critical_mean) and math.isnan(EntropySums().mean)
     with pytest.raises(ValueError, match="shapes differ"):
         critical_entropy(token_ids, entropy.flatten(), None, ids)
 
