@@ -1,6 +1,9 @@
 """entropy.py: the chunked torch path and the Triton kernels (interpreted on CPU) against an fp64 oracle; the
 critical-token metric against a real BPE tokenizer and a hand computation."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +198,46 @@ def test_critical_token_ids_skip_unknown_words():
     from data import word_tokenizer
     tok = word_tokenizer(["wait", "cells"])
     assert critical_token_ids(tok) == {tok.token_to_id("wait"): "wait"}
+
+
+NO_TRITON = """
+import sys
+
+
+class NoTriton:  # as on macOS or Windows, where triton has no wheels: `import triton` fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+import entropy, model as M
+
+assert entropy.triton is None and "triton" not in sys.modules
+m = M.VLM.from_config(M.tiny_config(40, 39), seed=5)
+ids = torch.randint(0, 39, (2, 11), generator=torch.Generator().manual_seed(0))
+targets = ids.roll(-1, dims=1)
+targets[:, :4] = entropy.IGNORE_INDEX
+with torch.no_grad():
+    logprobs, ent = m(ids, targets=targets)  # impl "auto": torch on CPU
+    want = entropy.logprob_entropy_reference(m.hidden(ids).flatten(0, 1).double(),
+                                             m.language_model.head_weight.double(), targets.flatten())
+assert (logprobs.flatten().double() - want[0]).abs().max() <= 1e-5, "logprobs"
+assert (ent.flatten().double() - want[1]).abs().max() <= 1e-5, "entropy"
+try:
+    entropy.logprob_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), impl="triton")
+except RuntimeError as e:
+    assert "triton package" in str(e), e
+else:
+    raise AssertionError("impl='triton' ran without triton")
+print("ok")
+"""
+
+
+def test_model_and_fused_forward_without_triton():
+    """With triton unimportable, model.py imports, and forward(targets=) runs the torch path and
+    matches the full-logits reference; asking for the Triton kernels names the missing package."""
+    out = subprocess.run([sys.executable, "-c", NO_TRITON], cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
