@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from model import IMG_CONTEXT, VLMConfig, read_config
+from checkpoint import IMG_CONTEXT, read_config
+from model import VLMConfig
 from reward import validate_row
 
 # -----------------------------------------------------------------------------------------------------------------

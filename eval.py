@@ -43,10 +43,11 @@ import torch.distributed as dist
 from PIL import Image
 
 import reward
+from checkpoint import DTYPES, load_model
 from data import (IMAGE_PLACEHOLDER, build_prompt, load_rows, load_tokenizer, open_image, question_text, special_ids,
                   to_rgb, tokenizer_preview)
 from entropy import CRITICAL_WORDS, IGNORE_INDEX, critical_entropy, critical_token_ids
-from model import DTYPES, VLM
+from model import VLM
 from rollout import Request, Sampler
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -660,7 +661,7 @@ def main(argv=None):
     rank = dist.get_rank() if distributed else 0
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     rows = load_eval_rows(args.data, args.split, args.subjects, args.limit)
-    model = VLM.from_pretrained(args.ckpt, dtype=dtype, device=device)
+    model = load_model(args.ckpt, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.ckpt)
     if rank == 0:
         world = dist.get_world_size() if distributed else 1

@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import VLM, read_config
+from checkpoint import load_model, read_config, save_model
+from model import VLM
 
 # -----------------------------------------------------------------------------------------------------------------
 # Processes
@@ -130,7 +131,7 @@ def build_sharded(init_from: str, train: str, d: Dist, activation_checkpointing:
     model.to_empty(device=d.device)
     # bf16 on the host for a GPU run (a 38B: 76 GB of host memory rather than 152), cast into the fp32 shards.
     host_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    full = VLM.from_pretrained(init_from, dtype=host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
+    full = load_model(init_from, dtype=host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
@@ -146,7 +147,7 @@ def build_rollout_copy(config, source_dir: str, device: torch.device) -> VLM:
     copy.to_empty(device=device)
     copy.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     copy.requires_grad_(False)
-    copy.source_dir = source_dir
+    copy.config.source_dir = source_dir
     return copy.eval()
 
 
@@ -210,7 +211,7 @@ def save_checkpoint(out: Path, step: int, d: Dist, model, optimizer, state: dict
     dcp.save({"model": model_sd, "optim": optim_sd, **state, f"rank{d.rank}": _rank_state(d)},
              checkpoint_id=str(tmp / "state"))
     if d.rank == 0:
-        copy.save_pretrained(tmp / "model")
+        save_model(copy, tmp / "model")
         (tmp / "config.json").write_text(config_json)
         if final.exists():
             shutil.rmtree(final)

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
 import reward
+from checkpoint import save_model
 from data import encode, load_rows, load_tokenizer, special_ids
 from entropy import IGNORE_INDEX, critical_entropy, critical_token_ids
 from model import VLM
@@ -708,7 +709,7 @@ def heldout(run: Run, step: int) -> dict:
         best_file = out / "best.json"
         best = json.loads(best_file.read_text()) if best_file.is_file() else None
         if math.isfinite(value) and (best is None or value > best["value"]):
-            run.copy.save_pretrained(out / "best")
+            save_model(run.copy, out / "best")
             write_atomic(best_file, json.dumps(jsonable(dict(select=cfg.select, value=value, **summary)),
                                                indent=2) + "\n")
         print(f"eval  step {step}: greedy {summary['greedy_accuracy']:.3f} avg@{cfg.eval_samples} "

@@ -212,7 +212,7 @@ class NoTriton:  # as on macOS or Windows, where triton has no wheels: `import t
 
 sys.meta_path.insert(0, NoTriton())
 import torch
-import entropy, model as M
+import checkpoint, entropy, model as M
 
 assert entropy.triton is None and "triton" not in sys.modules
 m = M.VLM.from_config(M.tiny_config(40, 39), seed=5)
@@ -236,7 +236,7 @@ print("ok")
 
 
 def test_model_and_fused_forward_without_triton():
-    """With triton unimportable, model.py imports, and forward(targets=) runs the torch path and
+    """With triton unimportable, model.py (and checkpoint.py) import, and forward(targets=) runs the torch path and
     matches the full-logits reference; asking for the Triton kernels names the missing package."""
     out = subprocess.run([sys.executable, "-c", NO_TRITON], cwd=Path(__file__).parent.parent, capture_output=True,
                          text=True, timeout=300)
