@@ -4,8 +4,9 @@ Layouts: "remote" is OpenGVLab InternVL's remote-code `InternVLChatModel` (`mode
 `configuration_internvl_chat.py`: `llm_config` / `vision_config`, what Skywork-R1V3-38B ships in); "native" is
 transformers' `InternVLForConditionalGeneration` (`text_config`, split q/k/v in the ViT); "qwen2" is a text-only
 transformers `Qwen2ForCausalLM`. Any of them loads; saving writes any of them, with the source's tokenizer beside it.
+The command line validates a checkpoint and, with --save, converts it to another layout or dtype.
 
-    python checkpoint.py /path/to/InternVL3-1B --save /tmp/InternVL3-1B-native --layout native --dtype bfloat16
+    python checkpoint.py /path/to/InternVL3-1B   # config summary and parameter counts per module
 """
 import argparse
 import json
@@ -25,11 +26,6 @@ from model import VLM, LLMConfig, ViTConfig, VLMConfig
 IMG_CONTEXT = "<IMG_CONTEXT>"  # the token whose embeddings the connector's outputs replace (config.image_token_id)
 LAYOUTS = ("remote", "native", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # for --dtype flags
-
-
-def _check_layout(layout: str):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 # -----------------------------------------------------------------------------------------------------------------
 # config.json in each layout's dialect. The dataclasses validate every field; these only translate names.
@@ -111,7 +107,8 @@ def config_from_dict(d: dict, image_token_id: int | None = None) -> VLMConfig:
 
 def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
     """The config.json for `layout`; fields we do not model are carried over from the source when layouts agree."""
-    _check_layout(layout)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     keep = dict(cfg.source) if cfg.layout == layout else {}
     sub = lambda name: dict(keep.get(name, {}))
     m = cfg.llm

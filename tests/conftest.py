@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-import data as D  # noqa: E402 - after TRITON_INTERPRET is set
-import checkpoint as C  # noqa: E402
+import checkpoint as C  # noqa: E402 - after TRITON_INTERPRET is set
+import data as D  # noqa: E402
 
 WORDS = "how many red squares are there in the image answer is one two three".split()
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data as D
 import checkpoint as C
+import data as D
 import model as M
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint as C
 import data as D
 import eval as E
-import checkpoint as C
 import model as M
 import reward
 from rollout import Completion
@@ -555,8 +555,8 @@ HELPER = """
 import json, sys
 import torch.distributed as dist
 import eval as E
-from data import load_tokenizer
 from checkpoint import load_model
+from data import load_tokenizer
 dist.init_process_group("gloo")
 rows = E.load_eval_rows(sys.argv[2])
 cfg = E.EvalConfig(max_new_tokens=6, max_len=256, samples=2, chunk=1)

@@ -8,10 +8,9 @@ import torch
 from PIL import Image
 from transformers import InternVLForConditionalGeneration
 
+import checkpoint as C
 import data as D
 import grid_task as G
-import checkpoint as C
-import model as M
 from entropy import critical_token_ids
 from reward import score
 

@@ -16,8 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-import data as D
 import checkpoint as C
+import data as D
 import model as M
 import parallel as P
 import train_rl as T
