@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from checkpoint import IMG_CONTEXT, read_config
 from entropy import IGNORE_INDEX
-from model import IMG_CONTEXT, VLMConfig, read_config
+from model import VLMConfig
 from reward import validate_row
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -7,27 +7,30 @@ in fp32 before softmax and gradients, so `logprob_entropy` walks the logits in [
 forward keeps an online softmax per row in fp32 (max m, sum-exp s, sum exp*(z-m) u), backward recomputes each block
 and turns it into dz in place. Extra memory is O(chunk_tokens x chunk_vocab) plus O(N) row statistics and the fp32
 gradient accumulators, independent of the logits' N x V. Matrix products are torch (cuBLAS); the two elementwise
-passes over a block are Triton kernels, each next to its plain-torch twin.
+passes over a block are Triton kernels, each next to its plain-torch twin. Triton is optional: without it (no
+wheels for macOS or Windows) the kernels are not defined and the plain-torch twins run everywhere.
 
 References: verl `verl/utils/kernel/` (fused linear cross-entropy returning log-prob and entropy, vocab splits,
 recompute in backward), Liger-Kernel `ops/fused_linear_cross_entropy`, Cut Cross-Entropy (Wijmans et al. 2024).
 
-    python entropy.py --bench        # fused vs naive reference on this device: fwd+bwd time and peak memory
+    python -m pytest -q tests/test_entropy.py
 """
-import argparse
 import math
 import os
-import statistics
-import time
 from collections.abc import Collection, Sequence
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import triton
-import triton.language as tl
-from tokenizers import Tokenizer
+
+if TYPE_CHECKING:  # only critical_token_ids takes a tokenizer: importing the model needs no tokenizers package
+    from tokenizers import Tokenizer
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU path never needs it; impl="triton" says so
+    triton = tl = None
 
 IGNORE_INDEX = -100  # targets with this value (prompt, padding) give logprob = entropy = 0 and no gradient
 # A finite "minus infinity" for the running max: merging with the empty state computes (m_old - m_new) * s_old,
@@ -37,9 +40,9 @@ _EMPTY_MAX = -1e30
 
 @dataclass
 class Chunks:
-    """Block shape of the logits walk. Default block: 4096 x 8192 = 32M logits (64 MB bf16, 128 MB fp32): noise next
-    to an 80 GB card, and GEMMs of 4096 x D x 8192 are the sizes cuBLAS runs efficiently (unmeasured: no GPU yet).
-    On CPU, smaller blocks cut peak memory further (1024 x 2048: 108 MiB vs 530 MiB at the bench shape)."""
+    """Block shape of the logits walk. The default block of 4096 x 8192 logits is small next to a GPU's memory yet
+    large enough that each block's GEMM keeps cuBLAS busy; smaller blocks trade speed for peak memory (one block is
+    the largest buffer), which is the better trade on CPU."""
     tokens: int = 4096   # rows of hidden per block
     vocab: int = 8192    # rows of the LM head per block (a "vocab split")
     block_v: int = 1024  # Triton kernels walk a block's row in pieces of this many logits (power of two)
@@ -66,36 +69,37 @@ def logprob_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, target
 # sum exp*z) avoids cancellation when |z| is large; it also makes entropy >= 0 (u <= 0, s >= 1) and
 # logprob = (zt - m) - log s <= 0 exact in floating point, since zt is read from the same block as the max.
 
-@triton.jit
-def _stats_kernel(logits_ptr, stride, targets_ptr, m_ptr, s_ptr, u_ptr, zt_ptr, v0, vc, inv_temp,
-                  BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride
-    m = tl.load(m_ptr + row)
-    s = tl.load(s_ptr + row)
-    u = tl.load(u_ptr + row)
-    for start in range(0, vc, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < vc
-        z = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
-        m_blk = tl.max(z, axis=0)
-        zc = tl.where(inside, z - m_blk, 0.0)  # 0, not -inf, outside the row: e * zc must not be 0 * -inf = nan
-        e = tl.where(inside, tl.exp(zc), 0.0)
-        s_blk = tl.sum(e, axis=0)
-        u_blk = tl.sum(e * zc, axis=0)
-        m_new = tl.maximum(m, m_blk)
-        a = tl.exp(m - m_new)
-        b = tl.exp(m_blk - m_new)
-        u = a * (u + (m - m_new) * s) + b * (u_blk + (m_blk - m_new) * s_blk)
-        s = a * s + b * s_blk
-        m = m_new
-    tl.store(m_ptr + row, m)
-    tl.store(s_ptr + row, s)
-    tl.store(u_ptr + row, u)
-    local = tl.load(targets_ptr + row) - v0
-    hit = (local >= 0) & (local < vc)
-    zt = tl.load(row_ptr + local, mask=hit, other=0.0).to(tl.float32) * inv_temp
-    tl.store(zt_ptr + row, zt, mask=hit)
+if triton is not None:  # without Triton the kernels stay undefined and logprob_entropy runs their twins
+    @triton.jit
+    def _stats_kernel(logits_ptr, stride, targets_ptr, m_ptr, s_ptr, u_ptr, zt_ptr, v0, vc, inv_temp,
+                      BLOCK_V: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride
+        m = tl.load(m_ptr + row)
+        s = tl.load(s_ptr + row)
+        u = tl.load(u_ptr + row)
+        for start in range(0, vc, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            inside = cols < vc
+            z = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
+            m_blk = tl.max(z, axis=0)
+            zc = tl.where(inside, z - m_blk, 0.0)  # 0, not -inf, outside the row: e * zc must not be 0 * -inf = nan
+            e = tl.where(inside, tl.exp(zc), 0.0)
+            s_blk = tl.sum(e, axis=0)
+            u_blk = tl.sum(e * zc, axis=0)
+            m_new = tl.maximum(m, m_blk)
+            a = tl.exp(m - m_new)
+            b = tl.exp(m_blk - m_new)
+            u = a * (u + (m - m_new) * s) + b * (u_blk + (m_blk - m_new) * s_blk)
+            s = a * s + b * s_blk
+            m = m_new
+        tl.store(m_ptr + row, m)
+        tl.store(s_ptr + row, s)
+        tl.store(u_ptr + row, u)
+        local = tl.load(targets_ptr + row) - v0
+        hit = (local >= 0) & (local < vc)
+        zt = tl.load(row_ptr + local, mask=hit, other=0.0).to(tl.float32) * inv_temp
+        tl.store(zt_ptr + row, zt, mask=hit)
 
 
 def _stats_torch(logits: torch.Tensor, targets: torch.Tensor, state: torch.Tensor, v0: int, inv_temp: float):
@@ -120,23 +124,24 @@ def _stats_torch(logits: torch.Tensor, targets: torch.Tensor, state: torch.Tenso
 # With p = softmax(z): d logp_t / dz = onehot_t - p and d H / dz = p * (E_p[z] - z), so
 # dz = dlogp * (onehot - p) + dH * p * (E_p[z] - z), and d/d logits = dz / T because z = logits / T.
 
-@triton.jit
-def _dlogits_kernel(logits_ptr, stride, targets_ptr, lse_ptr, ez_ptr, dlogp_ptr, dent_ptr, v0, vc, inv_temp,
-                    BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride
-    lse = tl.load(lse_ptr + row)
-    ez = tl.load(ez_ptr + row)
-    dlogp = tl.load(dlogp_ptr + row)
-    dent = tl.load(dent_ptr + row)
-    local = tl.load(targets_ptr + row) - v0
-    for start in range(0, vc, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        inside = cols < vc
-        z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp
-        p = tl.exp(z - lse)
-        dz = p * (dent * (ez - z) - dlogp) + tl.where(cols == local, dlogp, 0.0)
-        tl.store(row_ptr + cols, (dz * inv_temp).to(logits_ptr.dtype.element_ty), mask=inside)
+if triton is not None:
+    @triton.jit
+    def _dlogits_kernel(logits_ptr, stride, targets_ptr, lse_ptr, ez_ptr, dlogp_ptr, dent_ptr, v0, vc, inv_temp,
+                        BLOCK_V: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride
+        lse = tl.load(lse_ptr + row)
+        ez = tl.load(ez_ptr + row)
+        dlogp = tl.load(dlogp_ptr + row)
+        dent = tl.load(dent_ptr + row)
+        local = tl.load(targets_ptr + row) - v0
+        for start in range(0, vc, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            inside = cols < vc
+            z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp
+            p = tl.exp(z - lse)
+            dz = p * (dent * (ez - z) - dlogp) + tl.where(cols == local, dlogp, 0.0)
+            tl.store(row_ptr + cols, (dz * inv_temp).to(logits_ptr.dtype.element_ty), mask=inside)
 
 
 def _dlogits_torch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ez: torch.Tensor,
@@ -232,7 +237,8 @@ def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """log softmax(hidden @ weight.T / T)[targets] and the entropy of that softmax, both fp32 [N], without the
     [N, V] logits. hidden [N, D] and weight [V, D] share a dtype (bf16 or fp32); targets [N] long, IGNORE_INDEX
     rows give 0 and no gradient. Differentiable in hidden and weight. impl: "triton" (CUDA, or CPU under
-    TRITON_INTERPRET=1), "torch" (same blocks, plain torch), "auto" (triton on CUDA, torch elsewhere)."""
+    TRITON_INTERPRET=1), "torch" (same blocks, plain torch), "auto" (triton on CUDA when Triton is installed, torch
+    elsewhere)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1] or targets.dtype != torch.long:
@@ -249,9 +255,12 @@ def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"target id {targets[bad][0].item()} outside the vocabulary [0, {weight.shape[0]}) "
                          f"(use {IGNORE_INDEX} to mask a position)")
     if impl == "auto":
-        impl = "triton" if hidden.is_cuda else "torch"
+        impl = "triton" if hidden.is_cuda and triton is not None else "torch"
     if impl not in ("torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if impl == "triton" and triton is None:
+        raise RuntimeError("impl='triton' needs the triton package, which is not installed (pip install triton, "
+                           "Linux only); impl='torch' runs the same computation without it")
     if impl == "triton" and not hidden.is_cuda and not _interpreted():
         raise RuntimeError("impl='triton' on CPU needs TRITON_INTERPRET=1 in the environment before triton is imported")
     return _LogprobEntropy.apply(hidden, weight, targets, temperature, impl, chunks)
@@ -264,7 +273,7 @@ CRITICAL_WORDS: tuple[str, ...] = ("wait", "hmm", "alternatively", "however", "b
                                    "check", "verify", "recheck", "double-check", "reconsider", "mistake")
 
 
-def critical_token_ids(tokenizer: Tokenizer, words: Sequence[str] = CRITICAL_WORDS) -> dict[int, str]:
+def critical_token_ids(tokenizer: "Tokenizer", words: Sequence[str] = CRITICAL_WORDS) -> dict[int, str]:
     """Token id -> word for each spelling "wait", " wait", "Wait", " Wait" that encodes to exactly one token (a BPE
     vocabulary keeps the leading space inside the token, "Ġwait", so mid-sentence and line-start forms differ).
     Spellings needing several tokens are skipped: their first piece ("double" of "double-check") is not reflective
@@ -279,14 +288,36 @@ def critical_token_ids(tokenizer: Tokenizer, words: Sequence[str] = CRITICAL_WOR
     return ids
 
 
+@dataclass
+class EntropySums:
+    """Entropy summed over critical-token occurrences and over all counted tokens; add them up across batches and
+    ranks, then read the means."""
+    critical: float = 0.0
+    num_critical: int = 0
+    total: float = 0.0
+    num_tokens: int = 0
+
+    def __add__(self, other: "EntropySums") -> "EntropySums":
+        return EntropySums(self.critical + other.critical, self.num_critical + other.num_critical,
+                           self.total + other.total, self.num_tokens + other.num_tokens)
+
+    @property
+    def critical_mean(self) -> float:  # nan when no critical token: 0 would read as "collapsed"
+        return self.critical / self.num_critical if self.num_critical else math.nan
+
+    @property
+    def mean(self) -> float:  # nan when no token
+        return self.total / self.num_tokens if self.num_tokens else math.nan
+
+
 def critical_entropy(token_ids: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor | None,
-                     critical_ids: Collection[int]) -> dict[str, float | int]:
-    """Mean entropy over every critical-token occurrence in a set of sampled responses, and over all tokens.
+                     critical_ids: Collection[int]) -> EntropySums:
+    """Entropy summed (in fp64) over every critical-token occurrence in a set of sampled responses, and over all
+    tokens, with both counts.
 
     token_ids, entropy, mask: same shape ([B, T] or [N]). entropy[t] is the entropy of the distribution that
     produced token_ids[t] (both aligned on the response token, i.e. what `logprob_entropy` returns for targets =
-    token_ids). mask (bool, None = all) selects response tokens. An empty selection gives nan, not 0: 0 would read
-    as "collapsed"."""
+    token_ids). mask (bool, None = all) selects response tokens."""
     if not token_ids.shape == entropy.shape == (token_ids.shape if mask is None else mask.shape):
         raise ValueError(f"token_ids, entropy, mask shapes differ: {tuple(token_ids.shape)}, "
                          f"{tuple(entropy.shape)}, {None if mask is None else tuple(mask.shape)}")
@@ -294,111 +325,5 @@ def critical_entropy(token_ids: torch.Tensor, entropy: torch.Tensor, mask: torch
     ids = torch.tensor(sorted(critical_ids), dtype=token_ids.dtype, device=token_ids.device)
     critical = torch.isin(token_ids, ids) & mask
     entropy = entropy.detach().double()
-    num_critical, num_tokens = int(critical.sum()), int(mask.sum())
-    return dict(critical_entropy=entropy[critical].mean().item() if num_critical else math.nan,
-                mean_entropy=entropy[mask].mean().item() if num_tokens else math.nan,
-                num_critical=num_critical, num_tokens=num_tokens)
-
-
-# ---- benchmark ---------------------------------------------------------------------------------------------------
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _bench_variant(variant: str, n: int, d: int, v: int, dtype: str, iters: int, chunks: Chunks) -> dict:
-    """One variant in a fresh process: peak memory of the first fwd+bwd above the inputs, then median time."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(0)
-
-    def make(n):
-        hidden = torch.randn(n, d, device=device).to(getattr(torch, dtype)).requires_grad_()
-        weight = (torch.randn(v, d, device=device) / d**0.5).to(getattr(torch, dtype)).requires_grad_()
-        return hidden, weight, torch.randint(0, v, (n,), device=device)
-
-    def step(hidden, weight, targets):
-        if variant == "reference":
-            logprob, entropy = logprob_entropy_reference(hidden, weight, targets)
-        else:
-            logprob, entropy = logprob_entropy(hidden, weight, targets, impl=variant, chunks=chunks)
-        (logprob.sum() + entropy.sum()).backward()
-        hidden.grad = weight.grad = None
-
-    step(*make(8))  # library init (cuBLAS/oneDNN handles, Triton compile) stays out of the measurement
-    inputs = make(n)
-    try:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step(*inputs)
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (peak resident set) to the current VmRSS
-            base = _rss_kib("VmRSS")
-            step(*inputs)
-            peak = (_rss_kib("VmHWM") - base) * 1024
-        times = []
-        for _ in range(iters):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step(*inputs)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    except torch.OutOfMemoryError:
-        return dict(oom=True)
-    return dict(oom=False, ms=1e3 * statistics.median(times), mib=peak / 2**20)
-
-
-def bench(args: argparse.Namespace) -> None:
-    cuda = torch.cuda.is_available()
-    n, d, v = (args.n or (16384 if cuda else 4096), args.d or (5120 if cuda else 512),
-               args.v or (151936 if cuda else 32768))
-    dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    impl = args.impl or ("triton" if cuda else "torch")
-    iters = args.iters or (5 if cuda else 3)
-    chunks = Chunks(tokens=args.chunk_tokens, vocab=args.chunk_vocab)
-    device = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {device} | torch {torch.__version__} triton {triton.__version__} | N={n} D={d} V={v} {dtype} "
-          f"| fused impl={impl} {chunks}")
-    if not cuda and impl == "torch":
-        print("(Triton on CPU runs in the numpy interpreter, far too slow to time: skipped; --impl triton forces it)")
-    if cuda:
-        print("memory: torch.cuda.max_memory_allocated during the first fwd+bwd minus what was allocated before it")
-    else:
-        print("memory: peak resident-set growth (VmHWM after clear_refs) during the first fwd+bwd, one fresh process "
-              "per variant, glibc mmap threshold 64 KiB so freed blocks go back to the OS")
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned processes below
-    rows = {}
-    for variant in ("reference", impl):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows[variant] = pool.submit(_bench_variant, variant, n, d, v, dtype, iters, chunks).result()
-    print(f"{'variant':<18}{f'fwd+bwd ms (median of {iters})':>28}{'peak MiB':>12}")
-    for variant, r in rows.items():
-        name = "reference" if variant == "reference" else f"fused ({variant})"
-        print(f"{name:<18}{'OOM':>28}{'OOM':>12}" if r["oom"] else f"{name:<18}{r['ms']:>28.1f}{r['mib']:>12.1f}")
-    ref, fused = rows["reference"], rows[impl]
-    if not (ref["oom"] or fused["oom"]):
-        print(f"{'fused/reference':<18}{fused['ms'] / ref['ms']:>28.3f}{fused['mib'] / ref['mib']:>12.3f}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--bench", action="store_true", help="time fwd+bwd and peak memory, fused vs reference")
-    parser.add_argument("--n", type=int, help="tokens (default 16384 on CUDA, 4096 on CPU)")
-    parser.add_argument("--d", type=int, help="hidden size (default 5120 on CUDA, 512 on CPU)")
-    parser.add_argument("--v", type=int, help="vocabulary size (default 151936 on CUDA, 32768 on CPU)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="default bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--impl", choices=["torch", "triton"], help="fused impl (default triton on CUDA, torch on CPU)")
-    parser.add_argument("--iters", type=int, help="timed iterations after the first (default 5 CUDA, 3 CPU)")
-    parser.add_argument("--chunk-tokens", type=int, default=Chunks.tokens, help="Chunks.tokens of the fused path")
-    parser.add_argument("--chunk-vocab", type=int, default=Chunks.vocab, help="Chunks.vocab of the fused path")
-    args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    bench(args)
+    return EntropySums(critical=entropy[critical].sum().item(), num_critical=int(critical.sum()),
+                       total=entropy[mask].sum().item(), num_tokens=int(mask.sum()))

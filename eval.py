@@ -46,10 +46,11 @@ from PIL import Image
 
 import cli
 import reward
+from checkpoint import DTYPES, load_model
 from data import (IMAGE_PLACEHOLDER, build_prompt, decode_response, load_rows, load_tokenizer, open_image, pad_id,
                   question_text, right_pad, special_ids, to_rgb, token_batches, tokenizer_preview)
 from entropy import CRITICAL_WORDS, critical_entropy, critical_token_ids
-from model import DTYPES, VLM
+from model import VLM
 from parallel import Dist, init_distributed
 from rollout import Request, Sampler, mix_seed
 
@@ -414,11 +415,9 @@ def response_entropies(model: VLM, seqs: list[tuple[list[int], torch.Tensor | No
 
 
 def entropy_sums(response_ids: list[int], entropy: torch.Tensor, critical_ids) -> dict:
-    """A response's entropy as sums and counts, so that subjects, disciplines and ranks combine by adding."""
-    sums = critical_entropy(torch.tensor(response_ids), entropy, None, critical_ids)
-    critical_sum = sums["critical_entropy"] * sums["num_critical"] if sums["num_critical"] else 0.0
-    return dict(critical_sum=critical_sum, num_critical=sums["num_critical"], sum=float(entropy.double().sum()),
-                num_tokens=sums["num_tokens"])
+    """A response's entropy as sums and counts (entropy.EntropySums), so that subjects, disciplines and ranks combine
+    by adding."""
+    return asdict(critical_entropy(torch.tensor(response_ids), entropy, None, critical_ids))
 
 # -----------------------------------------------------------------------------------------------------------------
 # Evaluation: chunks of questions shared out across ranks, generated, judged; records merged on every rank
@@ -518,8 +517,8 @@ def metrics(records: list[dict]) -> dict:
         format_rate=_mean(r["format"] for r in answered),
         response_length=_mean(r["num_tokens"] for r in answered),
         truncation_rate=_mean(r["finish_reason"] == "length" for r in answered),
-        critical_entropy=sum(e["critical_sum"] for e in ent) / n_crit if n_crit else math.nan,
-        mean_entropy=sum(e["sum"] for e in ent) / n_tok if n_tok else math.nan,
+        critical_entropy=sum(e["critical"] for e in ent) / n_crit if n_crit else math.nan,
+        mean_entropy=sum(e["total"] for e in ent) / n_tok if n_tok else math.nan,
         num_critical_tokens=n_crit)
 
 
@@ -680,7 +679,7 @@ def main(argv=None):
     d = init_distributed()
     try:
         dtype = DTYPES[cmd.dtype or ("bfloat16" if d.device.type == "cuda" else "float32")]
-        model = VLM.from_pretrained(cmd.ckpt, dtype=dtype, device=d.device)
+        model = load_model(cmd.ckpt, dtype=dtype, device=d.device)
         tokenizer = load_tokenizer(cmd.ckpt)
         if rows is None:
             if d.rank == 0:

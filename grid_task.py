@@ -36,7 +36,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from data import encode, load_rows, load_tokenizer, tokenizer_preview, word_tokenizer
-from model import IMG_CONTEXT, VLM, read_config, tiny_config
+from checkpoint import IMG_CONTEXT, read_config, save_model
+from model import VLM, tiny_config
 from reward import score
 
 COLOURS = ("red", "green", "blue", "yellow")  # index = a grid cell's value; initials name cells in a row's "grid"
@@ -149,7 +150,7 @@ def write_init(path: Path, cfg: GridTaskConfig):
     """A randomly initialised tiny VLM in transformers' native layout, with the task's tokenizer beside it."""
     tok = build_tokenizer()
     config = tiny_config(tok.get_vocab_size(), tok.token_to_id(IMG_CONTEXT), image_size=cfg.image_size)
-    VLM.from_config(config, seed=cfg.seed).save_pretrained(path, layout="native")
+    save_model(VLM.from_config(config, seed=cfg.seed), path, layout="native")
     tok.save(str(path / "tokenizer.json"))
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -1,51 +1,39 @@
-"""The InternVL / Skywork-R1V3 vision-language model in plain PyTorch, with real checkpoint I/O.
+"""The InternVL / Skywork-R1V3 vision-language model in plain PyTorch: the network alone.
 
 InternViT (patch 14, 448px tiles, LayerNorm or RMSNorm, optional qk-norm, layer scale) -> connector `mlp1`
 (pixel shuffle 0.5 -> LayerNorm -> Linear -> GELU -> Linear) -> Qwen2 LLM (GQA, RoPE, RMSNorm, SwiGLU, qkv bias).
 Follows OpenGVLab/InternVL `modeling_intern_vit.py` + `modeling_internvl_chat.py` (the layout Skywork-R1V3-38B
 ships in) and transformers' `InternVLForConditionalGeneration` / `Qwen2ForCausalLM` (the parity oracle in tests).
-Prompts, images and data rows live in data.py.
+checkpoint.py reads and writes checkpoints; prompts, images and data rows live in data.py.
 
-    python model.py --ckpt /path/to/InternVL3-1B --image cat.jpg    # load, print shapes and one next-token guess
+    python -m pytest -q tests/test_model.py   # bit-exact with transformers
 """
-import argparse
-import json
 import math
-import os
-import re
-import shutil
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
 from entropy import logprob_entropy
 
 # -----------------------------------------------------------------------------------------------------------------
-# Configs: one dataclass per tower, built from either config.json layout; nothing shape-related is hard-coded.
-# Each checks its own fields: a config.json with a string where a number belongs, a zero head count or a
-# non-positive epsilon fails here, naming the field, instead of deep inside torch or silently (eps 0 -> nan).
-
-IMG_CONTEXT = "<IMG_CONTEXT>"  # the token whose embeddings the connector's outputs replace (config.image_token_id)
+# Configs: one dataclass per tower, nothing shape-related hard-coded. Each checks its own fields: a config.json with a
+# string where a number belongs, a zero head count or eps 0 (-> nan) fails here, naming the field.
 
 
-def _check(cfg, where: str, positive_ints=(), positive_floats=(), bools=()):
-    for name in positive_ints:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{where}.{name} must be a positive integer, got {v!r}")
-    for name in positive_floats:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise ValueError(f"{where}.{name} must be a positive number, got {v!r}")
-    for name in bools:
-        if not isinstance(getattr(cfg, name), bool):
-            raise ValueError(f"{where}.{name} must be true or false, got {getattr(cfg, name)!r}")
+def _is_num(v, kind) -> bool:
+    return isinstance(v, kind) and not isinstance(v, bool)  # bool is an int to Python, never a count here
+
+
+def _check(cfg, where: str, ints=(), floats=(), bools=()):
+    rules = [(ints, "a positive integer", lambda v: _is_num(v, int) and v >= 1),
+             (floats, "a positive number", lambda v: _is_num(v, (int, float)) and 0 < v < math.inf),
+             (bools, "true or false", lambda v: isinstance(v, bool))]
+    for names, want, ok in rules:
+        for name in names:
+            if not ok(v := getattr(cfg, name)):
+                raise ValueError(f"{where}.{name} must be {want}, got {v!r}")
 
 
 @dataclass
@@ -75,7 +63,7 @@ class ViTConfig:
             raise ValueError(f"vision image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"vision norm_type must be 'layer_norm' or 'rms_norm', got {self.norm_type!r}")
-        if isinstance(self.initializer_factor, bool) or not isinstance(self.initializer_factor, (int, float)):
+        if not _is_num(self.initializer_factor, (int, float)):
             raise ValueError(f"vision_config.initializer_factor must be a number, got {self.initializer_factor!r}")
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.num_patches = (self.image_size // self.patch_size) ** 2
@@ -120,29 +108,28 @@ class VLMConfig:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     use_thumbnail: bool = True
-    layout: str = "remote"  # checkpoint key/config layout: "remote" (InternVL chat), "native" (transformers), "qwen2"
+    layout: str = "remote"  # checkpoint key/config layout (checkpoint.LAYOUTS): "remote", "native" or "qwen2"
     source: dict = field(default_factory=dict, repr=False)  # the config.json this came from, kept for saving
+    # the directory it was read from: saving copies its tokenizer, generation config, ... (not part of the network)
+    source_dir: str | None = field(default=None, repr=False, compare=False)
     tokens_per_tile: int = field(init=False)
     vision_layers: int = field(init=False)  # how many ViT blocks run (select_layer as a count)
 
     def __post_init__(self):
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         _check(self, "config", ("min_dynamic_patch", "max_dynamic_patch"), ("downsample_ratio",), ("use_thumbnail",))
         if self.max_dynamic_patch < self.min_dynamic_patch:
             raise ValueError(f"max_dynamic_patch {self.max_dynamic_patch} < min_dynamic_patch {self.min_dynamic_patch}")
-        tok = self.image_token_id
-        V = self.llm.vocab_size
-        if tok is not None and (isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < V):
+        tok, V = self.image_token_id, self.llm.vocab_size
+        if tok is not None and not (_is_num(tok, int) and 0 <= tok < V):
             raise ValueError(f"image_token_id must be a token id in [0, {V}), got {tok!r}")
+        self.tokens_per_tile = self.vision_layers = 0
         if self.vision is None:
-            self.tokens_per_tile = self.vision_layers = 0
             return
-        depth = self.vision.num_hidden_layers
-        if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int):
+        if not _is_num(self.select_layer, int):
             raise ValueError(f"select_layer must be an integer, got {self.select_layer!r}")
         # InternVL reads hidden_states[select_layer], where hidden_states[0] is the patch embeddings and [k] the k-th
         # block's output: -1 -> all `depth` blocks, k >= 1 -> k blocks.
+        depth = self.vision.num_hidden_layers
         self.vision_layers = self.select_layer if self.select_layer >= 0 else depth + 1 + self.select_layer
         if not 1 <= self.vision_layers <= depth:
             raise ValueError(f"select_layer {self.select_layer} is outside the vision tower's {depth} layers "
@@ -152,18 +139,6 @@ class VLMConfig:
             raise ValueError(f"{side}x{side} patches cannot be pixel-shuffled by ratio {self.downsample_ratio}")
         self.tokens_per_tile = int(side * self.downsample_ratio) ** 2  # 448/14=32 -> 16x16 = 256
 
-
-LAYOUTS = ("remote", "native", "qwen2")
-
-
-def tiny_config(vocab_size: int, image_token_id: int | None = None, image_size: int = 56) -> VLMConfig:
-    """~0.13M parameters with a word-level vocabulary: what the tests and the CPU default train.
-    56px tiles of 14px patches -> 4 tokens per tile."""
-    return VLMConfig(llm=LLMConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4),
-                     vision=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, image_size=image_size, patch_size=14),
-                     image_token_id=image_token_id, max_dynamic_patch=6)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Vision tower: InternViT
@@ -442,7 +417,6 @@ class VLM(nn.Module):
     def __init__(self, config: VLMConfig):
         super().__init__()
         self.config = config
-        self.source_dir: str | None = None  # where from_pretrained read it: save_pretrained copies its other files
         v = config.vision
         self.vision_model = ViT(v) if v is not None else None
         self.mlp1 = Connector(v.hidden_size, config.llm.hidden_size, config.downsample_ratio) if v else None
@@ -543,380 +517,12 @@ class VLM(nn.Module):
         model.init_weights(seed)
         return model.to(dtype)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "VLM":
-        """Loads a checkpoint directory in any of the three layouts (see `LAYOUTS`); builds on meta, then assigns."""
-        path = Path(path)
-        config = read_config(path)
-        with torch.device("meta"):
-            model = cls(config)
-        state = to_internal(read_safetensors(path, device), config.layout, config.llm.tie_word_embeddings)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        theirs = lambda k: _rename(k, KEY_MAPS[config.layout], 0, 1) or k  # report in the file's names
-        missing = sorted(theirs(k) for k in set(expected) - set(state))
-        unexpected = sorted(theirs(k) for k in set(state) - set(expected))
-        bad = sorted(f"{theirs(k)}: checkpoint {tuple(state[k].shape)} vs model {tuple(s)}"
-                     for k, s in expected.items() if k in state and state[k].shape != s)
-        if missing or unexpected or bad:
-            raise ValueError(f"{path}: checkpoint does not match its config.json ({config.layout} layout)\n"
-                             f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {bad}")
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-        model.source_dir = str(path)
-        return model.eval()
 
-    def save_pretrained(self, path, layout: str | None = None, max_shard_bytes: int = 5 * 2**30):
-        """Sharded safetensors + index + config.json in `layout` (default: the one loaded), plus the source
-        directory's non-weight files (tokenizer, generation config, remote-code .py) so it loads where it did.
-        Everything is written to a fresh sibling directory that then replaces `path` (two renames), so a crash
-        never leaves weights and config.json that disagree, nor a checkpoint that was there before half-gone."""
-        layout = layout or self.config.layout
-        config = config_to_dict(self.config, layout)  # validates the layout before anything is written
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} is a file, not a checkpoint directory")
-        if path.is_dir() and (subdirs := [p.name for p in path.iterdir() if p.is_dir()]):
-            raise ValueError(f"{path} holds directories {subdirs}: a checkpoint save replaces the whole directory, "
-                             f"so save into a directory of its own")
-        tmp, old = path.with_name(path.name + ".saving"), path.with_name(path.name + ".replaced")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            for folder in (path, self.source_dir):  # keep what sat beside the weights; the source's files win
-                if folder and Path(folder).is_dir():
-                    for f in Path(folder).iterdir():
-                        if f.is_file() and not _is_weight_file(f.name) and f.name != "config.json":
-                            shutil.copy2(f, tmp / f.name)
-            state = from_internal({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, layout,
-                                  self.config.llm.tie_word_embeddings)
-            write_safetensors(state, tmp, max_shard_bytes)
-            write_file(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        except BaseException:  # `path` is untouched so far: drop the half-written copy
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-
-# -----------------------------------------------------------------------------------------------------------------
-# Checkpoint I/O: config.json in each layout's dialect, then keys and safetensors files.
-
-
-def _pick(d: dict, *names, default=None):
-    for n in names:
-        if d.get(n) is not None:
-            return d[n]
-    return default
-
-
-def _llm_config(d: dict, tie: bool | None) -> LLMConfig:
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    # "dynamic" NTK scaling (some InternVL llm_configs) only changes positions past max_position_embeddings, which
-    # the sampler never reaches, so it is plain RoPE here; other scalings change every position.
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic", None):
-        raise ValueError(f"RoPE scaling {rope} is not supported (only plain RoPE, as in Qwen2/2.5)")
-    if d.get("use_sliding_window"):
-        raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
-    tie = d.get("tie_word_embeddings") if tie is None else tie  # native configs keep it at the top level
-    return LLMConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
-        num_key_value_heads=_pick(d, "num_key_value_heads", default=d["num_attention_heads"]),
-        head_dim=d.get("head_dim"), rope_theta=_pick(rope, "rope_theta", default=d.get("rope_theta", 1e4)),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), max_position_embeddings=d.get("max_position_embeddings", 32768),
-        tie_word_embeddings=False if tie is None else tie)
-
-
-def _size(v) -> int:
-    return v[0] if isinstance(v, (list, tuple)) else v
-
-
-def config_from_dict(d: dict) -> VLMConfig:
-    """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or Qwen2 layout."""
-    for name in ("llm_config", "text_config", "vision_config"):
-        if name in d and not isinstance(d[name], dict):
-            raise ValueError(f"{name} must be a JSON object, got {d[name]!r}"[:200])
-    if "llm_config" in d:
-        v, llm = d["vision_config"], d["llm_config"]
-        vision = ViTConfig(
-            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
-            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-            image_size=_size(_pick(d, "force_image_size", default=v.get("image_size", 448))),
-            patch_size=_size(v.get("patch_size", 14)), num_channels=v.get("num_channels", 3),
-            qkv_bias=v.get("qkv_bias", True), qk_normalization=v.get("qk_normalization", False),
-            norm_type=v.get("norm_type", "layer_norm"), layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-            initializer_factor=v.get("initializer_factor", 0.1))
-        return VLMConfig(
-            llm=_llm_config(llm, None), vision=vision, downsample_ratio=d.get("downsample_ratio", 0.5),
-            select_layer=d.get("select_layer", -1), image_token_id=d.get("image_token_id"),
-            min_dynamic_patch=d.get("min_dynamic_patch", 1), max_dynamic_patch=d.get("max_dynamic_patch", 12),
-            use_thumbnail=d.get("use_thumbnail", True), layout="remote", source=d)
-    if "text_config" in d:
-        v = d["vision_config"]
-        if not v.get("use_mean_pooling", True):
-            raise ValueError("vision_config.use_mean_pooling=false adds a final ViT LayerNorm InternVL never uses")
-        if d.get("vision_feature_select_strategy", "default") != "default":
-            raise ValueError("only vision_feature_select_strategy='default' (drop CLS) is supported")
-        vision = ViTConfig(
-            hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
-            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-            image_size=_size(v.get("image_size", 448)), patch_size=_size(v.get("patch_size", 14)),
-            num_channels=v.get("num_channels", 3), qkv_bias=v.get("attention_bias", False),
-            qk_normalization=v.get("use_qk_norm", False), norm_type=v.get("norm_type", "layer_norm"),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6), initializer_factor=v.get("layer_scale_init_value", 0.1))
-        return VLMConfig(
-            llm=_llm_config(d["text_config"], d.get("tie_word_embeddings")), vision=vision,
-            downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
-            image_token_id=d.get("image_token_id"), layout="native", source=d)
-    if d.get("model_type") in ("qwen2", "qwen2_5") or "Qwen2ForCausalLM" in d.get("architectures", []):
-        return VLMConfig(llm=_llm_config(d, None), vision=None, layout="qwen2", source=d)
-    raise ValueError(f"unrecognised config.json: no llm_config/text_config and model_type {d.get('model_type')!r}")
-
-
-def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
-    """The config.json for `layout`; fields we do not model are carried over from the source when layouts agree."""
-    keep = dict(cfg.source) if cfg.layout == layout else {}
-    sub = lambda name: dict(keep.get(name, {}))
-    m = cfg.llm
-    llm = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-               num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-               num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
-               rms_norm_eps=m.rms_norm_eps, max_position_embeddings=m.max_position_embeddings,
-               tie_word_embeddings=m.tie_word_embeddings, hidden_act="silu", model_type="qwen2")
-    if layout == "qwen2":
-        if cfg.vision is not None:
-            raise ValueError("a model with a vision tower cannot be saved in the text-only qwen2 layout")
-        return {**keep, **llm, "architectures": ["Qwen2ForCausalLM"]}
-    if cfg.vision is None:
-        raise ValueError(f"a text-only model can only be saved in the qwen2 layout, not {layout!r}")
-    v = cfg.vision
-    if layout == "remote":
-        vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
-                      num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
-                      image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-                      qkv_bias=v.qkv_bias, qk_normalization=v.qk_normalization, norm_type=v.norm_type,
-                      layer_norm_eps=v.layer_norm_eps, initializer_factor=v.initializer_factor,
-                      hidden_act="gelu", model_type="intern_vit_6b", architectures=["InternVisionModel"])
-        out = {**keep, "architectures": keep.get("architectures", ["InternVLChatModel"]),
-               "model_type": keep.get("model_type", "internvl_chat"),
-               "vision_config": {**sub("vision_config"), **vision},
-               "llm_config": {**sub("llm_config"), **llm, "architectures": ["Qwen2ForCausalLM"]},
-               "downsample_ratio": cfg.downsample_ratio, "select_layer": cfg.select_layer,
-               "force_image_size": v.image_size, "min_dynamic_patch": cfg.min_dynamic_patch,
-               "max_dynamic_patch": cfg.max_dynamic_patch, "use_thumbnail": cfg.use_thumbnail,
-               "dynamic_image_size": True, "ps_version": "v2", "template": keep.get("template", "internvl2_5")}
-        if cfg.image_token_id is not None:
-            out["image_token_id"] = cfg.image_token_id
-        return out
-    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
-                  num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
-                  image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2, num_channels=v.num_channels,
-                  attention_bias=v.qkv_bias, use_qk_norm=v.qk_normalization, norm_type=v.norm_type,
-                  layer_norm_eps=v.layer_norm_eps, layer_scale_init_value=v.initializer_factor,
-                  use_mean_pooling=True, hidden_act="gelu", model_type="internvl_vision")
-    if cfg.image_token_id is None:
-        raise ValueError("the native layout needs image_token_id (the id of <IMG_CONTEXT>)")
-    return {**keep, "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
-            "vision_config": {**sub("vision_config"), **vision}, "text_config": {**sub("text_config"), **llm},
-            "downsample_ratio": cfg.downsample_ratio, "vision_feature_layer": cfg.select_layer,
-            "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
-            "image_token_id": cfg.image_token_id, "image_seq_length": cfg.tokens_per_tile,
-            "tie_word_embeddings": m.tie_word_embeddings}
-
-
-# Checkpoint keys. Our module names are the remote-code ("InternVLChatModel") keys minus the LLM's
-# `model.` level; each layout is a list of (ours, theirs) prefix pairs, `{i}` standing for a layer index.
-
-KEY_MAPS = {
-    "remote": [("language_model.lm_head.", "language_model.lm_head."), ("language_model.", "language_model.model."),
-               ("vision_model.", "vision_model."), ("mlp1.", "mlp1.")],
-    "qwen2": [("language_model.lm_head.", "lm_head."), ("language_model.", "model.")],
-    "native": [
-        ("language_model.lm_head.", "language_model.lm_head."), ("language_model.", "language_model.model."),
-        ("vision_model.embeddings.class_embedding", "vision_tower.embeddings.cls_token"),
-        ("vision_model.embeddings.patch_embedding.", "vision_tower.embeddings.patch_embeddings.projection."),
-        ("vision_model.embeddings.position_embedding", "vision_tower.embeddings.position_embeddings"),
-        ("vision_model.encoder.layers.{i}.attn.proj.", "vision_tower.encoder.layer.{i}.attention.projection_layer."),
-        ("vision_model.encoder.layers.{i}.attn.", "vision_tower.encoder.layer.{i}.attention."),
-        ("vision_model.encoder.layers.{i}.norm1.", "vision_tower.encoder.layer.{i}.layernorm_before."),
-        ("vision_model.encoder.layers.{i}.norm2.", "vision_tower.encoder.layer.{i}.layernorm_after."),
-        ("vision_model.encoder.layers.{i}.ls1", "vision_tower.encoder.layer.{i}.lambda_1"),
-        ("vision_model.encoder.layers.{i}.ls2", "vision_tower.encoder.layer.{i}.lambda_2"),
-        ("vision_model.encoder.layers.{i}.mlp.", "vision_tower.encoder.layer.{i}.mlp."),
-        ("mlp1.0.", "multi_modal_projector.layer_norm."), ("mlp1.1.", "multi_modal_projector.linear_1."),
-        ("mlp1.3.", "multi_modal_projector.linear_2.")],
-}
-# transformers < 5 wrote native checkpoints with the base model under `model.`; both spellings load.
-OLD_NATIVE_PREFIXES = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                       ("model.vision_tower.", "vision_tower."),
-                       ("model.multi_modal_projector.", "multi_modal_projector.")]
-
-
-def _rename(key: str, pairs, src: int, dst: int) -> str | None:
-    for pair in pairs:
-        pattern = "^" + re.escape(pair[src]).replace(r"\{i\}", r"(\d+)")
-        m = re.match(pattern, key)
-        if m:
-            return pair[dst].replace("{i}", m.group(1) if m.groups() else "") + key[m.end():]
-    return None
-
-
-def to_internal(state: dict, layout: str, tied: bool) -> dict:
-    """Checkpoint keys of `layout` -> our parameter names. Unknown keys are kept as they are, so the caller's
-    unexpected-key report shows them."""
-    if layout == "native":
-        for old, new in OLD_NATIVE_PREFIXES:
-            state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
-    out = {}
-    for k, v in state.items():
-        out[_rename(k, KEY_MAPS[layout], 1, 0) or k] = v
-    if tied:  # some writers store the tied head anyway; it is the embedding
-        out.pop("language_model.lm_head.weight", None)
-    for k in [k for k in out if re.search(r"\.attn\.q_proj\.(weight|bias)$", k)]:  # native q/k/v -> fused qkv
-        base, kind = k.rsplit(".q_proj.", 1)
-        parts = [out.pop(f"{base}.{p}_proj.{kind}", None) for p in "qkv"]
-        if any(p is None for p in parts):
-            raise ValueError(f"{base}: q_proj/k_proj/v_proj.{kind} must all be present")
-        out[f"{base}.qkv.{kind}"] = torch.cat(parts, dim=0)
-    return out
-
-
-def from_internal(state: dict, layout: str, tied: bool) -> dict:
-    if tied:
-        state = {k: v for k, v in state.items() if k != "language_model.lm_head.weight"}
-    out = {}
-    for k, v in state.items():
-        if layout == "native" and re.search(r"\.attn\.qkv\.(weight|bias)$", k):  # fused qkv -> q/k/v
-            base, kind = k.rsplit(".qkv.", 1)
-            for p, t in zip("qkv", v.chunk(3, dim=0)):
-                out[_rename(f"{base}.{p}_proj.{kind}", KEY_MAPS[layout], 0, 1)] = t.contiguous()
-            continue
-        new = _rename(k, KEY_MAPS[layout], 0, 1)
-        if new is None:
-            raise ValueError(f"parameter {k} has no name in the {layout} layout")
-        out[new] = v
-    return out
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # for --dtype flags
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth")) or \
-        name == "pytorch_model.bin.index.json"
-
-
-def read_config(path) -> VLMConfig:
-    """The VLMConfig of a checkpoint directory: its config.json in any layout, plus <IMG_CONTEXT>'s id from
-    tokenizer.json when the config does not store it (remote-code checkpoints). Every error names the file."""
-    path = Path(path)
-    f = path / "config.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{f}: must hold a JSON object, got {type(d).__name__}")
-    try:
-        config = config_from_dict(d)
-    except KeyError as e:
-        raise ValueError(f"{f}: missing required key {e.args[0]!r}") from None
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{f}: {e}") from None
-    if config.image_token_id is None and (path / "tokenizer.json").is_file():
-        try:
-            config.image_token_id = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id(IMG_CONTEXT)
-        except Exception as e:  # tokenizers raises its own Exception type for a malformed file
-            raise ValueError(f"{path / 'tokenizer.json'}: cannot read tokenizer: {e}") from None
-    return config
-
-
-def read_safetensors(path: Path, device="cpu") -> dict:
-    """All tensors of a (possibly sharded) safetensors checkpoint, loaded straight to `device`."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if not shards or not all(isinstance(s, str) and s for s in shards):
-                raise TypeError(f"shard file names must be non-empty strings, got {shards}"[:200])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: corrupt shard index, need {{\"weight_map\": {{key: file}}}} "
-                             f"({type(e).__name__}: {e})") from None
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                f"(only safetensors checkpoints are read)")
-    missing = [s for s in shards if not (path / s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path}: shard(s) listed in the index are missing: {missing}")
-    state = {}
-    for shard in shards:
-        try:
-            with safe_open(path / shard, framework="pt", device=str(device)) as f:
-                for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    state[k] = f.get_tensor(k)
-        except Exception as e:  # safetensors' own error type: truncated or corrupt file
-            raise ValueError(f"{path / shard}: cannot read safetensors file (truncated or corrupt?): {e}") from None
-    return state
-
-
-def _readable(f: Path):
-    """Permissions as for any file this process creates (safetensors writes 0600: unreadable by the group)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f, 0o666 & ~umask)
-
-
-def write_file(f: Path, text: str):
-    f.write_text(text)
-    _readable(f)
-
-
-def write_safetensors(state: dict, path: Path, max_shard_bytes: int):
-    """Shards of at most `max_shard_bytes` (+ index when several) into the directory `path`."""
-    shards, size = [[]], 0
-    for k, v in state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, keys in zip(names, shards):
-        save_file({k: state[k] for k in keys}, path / name, metadata={"format": "pt"})
-        _readable(path / name)
-    if len(shards) > 1:
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
-        write_file(path / "model.safetensors.index.json",
-                   json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
-def main():
-    from data import build_prompt, load_tokenizer  # data.py builds on this file, not the other way round
-    p = argparse.ArgumentParser(description="Load a checkpoint, print its config and one greedy next token.")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--image", default=None, help="optional image path")
-    p.add_argument("--prompt", default="Describe the image.", help="user message")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16" if torch.cuda.is_available() else "float32",
-                   help="parameter dtype")
-    args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = VLM.from_pretrained(args.ckpt, dtype=DTYPES[args.dtype], device=device)
-    tok = load_tokenizer(args.ckpt)
-    print(json.dumps(asdict(model.config) | {"source": "..."}, indent=1, default=str))
-    ids, pixels = build_prompt(tok, model.config, args.prompt, [args.image] if args.image else [])
-    with torch.no_grad():
-        logits = model(torch.tensor([ids], device=device),
-                       None if pixels is None else pixels.to(device, DTYPES[args.dtype]))
-    print(f"{len(ids)} prompt tokens; greedy next token: {tok.decode([int(logits[0, -1].argmax())])!r}")
-
-
-if __name__ == "__main__":
-    main()
+def tiny_config(vocab_size: int, image_token_id: int | None = None, image_size: int = 56) -> VLMConfig:
+    """~0.13M parameters with a word-level vocabulary: what the tests and the CPU default train.
+    56px tiles of 14px patches -> 4 tokens per tile."""
+    return VLMConfig(llm=LLMConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4),
+                     vision=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, image_size=image_size, patch_size=14),
+                     image_token_id=image_token_id, max_dynamic_patch=6)

@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import VLM, read_config
+from checkpoint import load_model, read_config, save_model
+from model import VLM
 
 # -----------------------------------------------------------------------------------------------------------------
 # Processes
@@ -156,7 +157,7 @@ def build_sharded(init_from: str, train: str, d: Dist, activation_checkpointing:
     model.to_empty(device=d.device)
     # bf16 on the host for a GPU run (a 38B: 76 GB of host memory rather than 152), cast into the fp32 shards.
     host_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    full = VLM.from_pretrained(init_from, dtype=host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
+    full = load_model(init_from, dtype=host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
@@ -164,15 +165,15 @@ def build_sharded(init_from: str, train: str, d: Dist, activation_checkpointing:
     return model, units, config
 
 
-def build_rollout_copy(config, source_dir: str, device: torch.device) -> VLM:
+def build_rollout_copy(config, device: torch.device) -> VLM:
     """The sampler's weights: a plain unsharded model (bf16 on GPU, fp32 on CPU), allocated once; `refresh` copies
-    the trained weights into it in place, so the compiled decode step and its CUDA graphs stay valid."""
+    the trained weights into it in place, so the compiled decode step and its CUDA graphs stay valid. Its config is
+    the checkpoint's (`source_dir` included), so saving it writes the source's layout and tokenizer."""
     with torch.device("meta"):
         copy = VLM(config)
     copy.to_empty(device=device)
     copy.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     copy.requires_grad_(False)
-    copy.source_dir = source_dir
     return copy.eval()
 
 
@@ -221,8 +222,8 @@ def _rank_state(d: Dist) -> dict:
 
 def save_checkpoint(out: Path, step: int, d: Dist, model, optimizer, state: dict, copy: VLM, config_json: str,
                     keep: int = 0) -> Path:
-    """OUT/step_NNNNNN: the model via save_pretrained in the source's layout with its tokenizer (loadable by
-    VLM.from_pretrained, and for the native layout by transformers), from `copy`, which must equal the trained
+    """OUT/step_NNNNNN: the model via checkpoint.save_model in the source's layout with its tokenizer (loadable by
+    checkpoint.load_model, and for the native layout by transformers), from `copy`, which must equal the trained
     weights (refreshed); the training state through torch.distributed.checkpoint, each rank writing its own shards:
     model and optimizer, `state` (scheduler, step, data position, ... identical on every rank) and each rank's RNG
     under its own key (DCP keeps one copy of identical keys). `keep` > 0 prunes all but the newest `keep`."""
@@ -236,7 +237,7 @@ def save_checkpoint(out: Path, step: int, d: Dist, model, optimizer, state: dict
     dcp.save({"model": model_sd, "optim": optim_sd, **state, f"rank{d.rank}": _rank_state(d)},
              checkpoint_id=str(tmp / "state"))
     if d.rank == 0:
-        copy.save_pretrained(tmp / "model")
+        save_model(copy, tmp / "model")
         (tmp / "config.json").write_text(config_json)
         if final.exists():
             shutil.rmtree(final)

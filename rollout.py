@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import DTYPES, config_from_dict, load_model, to_internal
 from data import build_prompt, load_tokenizer, special_ids
-from model import DTYPES, VLM, KVCache, config_from_dict, to_internal
+from model import VLM, KVCache
 
 # -----------------------------------------------------------------------------------------------------------------
 # Requests and results
@@ -361,7 +362,7 @@ class Sampler:
 
 def chat(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = VLM.from_pretrained(args.ckpt, dtype=DTYPES[args.dtype], device=device)
+    model = load_model(args.ckpt, dtype=DTYPES[args.dtype], device=device)
     tok = load_tokenizer(args.ckpt)
     ids, pixels = build_prompt(tok, model.config, args.prompt, [args.image] if args.image else [])
     stop, banned = special_ids(tok)

@@ -46,6 +46,7 @@ from torch.distributed.tensor import DTensor
 
 import cli
 import reward
+from checkpoint import save_model
 from cli import arg
 from data import Example, Padded, decode_response, encode, load_rows, load_tokenizer, pad_id, right_pad, special_ids
 from entropy import EntropySums, critical_entropy, critical_token_ids

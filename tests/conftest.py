@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-import data as D  # noqa: E402 - after TRITON_INTERPRET is set
-import model as M  # noqa: E402
+import checkpoint as C  # noqa: E402 - after TRITON_INTERPRET is set
+import data as D  # noqa: E402
 
 WORDS = "how many red squares are there in the image answer is one two three".split()
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -53,7 +53,7 @@ def make_hf_internvl(tok, variant: str, tie: bool, path, vision: dict | None = N
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=56,
                   patch_size=14, **variant_config) | (vision or {})
     cfg = InternVLConfig(vision_config=vision, text_config=text_config(tok.get_vocab_size(), tie),
-                         image_token_id=tok.token_to_id(M.IMG_CONTEXT), tie_word_embeddings=tie, **config)
+                         image_token_id=tok.token_to_id(C.IMG_CONTEXT), tie_word_embeddings=tie, **config)
     hf = randomize(InternVLForConditionalGeneration(cfg), seed=seed + tie).eval()
     hf.config._attn_implementation = "eager"
     hf.save_pretrained(path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoint as C
 import data as D
 import model as M
 
@@ -71,7 +72,7 @@ def test_chat_template():
 
 
 def test_bad_images_and_prompts(tmp_path, tok):
-    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ValueError, match="cannot read image .*corrupt.png"):
@@ -188,7 +189,7 @@ def test_load_rows_paths_and_empty_files(data_dir, tmp_path, monkeypatch):
 
 
 def test_encode_sft_and_multiple_choice_rows(data_dir, tok):
-    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     path = data_dir / "rows.jsonl"
     mc = good_row(2, answer_type="multiple_choice", options=["one", "two", "three"], answer="three")
     path.write_text(json.dumps(good_row(1, image="images/good.png", response="answer is two")) + "\n" +
@@ -215,7 +216,7 @@ def test_encode_sft_and_multiple_choice_rows(data_dir, tok):
 def test_max_tiles_caps_a_big_image(data_dir, tok):
     """A 1000x200 image at 56px tiles: 5x1 + thumbnail under the config's cap of 6, 2x1 + thumbnail with
     max_tiles=2, each equal to InternVL's tiling with that cap."""
-    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     img = noise_image(1000, 200, seed=5)
     img.save(data_dir / "images" / "wide.png")
     (data_dir / "rows.jsonl").write_text(json.dumps(good_row(1, image="images/wide.png")) + "\n")

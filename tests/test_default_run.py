@@ -11,7 +11,7 @@ from transformers import InternVLForConditionalGeneration
 
 import default_run as R
 import grid_task
-from model import VLM
+from checkpoint import load_model
 from train_rl import TrainConfig
 
 
@@ -64,13 +64,13 @@ def test_short_pipeline_end_to_end(tmp_path, in_process, capsys):
         assert [m["step"] for m in metrics] == list(range(1, steps + 1))
         final = run / f"step_{steps:06d}"
         assert (run / "latest").read_text() == final.name and (run / "best" / "config.json").is_file()
-        model = VLM.from_pretrained(final / "model")
+        model = load_model(final / "model")
         assert model.config.layout == "native"
         records = json.loads((run / f"eval_step_{steps:06d}.json").read_text())["records"]
         assert len(records) == 12 * (1 + 2)  # greedy + 2 samples per held-out question
         assert all({"prompt", "response", "verdict"} <= r.keys() for r in records)
     hf = InternVLForConditionalGeneration.from_pretrained(out / "grpo" / "step_000004" / "model")
-    ours = VLM.from_pretrained(out / "grpo" / "step_000004" / "model")
+    ours = load_model(out / "grpo" / "step_000004" / "model")
     assert torch.equal(hf.lm_head.weight, ours.language_model.lm_head.weight)
     if importlib.util.find_spec("matplotlib"):  # optional: without it the run prints how to get the plot
         assert (out / "grpo" / "plot.png").stat().st_size > 1000

@@ -1,14 +1,17 @@
 """entropy.py: the chunked torch path and the Triton kernels (interpreted on CPU) against an fp64 oracle; the
 critical-token metric against a real BPE tokenizer and a hand computation."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from entropy import (CRITICAL_WORDS, IGNORE_INDEX, Chunks, critical_entropy, critical_token_ids, logprob_entropy,
-                     logprob_entropy_reference)
+from entropy import (CRITICAL_WORDS, IGNORE_INDEX, Chunks, EntropySums, critical_entropy, critical_token_ids,
+                     logprob_entropy, logprob_entropy_reference)
 
 # Odd shapes: V = 1000 is no multiple of the vocab split (384) nor of BLOCK_V (128), D = 40 is no power of two,
 # N = 37 leaves a remainder of 5 after two 16-token chunks, so every loop runs several times and ends ragged.
@@ -173,11 +176,19 @@ def test_critical_entropy_by_hand(bpe):
     mask = torch.tensor([[1, 1, 1, 1, 1],
                          [1, 1, 0, 1, 0]], dtype=torch.bool)  # the second row's "wait" is padding
     out = critical_entropy(token_ids, entropy, mask, ids)
-    assert out["num_critical"] == 3 and out["num_tokens"] == 8
-    assert out["critical_entropy"] == pytest.approx((2.0 + 1.0 + 0.6) / 3)
-    assert out["mean_entropy"] == pytest.approx((0.1 + 2.0 + 0.3 + 1.0 + 0.5 + 0.6 + 0.2 + 0.4) / 8)
+    assert out.num_critical == 3 and out.num_tokens == 8
+    assert out.critical == pytest.approx(2.0 + 1.0 + 0.6) and out.critical_mean == pytest.approx((2.0 + 1.0 + 0.6) / 3)
+    total = 0.1 + 2.0 + 0.3 + 1.0 + 0.5 + 0.6 + 0.2 + 0.4
+    assert out.total == pytest.approx(total) and out.mean == pytest.approx(total / 8)
     none = critical_entropy(token_ids.flatten(), entropy.flatten(), None, {bpe.token_to_id("ĠHmm")})
-    assert math.isnan(none["critical_entropy"]) and none["num_critical"] == 0 and none["num_tokens"] == 10
+    assert math.isnan(none.critical_mean) and none.num_critical == 0 and none.num_tokens == 10
+    assert none.critical == 0.0 and none.mean == pytest.approx(entropy.double().mean().item())
+    # sums add up across batches (and ranks): the means of the whole are those of one call on everything
+    both = out + none
+    assert (both.num_critical, both.num_tokens) == (3, 18)
+    assert both.critical_mean == pytest.approx(out.critical_mean)
+    assert both.mean == pytest.approx((total + entropy.sum().item()) / 18)
+    assert math.isnan(EntropySums().critical_mean) and math.isnan(EntropySums().mean)
     with pytest.raises(ValueError, match="shapes differ"):
         critical_entropy(token_ids, entropy.flatten(), None, ids)
 
@@ -187,3 +198,46 @@ def test_critical_token_ids_skip_unknown_words():
     from data import word_tokenizer
     tok = word_tokenizer(["wait", "cells"])
     assert critical_token_ids(tok) == {tok.token_to_id("wait"): "wait"}
+
+
+NO_TRITON = """
+import sys
+
+
+class NoTriton:  # as on macOS or Windows, where triton has no wheels: `import triton` fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoTriton())
+import torch
+import checkpoint, entropy, model as M
+
+assert entropy.triton is None and "triton" not in sys.modules
+m = M.VLM.from_config(M.tiny_config(40, 39), seed=5)
+ids = torch.randint(0, 39, (2, 11), generator=torch.Generator().manual_seed(0))
+targets = ids.roll(-1, dims=1)
+targets[:, :4] = entropy.IGNORE_INDEX
+with torch.no_grad():
+    logprobs, ent = m(ids, targets=targets)  # impl "auto": torch on CPU
+    want = entropy.logprob_entropy_reference(m.hidden(ids).flatten(0, 1).double(),
+                                             m.language_model.head_weight.double(), targets.flatten())
+assert (logprobs.flatten().double() - want[0]).abs().max() <= 1e-5, "logprobs"
+assert (ent.flatten().double() - want[1]).abs().max() <= 1e-5, "entropy"
+try:
+    entropy.logprob_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), impl="triton")
+except RuntimeError as e:
+    assert "triton package" in str(e), e
+else:
+    raise AssertionError("impl='triton' ran without triton")
+print("ok")
+"""
+
+
+def test_model_and_fused_forward_without_triton():
+    """With triton unimportable, model.py (and checkpoint.py) import, and forward(targets=) runs the torch path and
+    matches the full-logits reference; asking for the Triton kernels names the missing package."""
+    out = subprocess.run([sys.executable, "-c", NO_TRITON], cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

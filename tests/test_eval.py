@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint as C
 import data as D
 import eval as E
 import model as M
@@ -222,8 +223,8 @@ def tok():
 def ckpt(tmp_path_factory, tok):
     """A tiny random checkpoint (native layout) with its tokenizer."""
     path = tmp_path_factory.mktemp("ckpt")
-    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
-    M.VLM.from_config(cfg, seed=0).save_pretrained(path, layout="native")
+    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    C.save_model(M.VLM.from_config(cfg, seed=0), path, layout="native")
     tok.save(str(path / "tokenizer.json"))
     return path
 
@@ -317,7 +318,7 @@ def test_missing_pyarrow_is_explained(mmmu_dir, monkeypatch):
 
 
 def test_mmmu_prompt_puts_each_image_where_its_placeholder_is(mmmu_dir, tok):
-    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     cfg = E.EvalConfig(max_new_tokens=8)
     rows = {r["id"]: r for r in E.load_mmmu(mmmu_dir)}
     row = rows["validation_Art_Theory_1"]
@@ -342,7 +343,7 @@ def test_mmmu_prompt_puts_each_image_where_its_placeholder_is(mmmu_dir, tok):
 
 
 def test_tile_cap_shrinks_until_the_prompt_fits(mmmu_dir, tok):
-    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     row = E.load_mmmu(mmmu_dir)[0]  # images of 1, 3 and 4 tiles at the full cap; 1 tile each at cap 1
     cfg = E.EvalConfig(max_new_tokens=8)
     full = E.build_eval_prompt(row, tok, config, cfg, max_len=1000)
@@ -371,13 +372,13 @@ def test_pipeline_on_mmmu_parquet_writes_complete_results(mmmu_dir, ckpt, tmp_pa
     for r in recs:
         if r["verdict"] == "unanswered":
             continue
-        assert r["prompt"].count("<img>") == r["prompt"].count(M.IMG_CONTEXT + "x") >= 1
+        assert r["prompt"].count("<img>") == r["prompt"].count(C.IMG_CONTEXT + "x") >= 1
         assert 1 <= r["num_tokens"] <= 6 and r["finish_reason"] in ("stop", "length")
         v = E.verdict(r["response"], rows[r["id"]])  # the recorded verdict is the judge's
         assert (r["verdict"], r["rule"], r["answer"]) == (v.label, v.rule, v.answer)
         assert r["entropy"] is None if r["mode"] == "greedy" else r["entropy"]["num_tokens"] == r["num_tokens"]
     first = next(r["prompt"] for r in recs if r["id"] == "validation_Art_Theory_1")
-    runs = [int(n) for n in re.findall(re.escape(M.IMG_CONTEXT) + r"x(\d+)", first)]
+    runs = [int(n) for n in re.findall(re.escape(C.IMG_CONTEXT) + r"x(\d+)", first)]
     assert runs == [4 * TILES[WIDE], 4 * TILES[SQUARE], 4 * TILES[WIDER]]  # image 2, image 1, then option A's
     # every number, recomputed here from the records
     greedy = [r["verdict"] == "correct" for r in recs if r["mode"] == "greedy"]
@@ -412,7 +413,7 @@ def test_pipeline_on_project_jsonl_rows(ckpt, tmp_path, in_process):
             "--max_new_tokens", "4", "--max_len", "128", "--no-progress"])
     res = json.loads((tmp_path / "eval.json").read_text())
     assert [(r["id"], r["mode"]) for r in res["records"]] == [("g1", "greedy"), ("g2", "greedy")]
-    assert res["records"][0]["prompt"].count(M.IMG_CONTEXT + "x") == 1  # the training prompt: image in front
+    assert res["records"][0]["prompt"].count(C.IMG_CONTEXT + "x") == 1  # the training prompt: image in front
     assert res["records"][0]["rule"] in ("number", "no match", "no final answer")  # numeric: MMMU's open rules
     assert res["records"][1]["rule"] in ("bracketed", "spaced", "option text", "none", "no final answer")
     assert list(res["disciplines"]) == ["Other"] and set(res["subjects"]) == {"counting", ""}
@@ -472,7 +473,7 @@ def full_logit_entropy(model, prompt_ids, pixels, response_ids, temperature):
 
 
 def test_evaluate_counts_by_hand_with_scripted_responses(tok):
-    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     model = M.VLM.from_config(config, seed=1).eval()
     cfg = E.EvalConfig(max_new_tokens=16, samples=2, temperature=0.7, chunk=2, critical_words=("wait", "red"))
     sampler = ScriptedSampler(tok, SCRIPT)
@@ -504,7 +505,7 @@ def test_evaluate_counts_by_hand_with_scripted_responses(tok):
 
 
 def test_response_entropies_batched_equal_one_at_a_time(tok):
-    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     model = M.VLM.from_config(config, seed=2).eval()
     g = torch.Generator().manual_seed(0)
     seqs = []
@@ -556,12 +557,12 @@ import json, sys
 import torch.distributed as dist
 import cli
 import eval as E
+from checkpoint import load_model
 from data import load_tokenizer
-from model import VLM
 dist.init_process_group("gloo")
 rows = E.load_eval_rows(sys.argv[2])
 cfg = E.EvalConfig(max_new_tokens=6, max_len=256, samples=2, chunk=1)
-result = E.evaluate(VLM.from_pretrained(sys.argv[1]), load_tokenizer(sys.argv[1]), rows, cfg)
+result = E.evaluate(load_model(sys.argv[1]), load_tokenizer(sys.argv[1]), rows, cfg)
 result = {k: v for k, v in result.items() if k not in E.TIMING}
 with open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w") as f:
     json.dump(cli.json_safe(result), f)
@@ -594,7 +595,7 @@ def test_unknown_dtype_flag(capsys):
 def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tmp_path):
     """`python eval.py --ckpt --question --image` prints the greedy response the Sampler gives in-process."""
     Image.open(io.BytesIO(WIDE)).save(tmp_path / "grid.png")
-    model = M.VLM.from_pretrained(ckpt)
+    model = C.load_model(ckpt)
     ids, pixels = D.build_prompt(tok, model.config, "how many red cells ?", [tmp_path / "grid.png"])
     stop, banned = D.special_ids(tok)
     [[want]] = Sampler(model, max_slots=1, max_len=len(ids) + 6, stop_ids=stop, banned_ids=banned).generate(

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from transformers import InternVLForConditionalGeneration
 
+import checkpoint as C
 import data as D
 import grid_task as G
-import model as M
 from entropy import critical_token_ids
 from reward import score
 
@@ -86,7 +86,7 @@ def test_rows_validate_and_match_their_grids(task, rows):
 
 
 def test_tokenizer_round_trip_and_critical_token(task, rows):
-    tok, config = D.load_tokenizer(task.tokenizer), M.read_config(task.init_checkpoint)
+    tok, config = D.load_tokenizer(task.tokenizer), C.read_config(task.init_checkpoint)
     unk = tok.token_to_id("<unk>")
     for r in rows[0] + rows[1]:
         ex = D.encode(r, tok, config)
@@ -106,8 +106,8 @@ def test_tokenizer_round_trip_and_critical_token(task, rows):
 
 def test_checkpoint_loads_in_ours_and_transformers(task, rows):
     tok = D.load_tokenizer(task.tokenizer)
-    ours = M.VLM.from_pretrained(task.init_checkpoint)
-    assert ours.config.layout == "native" and ours.config.image_token_id == tok.token_to_id(M.IMG_CONTEXT)
+    ours = C.load_model(task.init_checkpoint)
+    assert ours.config.layout == "native" and ours.config.image_token_id == tok.token_to_id(C.IMG_CONTEXT)
     assert ours.config.llm.vocab_size == tok.get_vocab_size()
     hf = InternVLForConditionalGeneration.from_pretrained(task.init_checkpoint).eval()
     last = []
@@ -130,7 +130,7 @@ def classify(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_images_carry_the_grid(task, rows):
-    config = M.read_config(task.init_checkpoint)
+    config = C.read_config(task.init_checkpoint)
     for r in rows[0][:40] + rows[1]:
         (path,) = r["image"]
         image = np.asarray(Image.open(path).convert("RGB"))

@@ -1,6 +1,7 @@
-"""model.py against independent references: transformers for logits in every checkpoint layout, resampled position
-embeddings and other ViT feature layers; an fp64 full-logits copy of the model for the fused log-prob/entropy path
-and its gradients; checkpoint round trips, saves that fail midway, file modes, and the errors bad input raises."""
+"""model.py and checkpoint.py against independent references: transformers for logits in every checkpoint layout,
+resampled position embeddings and other ViT feature layers; an fp64 full-logits copy of the model for the fused
+log-prob/entropy path and its gradients; checkpoint round trips, saves that fail midway, file modes, the
+checkpoint.py command line, and the errors bad input raises."""
 import copy
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
+import checkpoint as C
 import model as M
 from conftest import image_prompt, make_hf_internvl, randomize, text_config
 from entropy import IGNORE_INDEX, logprob_entropy
@@ -20,7 +22,7 @@ from entropy import IGNORE_INDEX, logprob_entropy
 @pytest.mark.parametrize("variant,tie", [("300m", False), ("6b", True), ("6b", False)])
 def test_internvl_parity_and_layouts(tmp_path, tok, variant, tie):
     hf = make_hf_internvl(tok, variant, tie, tmp_path / "hf")
-    ours = M.VLM.from_pretrained(tmp_path / "hf")
+    ours = C.load_model(tmp_path / "hf")
     assert ours.config.layout == "native" and ours.config.llm.tie_word_embeddings == tie
     ids, pixels = image_prompt(tok, ours.config)
     assert pixels.shape[0] == 3 and int((ids == ours.config.image_token_id).sum()) == 12
@@ -31,7 +33,7 @@ def test_internvl_parity_and_layouts(tmp_path, tok, variant, tie):
 
     # The same weights, written in the remote-code layout by an independent converter, give the same logits.
     write_remote_checkpoint(tmp_path / "hf", tmp_path / "remote", tie)
-    remote = M.VLM.from_pretrained(tmp_path / "remote")
+    remote = C.load_model(tmp_path / "remote")
     assert remote.config.layout == "remote"
     assert remote.config.image_token_id == ours.config.image_token_id  # found through tokenizer.json
     with torch.no_grad():
@@ -40,9 +42,9 @@ def test_internvl_parity_and_layouts(tmp_path, tok, variant, tie):
     # Our own save in either layout round-trips bit-exactly; sharded when the shard size asks for it.
     for src, layout in [(ours, None), (remote, "native"), (ours, "remote")]:
         out = tmp_path / f"save-{src.config.layout}-{layout}"
-        src.save_pretrained(out, layout=layout, max_shard_bytes=20_000)
+        C.save_model(src, out, layout=layout, max_shard_bytes=20_000)
         assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
-        back = M.VLM.from_pretrained(out)
+        back = C.load_model(out)
         assert back.config.layout == (layout or src.config.layout)
         a, b = src.state_dict(), back.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -111,18 +113,18 @@ def test_qwen2_parity_and_roundtrip(tmp_path, tie):
     cfg = Qwen2Config(**{k: v for k, v in text_config(97, tie).items() if k != "model_type"})
     hf = randomize(Qwen2ForCausalLM(cfg), seed=1 + tie).eval()
     hf.save_pretrained(tmp_path / "hf")
-    ours = M.VLM.from_pretrained(tmp_path / "hf")
+    ours = C.load_model(tmp_path / "hf")
     assert ours.config.layout == "qwen2" and ours.vision_model is None
     ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
         assert (ours(ids) - ref).abs().max().item() <= 1e-4
-    ours.save_pretrained(tmp_path / "ours", max_shard_bytes=30_000)
+    C.save_model(ours, tmp_path / "ours", max_shard_bytes=30_000)
     back = Qwen2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
         assert (back(input_ids=ids).logits - ref).abs().max().item() <= 1e-6
     with pytest.raises(ValueError, match="text-only model can only be saved in the qwen2 layout"):
-        ours.save_pretrained(tmp_path / "x", layout="remote")
+        C.save_model(ours, tmp_path / "x", layout="remote")
 
 
 @pytest.mark.parametrize("prefill_positions", [True, False])
@@ -130,7 +132,7 @@ def test_kv_cache_matches_full_forward(tok, prefill_positions):
     """Prefill into cache slots then decode token by token == one causal forward, including slots != rows; the
     prefill either continues an empty cache (positions given: masked cache attention) or starts a new sequence
     (positions None: causal attention over its own keys, written to the cache on the way)."""
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), seed=3)
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)), seed=3)
     ids = torch.randint(10, tok.get_vocab_size(), (2, 9), generator=torch.Generator().manual_seed(1))  # words only
     lm = model.language_model
     with torch.no_grad():
@@ -162,8 +164,8 @@ def test_cached_attention_matches_fp64_sdpa(H, KV, T, device):
 
 
 def test_bad_checkpoints(tmp_path, tok):
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
-    model.save_pretrained(tmp_path / "ok")
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)))
+    C.save_model(model, tmp_path / "ok")
     shard = tmp_path / "ok" / "model.safetensors"
     sd = load_file(shard)
     sd["language_model.model.embed_tokens.weight"] = torch.zeros(3, 7)
@@ -172,24 +174,24 @@ def test_bad_checkpoints(tmp_path, tok):
     sd["language_model.model.bogus.weight"] = torch.zeros(1)
     save_file(sd, shard)
     with pytest.raises(ValueError) as e:
-        M.VLM.from_pretrained(tmp_path / "ok")
+        C.load_model(tmp_path / "ok")
     msg = str(e.value)
     assert "language_model.model.embed_tokens.weight: checkpoint (3, 7) vs model (24, 64)" in msg
     assert f"missing keys: ['{dropped}']" in msg
     assert "language_model.model.bogus.weight" in msg
     # a shard listed in the index but absent
-    model.save_pretrained(tmp_path / "s", max_shard_bytes=50_000)
+    C.save_model(model, tmp_path / "s", max_shard_bytes=50_000)
     victim = sorted((tmp_path / "s").glob("model-*.safetensors"))[-1]
     victim.unlink()
     with pytest.raises(FileNotFoundError, match=victim.name):
-        M.VLM.from_pretrained(tmp_path / "s")
+        C.load_model(tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        M.VLM.from_pretrained(tmp_path / "nowhere")
+        C.load_model(tmp_path / "nowhere")
 
 
 def test_corrupt_index_and_truncated_safetensors_name_the_file(tmp_path, tok):
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
-    model.save_pretrained(tmp_path, max_shard_bytes=50_000)
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)))
+    C.save_model(model, tmp_path, max_shard_bytes=50_000)
     index = tmp_path / "model.safetensors.index.json"
     good = index.read_text()
     for text, reason in [("", "JSONDecodeError"), ("[]", "TypeError"), ("{}", "KeyError: 'weight_map'"),
@@ -197,27 +199,27 @@ def test_corrupt_index_and_truncated_safetensors_name_the_file(tmp_path, tok):
                          ('{"weight_map": {}}', "TypeError")]:
         index.write_text(text)
         with pytest.raises(ValueError, match=rf"^{re.escape(str(index))}: corrupt shard index.*{reason}"):
-            M.VLM.from_pretrained(tmp_path)
+            C.load_model(tmp_path)
     index.write_text(good)
-    M.VLM.from_pretrained(tmp_path)
+    C.load_model(tmp_path)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
     data = shard.read_bytes()
     for cut in (4, 100, len(data) - 10):  # in the header length, in the header, in the tensor data
         shard.write_bytes(data[:cut])
         with pytest.raises(ValueError, match=rf"^{re.escape(str(shard))}: cannot read safetensors file"):
-            M.VLM.from_pretrained(tmp_path)
+            C.load_model(tmp_path)
 
 
 def test_resave_in_place_replaces_shards(tmp_path, tok):
     """Saving over a checkpoint with another shard count leaves exactly the new files, and no temporaries."""
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), seed=1)
-    model.save_pretrained(tmp_path, max_shard_bytes=50_000)
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)), seed=1)
+    C.save_model(model, tmp_path, max_shard_bytes=50_000)
     sharded = sorted(p.name for p in tmp_path.glob("model*"))
     assert len(sharded) > 2 and "model.safetensors.index.json" in sharded
-    back = M.VLM.from_pretrained(tmp_path)
-    back.save_pretrained(tmp_path)  # into its own source directory, now as one file
+    back = C.load_model(tmp_path)
+    C.save_model(back, tmp_path)  # into its own source directory, now as one file
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
-    again = M.VLM.from_pretrained(tmp_path).state_dict()
+    again = C.load_model(tmp_path).state_dict()
     assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
 
 
@@ -226,7 +228,7 @@ def test_vision_tower_resamples_positions_like_transformers(tmp_path, tok, varia
     """Tiles of another size than the checkpoint's 56 px: our bicubic resample of the position grid == transformers'
     InternVL vision tower, which interpolates its position embeddings whenever the input size differs."""
     hf = make_hf_internvl(tok, variant, False, tmp_path)
-    ours = M.VLM.from_pretrained(tmp_path)
+    ours = C.load_model(tmp_path)
     width, height = size
     pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -242,11 +244,11 @@ def test_select_layer_matches_transformers(tmp_path, tok, feature_layer, blocks)
     hidden_states[k], hidden_states[0] being the embeddings; ours runs that many blocks. Kept through a remote save."""
     hf = make_hf_internvl(tok, "300m", False, tmp_path / "hf", vision=dict(num_hidden_layers=3),
                           vision_feature_layer=feature_layer)
-    ours = M.VLM.from_pretrained(tmp_path / "hf")
+    ours = C.load_model(tmp_path / "hf")
     assert ours.config.select_layer == feature_layer and ours.config.vision_layers == blocks
     ids, pixels = image_prompt(tok, ours.config)
-    ours.save_pretrained(tmp_path / "remote", layout="remote")
-    remote = M.VLM.from_pretrained(tmp_path / "remote")
+    C.save_model(ours, tmp_path / "remote", layout="remote")
+    remote = C.load_model(tmp_path / "remote")
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=pixels).logits
         assert (ours(ids, pixels) - ref).abs().max().item() <= 1e-4
@@ -255,7 +257,7 @@ def test_select_layer_matches_transformers(tmp_path, tok, feature_layer, blocks)
 
 def random_tiny(tok, tie: bool, seed: int) -> M.VLM:
     """tiny_config with every parameter perturbed (no zero biases, unit norms or 0.1 layer scales to hide behind)."""
-    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     config.llm.tie_word_embeddings = tie
     return randomize(M.VLM.from_config(config, seed=seed), seed)
 
@@ -336,7 +338,7 @@ def test_text_only_batch_runs_a_blank_tile_in_training_mode(tok):
 
 
 def test_bad_model_inputs(tok):
-    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
+    cfg = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     V = cfg.llm.vocab_size
     model = M.VLM.from_config(cfg)
     ids, pixels = image_prompt(tok, cfg)  # 3 tiles -> 12 image tokens
@@ -395,11 +397,11 @@ CONFIG_CASES = [  # (layout of the checkpoint, change to its config.json, what t
 
 def test_bad_config_json_names_file_and_field(tmp_path, tok):
     """Each bad config.json raises a ValueError that starts with the file's path and names the field and value."""
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)))
     good = {}
     for layout in ("remote", "native"):
-        model.save_pretrained(tmp_path / layout, layout=layout)
-        assert M.VLM.from_pretrained(tmp_path / layout).config.layout == layout  # unchanged, it loads
+        C.save_model(model, tmp_path / layout, layout=layout)
+        assert C.load_model(tmp_path / layout).config.layout == layout  # unchanged, it loads
         good[layout] = (tmp_path / layout / "config.json").read_text()
     for layout, change, message in CONFIG_CASES:
         f = tmp_path / layout / "config.json"
@@ -407,10 +409,10 @@ def test_bad_config_json_names_file_and_field(tmp_path, tok):
         text = change(c)
         f.write_text(text if isinstance(text, str) else json.dumps(c))
         with pytest.raises(ValueError) as e:
-            M.read_config(tmp_path / layout)
+            C.read_config(tmp_path / layout)
         assert str(e.value).startswith(f"{f}: ") and re.search(message, str(e.value)), (message, str(e.value))
         with pytest.raises(ValueError, match=re.escape(str(e.value))):
-            M.VLM.from_pretrained(tmp_path / layout)
+            C.load_model(tmp_path / layout)
 
 
 @pytest.mark.parametrize("fails_at", ["second shard", "config.json"])
@@ -418,9 +420,9 @@ def test_failed_save_in_place_keeps_the_previous_checkpoint(tmp_path, tok, monke
     """A save over a remote-layout sharded checkpoint, in the native layout, that fails midway leaves the previous
     checkpoint loadable with its own weights and no temporaries; the same save, not failing, replaces it."""
     path = tmp_path / "ckpt"
-    M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), seed=1).save_pretrained(
-        path, max_shard_bytes=50_000)
-    model = M.VLM.from_pretrained(path)
+    C.save_model(M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)), seed=1),
+                 path, max_shard_bytes=50_000)
+    model = C.load_model(path)
     old = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -438,20 +440,20 @@ def test_failed_save_in_place_keeps_the_previous_checkpoint(tmp_path, tok, monke
             raise OSError("disk full")
         real_write_file(f, text)
 
-    real_save_file, real_write_file = M.save_file, M.write_file
-    monkeypatch.setattr(M, "save_file", save_file)
-    monkeypatch.setattr(M, "write_file", write_file)
+    real_save_file, real_write_file = C.save_file, C.write_file
+    monkeypatch.setattr(C, "save_file", save_file)
+    monkeypatch.setattr(C, "write_file", write_file)
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(path, layout="native", max_shard_bytes=50_000)
+        C.save_model(model, path, layout="native", max_shard_bytes=50_000)
     assert len(written) == 1 if fails_at == "second shard" else len(written) > 1  # after some weights were written
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     monkeypatch.undo()
-    back = M.VLM.from_pretrained(path)
+    back = C.load_model(path)
     assert back.config.layout == "remote"
     assert back.state_dict().keys() == old.keys() and all(torch.equal(v, old[k]) for k, v in back.state_dict().items())
 
-    model.save_pretrained(path, layout="native")
-    back = M.VLM.from_pretrained(path)
+    C.save_model(model, path, layout="native")
+    back = C.load_model(path)
     assert back.config.layout == "native" and sorted(p.name for p in path.glob("model*")) == ["model.safetensors"]
     new = model.state_dict()
     assert back.state_dict().keys() == new.keys() and all(torch.equal(v, new[k]) for k, v in back.state_dict().items())
@@ -462,10 +464,10 @@ def test_failed_save_in_place_keeps_the_previous_checkpoint(tmp_path, tok, monke
 def test_saved_files_follow_the_umask(tmp_path, tok, umask, mode):
     """Weights get the same permissions as config.json and any file this process creates (safetensors alone would
     write 0600, unreadable by the group a cluster's jobs share)."""
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)))
     previous = os.umask(umask)
     try:
-        model.save_pretrained(tmp_path / "ckpt", max_shard_bytes=50_000)
+        C.save_model(model, tmp_path / "ckpt", max_shard_bytes=50_000)
     finally:
         os.umask(previous)
     modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").iterdir()}
@@ -474,19 +476,50 @@ def test_saved_files_follow_the_umask(tmp_path, tok, umask, mode):
 
 
 def test_save_refuses_a_shared_directory_or_a_file(tmp_path, tok):
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)))
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)))
     (tmp_path / "runs" / "step-1").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"runs holds directories \['step-1'\]"):
-        model.save_pretrained(tmp_path / "runs")
+        C.save_model(model, tmp_path / "runs")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="file is a file, not a checkpoint directory"):
-        model.save_pretrained(tmp_path / "file")
+        C.save_model(model, tmp_path / "file")
     assert (tmp_path / "runs" / "step-1").is_dir() and (tmp_path / "file").read_text() == "x"
 
 
 def test_unknown_dtype_flag(monkeypatch, capsys):
-    """`python model.py --ckpt X --dtype foo` stops in argparse, naming the value, before touching X."""
-    monkeypatch.setattr(sys, "argv", ["model.py", "--ckpt", "nowhere", "--dtype", "foo"])
+    """`python checkpoint.py X --dtype foo` stops in argparse, naming the value, before touching X."""
+    monkeypatch.setattr(sys, "argv", ["checkpoint.py", "nowhere", "--dtype", "foo"])
     with pytest.raises(SystemExit) as e:
-        M.main()
+        C.main()
     assert e.value.code == 2 and "argument --dtype: invalid choice: 'foo'" in capsys.readouterr().err
+
+
+def test_command_line_converts_layout_and_dtype(tmp_path, tok, monkeypatch, capsys):
+    """`python checkpoint.py SRC --save OUT --layout native --dtype bfloat16` prints the config and the parameters
+    per module and writes a native bf16 checkpoint with the same weights (rounded) and the source's tokenizer."""
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)), seed=2)
+    C.save_model(model, tmp_path / "src")
+    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    argv = ["checkpoint.py", str(tmp_path / "src"), "--save", str(tmp_path / "out"), "--layout", "native",
+            "--dtype", "bfloat16"]
+    monkeypatch.setattr(sys, "argv", argv)
+    C.main()
+    printed = capsys.readouterr().out
+    for name in ("vision_model", "mlp1", "language_model"):
+        count = sum(p.numel() for p in getattr(model, name).parameters())
+        assert re.search(rf"{name}\s+{count:,} parameters  bfloat16", printed), printed
+    assert "remote layout" in printed and f"hidden_size={model.config.llm.hidden_size}" in printed
+    back = C.load_model(tmp_path / "out", dtype=None)
+    assert back.config.layout == "native" and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert all(torch.equal(v.bfloat16(), back.state_dict()[k]) for k, v in model.state_dict().items())
+    monkeypatch.setattr(sys, "argv", ["checkpoint.py", str(tmp_path / "src"), "--layout", "native"])
+    with pytest.raises(SystemExit):
+        C.main()
+    assert "--layout needs --save" in capsys.readouterr().err
+
+
+def test_unknown_layout(tmp_path, tok):
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)))
+    with pytest.raises(ValueError, match=r"layout must be one of \('remote', 'native', 'qwen2'\), got 'hf'"):
+        C.save_model(model, tmp_path / "x", layout="hf")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.saving").exists()

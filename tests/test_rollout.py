@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import checkpoint as C
 import model as M
 from entropy import logprob_entropy
 from conftest import image_prompt, make_hf_internvl, randomize, text_config
@@ -31,7 +32,7 @@ def qwen(tmp_path_factory, tok):
     hf = randomize(Qwen2ForCausalLM(cfg), seed=5).eval()
     hf.save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
-    return hf, M.VLM.from_pretrained(path)
+    return hf, C.load_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def internvl(tmp_path_factory, tok):
     path = tmp_path_factory.mktemp("internvl")
     torch.manual_seed(SEED)
     hf = make_hf_internvl(tok, "300m", False, path)
-    return hf, M.VLM.from_pretrained(path)
+    return hf, C.load_model(path)
 
 
 def text_request(tok, config, question, **kw) -> Request:
@@ -294,7 +295,7 @@ def test_compiled_decode_matches_eager(tok):
     """compile=True: the whole static cache, one compiled step (CUDA graphs on a GPU, inductor C++ on a CPU): the
     same tokens and the same log-probs as the eager step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT)), device=device)
+    model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)), device=device)
     reqs = mixed_requests(tok, model.config)
     for r in reqs:
         r.pixel_values = None if r.pixel_values is None else r.pixel_values.to(device)
@@ -319,7 +320,7 @@ def test_chat_command(tmp_path, tok):
     """`python rollout.py --ckpt --image --prompt` prints the greedy response the Sampler gives in-process."""
     torch.manual_seed(SEED)
     make_hf_internvl(tok, "300m", False, tmp_path)
-    model = M.VLM.from_pretrained(tmp_path)
+    model = C.load_model(tmp_path)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 112, 3), dtype=np.uint8))
     img.save(tmp_path / "grid.png")
     ids, pixels = build_prompt(tok, model.config, "how many red squares", [tmp_path / "grid.png"])

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+import checkpoint as C
 import data as D
 import model as M
 import parallel as P
@@ -265,8 +266,8 @@ def bandit_task(tmp: Path):
     """"pick ?" with an image; the right one-token answer is \\boxed{5} among 8 boxed digits: a random tiny model
     starts near chance and GRPO must find it."""
     tok = D.word_tokenizer(["pick", "?", *[f"\\boxed{{{k}}}" for k in range(8)]])
-    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(M.IMG_CONTEXT))
-    M.VLM.from_config(config, seed=4).save_pretrained(tmp / "init", layout="native")
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    C.save_model(M.VLM.from_config(config, seed=4), tmp / "init", layout="native")
     tok.save(str(tmp / "init" / "tokenizer.json"))
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(tmp / "im.png")
     rows = [dict(id=f"b{i}", question="pick ?", answer="5", answer_type="numeric", image="im.png") for i in range(16)]
