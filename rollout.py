@@ -298,8 +298,8 @@ class Sampler:
         self.done.fill_(True)
         self.pos.zero_()
         while True:
-            busy = any(o is not None for o in slots)
-            done = self.done.tolist() if busy else []  # the host sync: which slots have finished
+            # The host sync: which slots have finished.
+            done = self.done.tolist() if any(o is not None for o in slots) else []
             finished = [s for s, o in enumerate(slots) if o is not None and done[s]]
             if finished:
                 n_tok = self.step[finished].tolist()
