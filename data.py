@@ -15,7 +15,6 @@ Follows InternVL's `dynamic_preprocess` / `build_transform` (tiling, ImageNet no
 
     python data.py rows.jsonl --ckpt /path/to/InternVL3-1B     # validate a data file, print the first prompt
 """
-import argparse
 import json
 import re
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+import cli
 from checkpoint import IMG_CONTEXT, read_config
 from entropy import IGNORE_INDEX
 from model import VLMConfig
@@ -386,18 +386,25 @@ def tokenizer_preview(tok: Tokenizer, ids: list[int]) -> str:
         re.sub(f"(?:{IMG_CONTEXT}\\s*)+", lambda m: f"{IMG_CONTEXT}x{m.group().count(IMG_CONTEXT)}", text)
 
 
-def main():
-    p = argparse.ArgumentParser(description="Validate a JSONL data file and show how its first row is encoded.")
+@dataclass
+class CheckConfig:
+    """`python data.py FILE`: the encoding it shows."""
+    ckpt: str | None = cli.arg(None, "checkpoint directory (config.json, tokenizer.json) to encode the first row with")
+    max_tiles: int | None = cli.arg(None, "tile cap per image; unset: the config's max_dynamic_patch")
+
+
+def main(argv: list[str] | None = None):
+    p = cli.parser("Validate a JSONL data file and show how its first row is encoded.")
     p.add_argument("data", help="JSONL file of rows")
-    p.add_argument("--ckpt", default=None, help="checkpoint directory (config.json, tokenizer.json) to encode with")
-    p.add_argument("--max-tiles", type=int, default=None, help="tile cap per image (default: the config's)")
-    args = p.parse_args()
+    cli.add_flags(p, CheckConfig)
+    args = p.parse_args(argv)
+    cfg = cli.config_from(args, CheckConfig)
     rows = load_rows(args.data)
     print(f"{args.data}: {len(rows)} rows, all valid; answer types "
           f"{ {t: sum(r['answer_type'] == t for r in rows) for t in sorted({r['answer_type'] for r in rows})} }")
-    if args.ckpt:
-        config, tok = read_config(args.ckpt), load_tokenizer(args.ckpt)
-        ex = encode(rows[0], tok, config, args.max_tiles)
+    if cfg.ckpt:
+        config, tok = read_config(cfg.ckpt), load_tokenizer(cfg.ckpt)
+        ex = encode(rows[0], tok, config, cfg.max_tiles)
         tiles = 0 if ex.pixel_values is None else ex.pixel_values.shape[0]
         print(f"row {rows[0]['id']}: {len(ex.prompt_ids)} prompt tokens, {tiles} tiles, "
               f"{len(ex.response_ids)} response tokens\n{tokenizer_preview(tok, ex.prompt_ids)}")

@@ -11,8 +11,9 @@ of red cells:
 The shortcut (65% of train traces by default) stops after the third row and answers the count so far: right only
 when row d holds no red (0.65^4 ~ 18% of grids). So the strategy is one token after c4, `wait` or `</think>`, and
 `wait` is one of entropy.CRITICAL_WORDS: R1V3's critical-token entropy has a real reflective token to measure.
-GRPO should find the full walk that the cold start rarely used. What it follows: design.md section 5
-(calibration of a tiny model on a 2-core CPU), the rows of data.py, the rewards of reward.py.
+GRPO should find the full walk that the cold start rarely used. The task is sized for a laptop CPU: one image tile,
+a one-token-per-word vocabulary and traces of a few dozen tokens let a tiny model go through cold start and GRPO from
+scratch in a single sitting, and still leave it a real choice to learn. Rows follow data.py, rewards reward.py.
 
 `prepare(out_dir, cfg)` writes, all determined by the seed (same seed -> byte-identical files):
     out_dir/data/train.jsonl, heldout.jsonl   rows as data.load_rows reads them (held-out: full traces as response)
@@ -24,7 +25,6 @@ data would no longer match it): use another directory or delete this one.
 
     python grid_task.py --out runs/grid --seed 0
 """
-import argparse
 import json
 import shutil
 import time
@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
+import cli
+from cli import arg
 from data import encode, load_rows, load_tokenizer, tokenizer_preview, word_tokenizer
 from checkpoint import IMG_CONTEXT, read_config, save_model
 from model import VLM, tiny_config
@@ -55,14 +57,15 @@ GENERATOR_VERSION = 1  # bump whenever the same settings would write other files
 
 @dataclass
 class GridTaskConfig:
-    seed: int = 0  # data (one stream per split) and the initial weights
-    n_train: int = 4000  # SFT draws ~1,000 x 64 samples from these; GRPO prompts come from them too
-    n_heldout: int = 256  # greedy + 8 samples each stays ~10-20 s of evaluation on 2 cores
-    p_red: float = 0.35  # probability that a cell is red; green, blue, yellow share the rest equally
-    p_full: float = 0.35  # share of train traces that read all 16 cells; the others take the shortcut
-    jitter: int = 25  # per-cell colour offset, uniform in [-jitter, jitter] per channel
-    noise: float = 12.0  # per-pixel Gaussian noise sigma
-    image_size: int = 56  # pixels per side = the model's tile (one tile, no thumbnail), cells of image_size / 4
+    seed: int = arg(0, "seed of the data (one stream per split) and of the initial weights")
+    n_train: int = arg(4000, "train rows: SFT draws ~1,000 x 64 samples from these, GRPO its prompts")
+    n_heldout: int = arg(256, "held-out rows (each evaluated greedily and with 8 samples: keep it small on a CPU)")
+    p_red: float = arg(0.35, "probability that a cell is red; green, blue, yellow share the rest equally")
+    p_full: float = arg(0.35, "share of train traces that read all 16 cells; the others take the shortcut")
+    jitter: int = arg(25, "per-cell colour offset, uniform in [-jitter, jitter] per channel (0..40)")
+    noise: float = arg(12.0, "per-pixel Gaussian noise sigma")
+    image_size: int = arg(56, "pixels per side (a multiple of 28) = the model's tile: one tile, no thumbnail, "
+                              "cells of image_size / 4")
 
     def __post_init__(self):
         if self.seed < 0 or self.n_train < 1 or self.n_heldout < 1:
@@ -259,22 +262,12 @@ def summarize(task: GridTask):
               f"{np.mean([s['accuracy'] for s in scores]):.3f}, format {np.mean([s['format'] for s in scores]):.3f}")
 
 
-def main():
-    d = GridTaskConfig()
-    p = argparse.ArgumentParser(description="Prepare the red-cell counting task (data, tokenizer, initial "
-                                            "checkpoint) and print a summary.")
+def main(argv: list[str] | None = None):
+    p = cli.parser("Prepare the red-cell counting task (data, tokenizer, initial checkpoint) and print a summary.")
     p.add_argument("--out", default="runs/grid", help="task directory (data/, init/, grid_task.json)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the data streams and the initial weights")
-    p.add_argument("--n-train", type=int, default=d.n_train, help="train rows")
-    p.add_argument("--n-heldout", type=int, default=d.n_heldout, help="held-out rows")
-    p.add_argument("--p-red", type=float, default=d.p_red, help="probability that a cell is red")
-    p.add_argument("--p-full", type=float, default=d.p_full, help="share of train traces that read all 16 cells")
-    p.add_argument("--jitter", type=int, default=d.jitter, help="per-cell colour jitter, +- per channel (0..40)")
-    p.add_argument("--noise", type=float, default=d.noise, help="per-pixel Gaussian noise sigma")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="image side in pixels (multiple of 28)")
-    args = p.parse_args()
-    cfg = GridTaskConfig(args.seed, args.n_train, args.n_heldout, args.p_red, args.p_full, args.jitter, args.noise,
-                         args.image_size)
+    cli.add_flags(p, GridTaskConfig)
+    args = p.parse_args(argv)
+    cfg = cli.config_from(args, GridTaskConfig)
     print(f"config {asdict(cfg)}")
     t0 = time.perf_counter()
     task = prepare(args.out, cfg)

@@ -16,16 +16,14 @@ whole; one whose `<think>` never closes (truncated) has no answer; only the regi
 are read, after Unicode normalisation (NFKC, format characters removed), as are gold answers and options. Rewards
 are pure functions of (response, row).
 
-    python reward.py --bench        # responses/s on 1,000 realistic responses, serial and on all cores
+    python bench.py reward         # responses/s on GRPO-shaped responses, serial and with score_batch's pool
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import multiprocessing as mp
 import os
-import random
 import re
 import signal
 import threading
@@ -37,20 +35,20 @@ from fractions import Fraction
 
 from math_verify import parse as mv_parse, verify as mv_verify
 
-# Hard limit on one equivalence check (math-verify: parse gold, parse answer, verify). Warm checks take 1-50 ms, a new
-# expression's first parse up to ~200 ms on a loaded core, a fresh process's first check 0.4-0.7 s (sympy imports
-# lazily; `warm_up` pays that up front). A timeout is a false 0 reward, so the limit sits well above all of these;
-# what still reaches it is degenerate (huge sums, sets of 60 elements) and rare, so 2 s per such response is cheap.
+# Hard limit on one equivalence check (math-verify: parse gold, parse answer, verify). A timeout is a false 0 reward,
+# so the limit sits far above what real answers cost, even a new expression's first parse on a loaded core (a fresh
+# process's first check is slower still, as sympy imports lazily: `warm_up` pays that up front). What still reaches
+# the limit is degenerate (huge sums, sets of dozens of elements) and rare, so spending it on such a response is cheap.
 DEFAULT_TIME_LIMIT_S = 2.0
 # Answers longer or more deeply bracketed than this never reach sympy; they are compared as normalised strings.
-# Real answers are < 100 characters and < 5 levels deep, while math-verify's LaTeX parser costs ~60 ms per bracket
-# level and blows up past ~10 levels.
+# Real answers are < 100 characters and < 5 levels deep, while the cost of math-verify's LaTeX parser grows with every
+# bracket level and blows up past about ten.
 MAX_ANSWER_CHARS = 200
 MAX_ANSWER_DEPTH = 8
 # Only the last this-many characters of the answer region (the text after </think>) are scanned for the final answer.
 # A real final answer, with the summary around it, is a few hundred tokens (R1V3-style responses put the reasoning in
-# the think block); 16384 characters (~4K tokens) keeps all of it while bounding the regex and brace scans to
-# milliseconds: a 5 MB region took up to a second per response, outside any time limit.
+# the think block); 16384 characters (~4K tokens) keeps all of it while bounding the regex and brace scans, which run
+# outside any time limit and on a region of megabytes would cost more than the whole equivalence check.
 ANSWER_SCAN_CHARS = 16384
 # Below this many responses score_batch stays in-process: a pool round trip costs more than the scoring.
 SERIAL_BELOW = 64
@@ -113,7 +111,8 @@ def normalize_unicode(s: str) -> str:
 
 
 def _clean(s: str) -> str:
-    """Strip what surrounds an answer but is not part of it: $ and \\( \\[ delimiters, markdown bold, end punctuation."""
+    """Strip what surrounds an answer but is not part of it: $ and \\( \\[ delimiters, markdown bold, end
+    punctuation."""
     return _WRAPPERS.sub("", s).strip().rstrip(".,;:").strip()
 
 
@@ -166,7 +165,8 @@ def extract_answer(text: str) -> str | None:
             pass
         if last is not None:
             tail = text[last.end():].lstrip()
-            found = re.split(r"\.\s", tail.partition("\n")[0], maxsplit=1)[0]  # "The answer is 12. Let me check..." -> "12"
+            # "The answer is 12. Let me check..." -> "12"
+            found = re.split(r"\.\s", tail.partition("\n")[0], maxsplit=1)[0]
     return (_clean(found) or None) if found is not None else None
 
 
@@ -556,13 +556,13 @@ def _score_chunk(items: list[tuple], cfg: RewardConfig) -> list[dict]:
 
 
 def warm_up() -> None:
-    """Pay sympy's lazy imports (~1 s) before the first timed check instead of inside it. Call once per process
+    """Pay sympy's lazy imports before the first timed check instead of inside it. Call once per process
     before scoring under a tight limit; the batch scorer's workers run it when they start."""
     for gold, pred in (("\\frac{1}{2}", "0.5"), ("(x+1)^2", "x^2+2x+1"), ("[1,2)", "\\{1,2\\}")):
         _verify_math(gold, pred)
 
 
-# One pool per process, reused across calls: a fresh one costs 2-5 s (each worker imports sympy and warms up).
+# One pool per process, reused across calls: a fresh one is slow to start (each worker imports sympy and warms up).
 # spawn, never fork: forking a training process that holds CUDA state or threads is unsafe.
 _pools: dict[int, ProcessPoolExecutor] = {}
 
@@ -618,88 +618,3 @@ def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None
     if len(done) < len(futures) or any(f.exception() for f in done):
         _pools.pop(workers).shutdown(wait=False, cancel_futures=True)  # broken or hung: the next call starts afresh
     return results
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def _bench_problem(rng: random.Random) -> tuple[dict, list[str], list[str]]:
-    """A random problem: (row, right answers in forms models write, wrong answers)."""
-    a, b, c = rng.randint(2, 99), rng.randint(2, 9), rng.randrange(4)
-    letter, other, options = chr(65 + c), chr(65 + (c + 1) % 4), [f"{a + 10 * i}°" for i in range(4)]
-    word, wrong_word = rng.sample(["photosynthesis", "mitochondria", "Newton", "Paris", "isosceles", "osmosis"], 2)
-    kind, answer, right, wrong = rng.choice([
-        ("numeric", str(a), [str(a), f"{a}.0", f"{a} cm"], [str(a + 1), str(-a)]),
-        ("numeric", f"{a}/{a * b + 1}", [f"\\frac{{{a}}}{{{a * b + 1}}}", f"{a}/{a * b + 1}"],
-         [f"\\frac{{{a + 1}}}{{{a * b + 1}}}", f"{a / (a * b + 1) + 0.01:.2f}"]),
-        ("numeric", str(a * 1000), [f"{a},000", f"{a}\\times 10^{{3}}", f"{a}e3"], [f"{a}00", f"{a}e4"]),
-        ("expression", f"x^2+{2 * a}x+{a * a}", [f"(x+{a})^2", f"x^{{2}}+{2 * a}x+{a * a}"], [f"(x-{a})^2", f"x^2+{a * a}"]),
-        ("expression", f"[{a}, {a + b})", [f"[{a},{a + b})", f"\\left[{a}, {a + b}\\right)"],
-         [f"({a},{a + b})", f"[{a},{a + b}]"]),
-        ("expression", f"\\frac{{\\sqrt{{{b}}}}}{{{a}}}", [f"\\frac{{\\sqrt{b}}}{{{a}}}", f"\\sqrt{{{b}}}/{a}"],
-         [f"\\frac{{\\sqrt{{{b + 1}}}}}{{{a}}}", f"{b}/{a}"]),
-        ("multiple_choice", letter, [letter, f"({letter})", f"{letter}. {options[c]}", options[c], f"**{letter}**"],
-         [other, f"({other})"]),
-        ("text", word, [word, word.lower() + "."], [wrong_word]),
-    ])
-    row = {"answer": answer, "answer_type": kind, **({"options": options} if kind == "multiple_choice" else {})}
-    return row, right, wrong
-
-
-def _bench_data(n: int, seed: int = 0, group: int = 8) -> tuple[list[str], list[dict], list[float]]:
-    """n realistic (response, row, expected accuracy) triples, laid out like a GRPO batch: groups of `group` responses
-    to one random problem, each a think block of reasoning (with an intermediate boxed value) then a final answer in
-    one of the forms models write, right with a per-problem probability."""
-    rng = random.Random(seed)
-    steps = ["The figure shows a right triangle with legs 3 and 4.", "Wait, let me check the units first.",
-             "So the area is $\\frac{1}{2} \\cdot 3 \\cdot 4 = 6$.", "Hmm, but the question asks something else.",
-             "Alternatively, solve $2x + 3 = 7$.", "So the intermediate result is $\\boxed{6}$."]
-    finals = ["The answer is $\\boxed{{{}}}$.", "Therefore, the final answer is \\boxed{{{}}}.", "Answer: {}",
-              "<answer>{}</answer>", "So the answer is **{}**."]
-    responses, rows, expected = [], [], []
-    while len(responses) < n:
-        row, right, wrong = _bench_problem(rng)
-        p_right = rng.random()
-        for _ in range(min(group, n - len(responses))):
-            ok = rng.random() < p_right
-            thought = " ".join(rng.choice(steps) for _ in range(rng.randint(20, 60)))
-            final = rng.choice(finals).format(rng.choice(right if ok else wrong))
-            responses.append(f"<think>\n{thought}\n</think>\n\nPutting it together. {final}")
-            rows.append(dict(row))
-            expected.append(float(ok))
-    return responses, rows, expected
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="time scoring of realistic responses and print one line")
-    parser.add_argument("--n", type=int, default=1000, help="number of responses to score in the benchmark")
-    parser.add_argument("--workers", type=int, default=None, help="batch scorer processes (default: all cores)")
-    parser.add_argument("--repeat", type=int, default=2, help="alternate serial and batch runs; report the best of each")
-    args = parser.parse_args()
-    if not args.bench:
-        return parser.print_help()
-    load = os.getloadavg()[0]  # other processes on the machine skew both figures; say how busy it was
-    responses, rows, expected = _bench_data(args.n)
-    workers = args.workers or os.cpu_count() or 1
-    cfg = RewardConfig()
-    warm_up()
-    t0 = time.perf_counter()
-    score_batch(responses[:SERIAL_BELOW], rows[:SERIAL_BELOW], cfg, workers=workers)  # start and warm the pool
-    pool_start = time.perf_counter() - t0
-    serial_s, batch_s = [], []
-    for _ in range(args.repeat):  # interleaved, so that a burst of outside load hits both about equally
-        t0 = time.perf_counter()
-        serial = [score(r, row, cfg) for r, row in zip(responses, rows)]
-        t1 = time.perf_counter()
-        batch = score_batch(responses, rows, cfg, workers=workers)
-        serial_s.append(t1 - t0)
-        batch_s.append(time.perf_counter() - t1)
-    agree = sum(s["accuracy"] == b["accuracy"] == e for s, b, e in zip(serial, batch, expected))
-    errors = sum(s["error"] is not None for s in serial + batch)
-    print(f"reward bench: {args.n} responses | serial {args.n / min(serial_s):.0f}/s | score_batch {workers} workers "
-          f"{args.n / min(batch_s):.0f}/s (best of {args.repeat}; pool start {pool_start:.1f} s, not counted) | "
-          f"accuracy matches labels {agree}/{args.n} | errors {errors} | load average {load:.1f} on {os.cpu_count()} cores")
-
-
-if __name__ == "__main__":
-    main()

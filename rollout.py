@@ -25,10 +25,8 @@ Deliberate choices:
 - Prompt + completion never exceed `max_len`; a prompt with no room for one new token is an error naming the
   request (never a truncation, which could cut an image span).
 
-    python rollout.py --bench                                               # ours vs transformers' generate
-    python rollout.py --ckpt /path/to/InternVL3-1B --image cat.jpg --prompt "Describe the image."
+    python bench.py rollout        # the sampler vs transformers' generate on a random Qwen2 model
 """
-import argparse
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,8 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import DTYPES, config_from_dict, load_model, to_internal
-from data import build_prompt, load_tokenizer, special_ids
+from data import pad_id, token_batches
 from model import VLM, KVCache
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -149,6 +146,16 @@ class _Group:
     stop: torch.Tensor  # (num_samples,) bool: the first token is a stop id
 
 
+@dataclass
+class _Occupant:
+    """The sample a cache slot is generating."""
+    request: int  # index into generate's requests
+    sample: int  # which of the request's num_samples
+    admitted_at: int  # decode steps run before it took the slot
+    prompt_len: int
+    limit: int  # max tokens of its completion
+
+
 class Sampler:
     """Generates from `model` with `max_slots` sequences in flight and at most `max_len` tokens (prompt +
     completion) each. `compile=True` compiles the decode step (CUDA graphs on GPU): build the sampler once and
@@ -216,7 +223,7 @@ class Sampler:
         dev, dtype, lm = self.tok.device, self.cache.k[0].dtype, self.model.language_model
         lens = [len(requests[i].ids) for i in batch]
         G, T = len(batch), max(lens)
-        pad = 1 if self.model.config.image_token_id == 0 else 0  # anything but <IMG_CONTEXT> (embed counts those)
+        pad = pad_id(self.model.config)
         ids = torch.tensor([requests[i].ids + [pad] * (T - P) for i, P in zip(batch, lens)], device=dev)
         pixels = [requests[i].pixel_values for i in batch if requests[i].pixel_values is not None]
         param_dtype = self.model.language_model.embed_tokens.weight.dtype
@@ -232,18 +239,6 @@ class Sampler:
         stop = (tok[..., None] == self.stop).any(-1)  # (G, n)
         return {i: _Group(i, seeds[i], limits[i], [k[g, :, :P] for k in kv.k], [v[g, :, :P] for v in kv.v], tok[g],
                           lp[g], stop[g]) for g, (i, P) in enumerate(zip(batch, lens))}
-
-    def _batches(self, todo: list[int], lens: list[int]):
-        """Consecutive runs of `todo` whose padded size (count x longest) stays within prefill_tokens."""
-        batch, longest = [], 0
-        for i, P in zip(todo, lens):
-            if batch and (len(batch) + 1) * max(longest, P) > self.prefill_tokens:
-                yield batch
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, P)
-        if batch:
-            yield batch
 
     def _admit(self, s: int, g: _Group, j: int):
         """Sample j of group g into slot s: copy the prompt's KV, set the slot's state. No host sync."""
@@ -292,26 +287,28 @@ class Sampler:
                 raise ValueError(f"{name} must be {want}, got {value!r}")
         for i, r in enumerate(requests):
             self._check(i, r)
-        seeds = [r.seed if r.seed is not None else hash((seed, i)) for i, r in enumerate(requests)]  # ints: stable
+        seeds = [r.seed if r.seed is not None else mix_seed(seed, i) for i, r in enumerate(requests)]
         limits = [min(max_new_tokens if r.max_new_tokens is None else r.max_new_tokens, self.max_len - len(r.ids))
                   for r in requests]
         t_start = time.perf_counter()
         queue = deque((i, j) for i in range(len(requests)) for j in range(num_samples))
         out: list[list[Completion | None]] = [[None] * num_samples for _ in requests]
-        slots: list[tuple | None] = [None] * self.max_slots  # occupant: (request, sample, start step, P, limit)
+        slots: list[_Occupant | None] = [None] * self.max_slots
         staged, steps, prefills, generated, completed = None, 0, 0, 0, 0  # staged: the group still queued
         self.done.fill_(True)
         self.pos.zero_()
         while True:
-            done = self.done.tolist() if any(slots) else []  # the host sync: which slots have finished
-            finished = [s for s, occ in enumerate(slots) if occ is not None and done[s]]
+            # The host sync: which slots have finished.
+            done = self.done.tolist() if any(o is not None for o in slots) else []
+            finished = [s for s, o in enumerate(slots) if o is not None and done[s]]
             if finished:
                 n_tok = self.step[finished].tolist()
                 width = max(n_tok)
                 toks, lps = self.out_tok[finished, :width].tolist(), self.out_lp[finished, :width].tolist()
                 for s, n, t, lp in zip(finished, n_tok, toks, lps):
-                    i, j = slots[s][:2]
-                    out[i][j] = Completion(t[:n], lp[:n], "stop" if t[n - 1] in self.stop_ids else "length")
+                    occupant = slots[s]
+                    out[occupant.request][occupant.sample] = Completion(
+                        t[:n], lp[:n], "stop" if t[n - 1] in self.stop_ids else "length")
                     generated += n
                     slots[s] = None
                     self.pos[s] = 0  # an empty slot writes its garbage at position 0, inside any cache view
@@ -319,26 +316,28 @@ class Sampler:
                 if progress is not None:
                     progress(completed, len(requests) * num_samples, generated)
             # Admit queued samples into free slots, prefilling the prompts not seen yet in token-capped batches.
-            take = [(s, *queue.popleft()) for s in [s for s, o in enumerate(slots) if o is None][:len(queue)]]
+            free = [s for s, o in enumerate(slots) if o is None]
+            admits = [(s, *queue.popleft()) for s in free[:len(queue)]]  # (slot, request, sample)
             groups = {} if staged is None else {staged.index: staged}
-            todo = [i for i in dict.fromkeys(i for _, i, _ in take) if i not in groups]
-            for batch in self._batches(todo, [len(requests[i].ids) for i in todo]):
-                groups |= self._prefill(batch, requests, seeds, limits, num_samples, temperature, top_p, top_k)
-            prefills += len(todo)
-            for s, i, j in take:
+            unseen = [i for i in dict.fromkeys(i for _, i, _ in admits) if i not in groups]
+            for batch in token_batches([len(requests[i].ids) for i in unseen], self.prefill_tokens):
+                groups |= self._prefill([unseen[b] for b in batch], requests, seeds, limits, num_samples,
+                                        temperature, top_p, top_k)
+            prefills += len(unseen)
+            for s, i, j in admits:
                 self._admit(s, groups[i], j)
-                slots[s] = (i, j, steps, len(requests[i].ids), limits[i])
+                slots[s] = _Occupant(i, j, steps, len(requests[i].ids), limits[i])
             if queue and queue[0][0] in groups and groups[queue[0][0]] is not staged:  # keep its prompt's KV
-                g = groups[queue[0][0]]
-                P = g.k[0].shape[1]
-                for dst, src in zip(self.stage.k + self.stage.v, g.k + g.v):
+                group = groups[queue[0][0]]
+                P = group.k[0].shape[1]
+                for dst, src in zip(self.stage.k + self.stage.v, group.k + group.v):
                     dst[0, :, :P] = src
-                g.k, g.v = [k[0, :, :P] for k in self.stage.k], [v[0, :, :P] for v in self.stage.v]
-                staged = g
-            if not any(slots):
+                group.k, group.v = [k[0, :, :P] for k in self.stage.k], [v[0, :, :P] for v in self.stage.v]
+                staged = group
+            if all(o is None for o in slots):
                 break
             # Run until the next check, but not past the last step any slot could still need.
-            ahead = max(limit - 1 - (steps - start) for _, _, start, _, limit in (o for o in slots if o))
+            ahead = max(o.limit - 1 - (steps - o.admitted_at) for o in slots if o is not None)
             for _ in range(min(self.sync_every, ahead)):
                 self._step(self._cache_view(slots, steps), temperature, top_p, top_k)
                 steps += 1
@@ -347,183 +346,11 @@ class Sampler:
                           prefills=prefills)
         return out
 
-    def _cache_view(self, slots, steps: int):
+    def _cache_view(self, slots: list[_Occupant | None], steps: int):
         """Compiled: the whole cache (static shapes). Eager: only the positions any slot can reach this step, so
         attention does not walk max_len of masked keys. A slot's position is at most P + min(steps since its
         admission, limit - 1); empty slots sit at 0."""
         if self.compiled:
             return self.cache
-        hi = max(P + min(steps - start, limit - 1) for _, _, start, P, limit in (o for o in slots if o))
+        hi = max(o.prompt_len + min(steps - o.admitted_at, o.limit - 1) for o in slots if o is not None)
         return _KV([k[:, :, :hi + 1] for k in self.cache.k], [v[:, :, :hi + 1] for v in self.cache.v])
-
-# -----------------------------------------------------------------------------------------------------------------
-# Command line: chat with a checkpoint, or benchmark against transformers
-
-
-def chat(args):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.ckpt, dtype=DTYPES[args.dtype], device=device)
-    tok = load_tokenizer(args.ckpt)
-    ids, pixels = build_prompt(tok, model.config, args.prompt, [args.image] if args.image else [])
-    stop, banned = special_ids(tok)
-    sampler = Sampler(model, max_slots=1, max_len=min(len(ids) + args.max_new_tokens,
-                                                      model.config.llm.max_position_embeddings),
-                      stop_ids=stop, banned_ids=banned, compile=args.compile)
-    [[c]] = sampler.generate([Request(ids, pixels)], max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    print(tok.decode(c.ids))
-    st = sampler.stats
-    print(f"[{len(ids)} prompt tokens, {st['tokens']} generated ({c.finish_reason}) in {st['seconds']:.2f}s: "
-          f"{st['tokens_per_s']:.1f} tokens/s]")
-
-
-BENCH_SIZES = {  # Qwen2-shaped random models; "tiny" is the scale the CPU default trains (design.md section 5)
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False),
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
-PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
-# bytes/s from the spec sheets (H100 SXM 3.35 TB/s); the first key found in the device's name wins
-
-
-def _timed(fn, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()  # the GPU runs ahead of the host: stop the clock when it is done
-    return time.perf_counter() - t
-
-
-def bench(args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sizes = [args.size] if args.size else ["qwen2.5-7b"] if device.type == "cuda" else ["tiny", "small"]
-    for size in sizes:
-        bench_size(args, size, device)
-
-
-def bench_size(args, size: str, device: torch.device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    compile = args.compile
-    cfg = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=4096, rope_theta=1e6)
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the bench dtype: no fp32 copy of a 7B model on the way
-    with torch.device(device):
-        hf = Qwen2ForCausalLM(cfg).eval()
-    torch.set_default_dtype(default_dtype)
-    config = config_from_dict(cfg.to_dict())
-    with torch.device("meta"):
-        ours = VLM(config)
-    # Ours reads the very same weight tensors (qwen2 checkpoint names -> ours): same bytes, no second copy.
-    ours.load_state_dict(to_internal(dict(hf.state_dict()), "qwen2", config.llm.tie_word_embeddings), assign=True)
-    B, P, N = args.batch, args.prompt_len, args.new_tokens
-    prompts = torch.randint(0, cfg.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
-    requests = [Request(p.tolist()) for p in prompts]
-    sampler = Sampler(ours, max_slots=B, max_len=P + N, compile=compile, sync_every=args.sync_every)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    params = sum(p.numel() for p in ours.language_model.parameters())
-    print(f"device {name}, {size} ({params / 1e6:.1f}M params, {dtype}), batch {B}, prompt {P}, {N} new tokens, "
-          f"compile={compile}, sync_every={sampler.sync_every}; best of {args.repeats}")
-    for mode, T in (("greedy", 0.0), ("sampled", 1.0)):
-        hf_kw = dict(do_sample=T > 0, max_new_tokens=N, min_new_tokens=N, use_cache=True, pad_token_id=0,
-                     eos_token_id=None, **(dict(temperature=T, top_k=0, top_p=1.0) if T > 0 else {}))
-        run_hf = lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), **hf_kw)
-        run_ours = lambda: sampler.generate(requests, max_new_tokens=N, temperature=T)
-        with torch.no_grad():  # warm-up: allocator, compilation, CUDA graph capture
-            hf.generate(prompts[:, :8], attention_mask=torch.ones_like(prompts[:, :8]), **{**hf_kw,
-                        "max_new_tokens": 4, "min_new_tokens": 4})
-            run_ours()
-            t_hf, t_ours = float("inf"), float("inf")
-            for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
-                t_hf = min(t_hf, _timed(run_hf, device))
-                t_ours = min(t_ours, _timed(run_ours, device))
-        assert sampler.stats["tokens"] == B * N, sampler.stats
-        print(f"{mode:8s} ours {B * N / t_ours:9.1f} tokens/s   transformers {B * N / t_hf:9.1f} tokens/s   "
-              f"ratio {t_hf / t_ours:.2f}x")
-        if T == 0:
-            hf_step = t_hf / N  # transformers' time per greedy step, prefill included
-    # Amdahl: both engines run the same LM-head GEMM every step; its share of transformers' step caps the ratio.
-    h = torch.randn(B, cfg.hidden_size, dtype=dtype, device=device)
-    with torch.no_grad():
-        head = min(_timed(lambda: ours.language_model.logits(h), device) for _ in range(5))
-    print(f"LM head alone ({B}x{cfg.hidden_size} @ {cfg.hidden_size}x{cfg.vocab_size}): {head * 1e3:.2f} ms, "
-          f"{head / hf_step:.0%} of transformers' {hf_step * 1e3:.2f} ms greedy step: no engine running the same GEMM "
-          f"exceeds {hf_step / head:.1f}x")
-    if device.type == "cuda":
-        bandwidth_at_batch_1(ours, P, compile, args.sync_every, name)
-
-
-def bandwidth_at_batch_1(model: VLM, P: int, compile: bool, sync_every, name: str):
-    """Decode step time at batch 1 from two generation lengths (prefill cancels out) vs the bytes a step must read:
-    every LLM parameter but the embedding table (one row of it is read), plus the KV it attends over (compiled: all
-    of max_len, masked positions included; eager: the positions reached, on average)."""
-    device = model.language_model.embed_tokens.weight.device
-    n1, n2 = 32, 544
-    sampler = Sampler(model, max_slots=1, max_len=P + n2, compile=compile, sync_every=sync_every)
-    req = [Request(list(range(1, P + 1)))]
-    gen = lambda n: sampler.generate(req, max_new_tokens=n, temperature=0.0)
-    gen(n1)
-    step = (min(_timed(lambda: gen(n2), device) for _ in range(3)) -
-            min(_timed(lambda: gen(n1), device) for _ in range(3))) / (n2 - n1)
-    lm = model.language_model
-    nbytes = lambda t: t.numel() * t.element_size()
-    weights = sum(nbytes(p) for p in lm.parameters()) - (nbytes(lm.embed_tokens.weight) if lm.lm_head is not None
-                                                         else 0)
-    kv = sum(map(nbytes, sampler.cache.k + sampler.cache.v)) * (1 if compile else (P + (n1 + n2) / 2) / (P + n2))
-    x = torch.empty(2**30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    copy_bw = 2 * x.numel() / min(_timed(lambda: y.copy_(x), device) for _ in range(5))  # read + write
-    peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
-    achieved = (weights + kv) / step
-    spec = f"{achieved / peak:.0%} of the {peak / 1e12:.2f} TB/s spec peak" if peak else "no spec peak on file"
-    print(f"batch 1  {1 / step:9.1f} tokens/s   {(weights + kv) / 1e9:.2f} GB read per step -> "
-          f"{achieved / 1e12:.2f} TB/s = {spec}, {achieved / copy_bw:.0%} of a measured {copy_bw / 1e12:.2f} TB/s "
-          f"device copy ({name})")
-
-
-def main():
-    p = argparse.ArgumentParser(description="Chat with a checkpoint, or --bench the sampler against transformers.")
-    p.add_argument("--bench", action="store_true", help="ours vs transformers' generate on a random Qwen2 model")
-    p.add_argument("--ckpt", help="checkpoint directory to chat with (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--image", default=None, help="optional image for the chat prompt")
-    p.add_argument("--prompt", default="Describe the image.", help="user message")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="chat: response length cap")
-    p.add_argument("--temperature", type=float, default=0.0, help="chat: sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="chat: nucleus mass (1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="chat: keep the k most likely tokens (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16" if torch.cuda.is_available() else "float32",
-                   help="chat: parameter dtype")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step: CUDA graphs on a GPU, inductor C++ on a CPU, which needs a C++ "
-                        "compiler (default: on for the bench, off for chat)")
-    p.add_argument("--size", choices=sorted(BENCH_SIZES), default=None,
-                   help="bench model shape (default: tiny and small on CPU, qwen2.5-7b on CUDA)")
-    p.add_argument("--batch", type=int, default=32, help="bench: sequences generated together")
-    p.add_argument("--prompt-len", type=int, default=32, help="bench: prompt tokens per sequence")
-    p.add_argument("--new-tokens", type=int, default=128, help="bench: tokens generated per sequence")
-    p.add_argument("--repeats", type=int, default=10, help="bench: timed runs per engine, interleaved (best is "
-                   "reported: other processes on a shared machine only ever slow a run down)")
-    p.add_argument("--sync-every", type=int, default=None, help="decode steps between host checks (default: "
-                   "1 on CPU, 8 on CUDA)")
-    args = p.parse_args()
-    if args.bench:
-        args.compile = args.compile is not False
-        bench(args)
-    elif args.ckpt:
-        args.compile = bool(args.compile)
-        chat(args)
-    else:
-        p.error("give --ckpt DIR (chat) or --bench")
-
-
-if __name__ == "__main__":
-    main()

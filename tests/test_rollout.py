@@ -2,14 +2,9 @@
 image prompts, loaded from the same checkpoint), log-probs vs entropy.logprob_entropy recomputed on the finished
 sequences, continuous batching + prefix sharing vs one request at a time, seeds, bans, stops and bad input."""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import checkpoint as C
@@ -17,7 +12,6 @@ import model as M
 from entropy import logprob_entropy
 from conftest import image_prompt, make_hf_internvl, randomize, text_config
 from data import build_prompt, special_ids
-import rollout
 from rollout import Request, Sampler, sample, uniform
 
 SEED = int(os.environ.get("ROLLOUT_TEST_SEED", 0))  # the random models' seed (the assertions hold for any)
@@ -306,35 +300,6 @@ def test_compiled_decode_matches_eager(tok):
     pairs = [(a, b) for g, h in zip(eager, compiled, strict=True) for a, b in zip(g, h, strict=True)]
     assert sum(len(a.logprobs) for a, _ in pairs) == 5 * 3 * 20
     assert max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-5
-
-
-def test_unknown_dtype_flag(monkeypatch, capsys):
-    """`python rollout.py --ckpt X --dtype foo` (chat) stops in argparse, naming the value, before touching X."""
-    monkeypatch.setattr(sys, "argv", ["rollout.py", "--ckpt", "nowhere", "--dtype", "foo"])
-    with pytest.raises(SystemExit) as e:
-        rollout.main()
-    assert e.value.code == 2 and "argument --dtype: invalid choice: 'foo'" in capsys.readouterr().err
-
-
-def test_chat_command(tmp_path, tok):
-    """`python rollout.py --ckpt --image --prompt` prints the greedy response the Sampler gives in-process."""
-    torch.manual_seed(SEED)
-    make_hf_internvl(tok, "300m", False, tmp_path)
-    model = C.load_model(tmp_path)
-    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 112, 3), dtype=np.uint8))
-    img.save(tmp_path / "grid.png")
-    ids, pixels = build_prompt(tok, model.config, "how many red squares", [tmp_path / "grid.png"])
-    stop, banned = special_ids(tok)
-    [[want]] = Sampler(model, max_slots=1, max_len=len(ids) + 6, stop_ids=stop, banned_ids=banned).generate(
-        [Request(ids, pixels)], max_new_tokens=6, temperature=0.0)
-    repo = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, str(repo / "rollout.py"), "--ckpt", str(tmp_path), "--image",
-                          str(tmp_path / "grid.png"), "--prompt", "how many red squares", "--max-new-tokens", "6",
-                          "--dtype", "float32"], capture_output=True, text=True, cwd=repo, check=True).stdout
-    response, stats = out.rstrip("\n").split("\n")[-2:]
-    assert response == tok.decode(want.ids) and want.ids, (response, want)
-    assert f"{len(ids)} prompt tokens, {len(want.ids)} generated ({want.finish_reason})" in stats
-    assert "tokens/s" in stats
 
 
 def test_progress_reports_every_finished_completion(qwen, tok):

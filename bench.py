@@ -1,0 +1,421 @@
+"""Benchmarks of nanoR1V's parts, one sub-command each; every run prints the device and settings it measured with.
+
+    python bench.py entropy    # fused log-prob + entropy vs the full-logits reference: fwd+bwd time, peak memory
+    python bench.py rollout    # the sampler vs transformers' generate, the LM-head ceiling, batch-1 bandwidth (CUDA)
+    python bench.py reward     # responses/s on GRPO-shaped responses, serial and with score_batch's process pool
+    python bench.py train      # GRPO steps of the tiny grid task from its random init, 1 vs 2 processes (torchrun)
+
+`python bench.py COMMAND --help` lists a command's flags, generated from its config dataclass. Timings are the best
+(or median) of several runs, interleaved where two engines are compared, since other processes on a shared machine
+only ever slow a run down.
+"""
+import dataclasses
+import multiprocessing
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cli
+from checkpoint import config_from_dict, to_internal
+from cli import arg
+from entropy import Chunks, logprob_entropy, logprob_entropy_reference, triton
+from grid_task import GridTaskConfig, prepare
+from model import VLM
+from reward import SERIAL_BELOW, RewardConfig, score, score_batch, warm_up
+from rollout import Request, Sampler
+
+# -----------------------------------------------------------------------------------------------------------------
+# Shared: the device, its name, a clock that waits for the device
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def timed(fn, device) -> float:
+    """Seconds `fn()` takes, the device's queued work included (a GPU runs ahead of the host)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+# -----------------------------------------------------------------------------------------------------------------
+# entropy: entropy.logprob_entropy (fused) vs entropy.logprob_entropy_reference (full logits)
+
+
+@dataclass
+class EntropyBench:
+    n: int | None = arg(None, "tokens; unset: 16384 on CUDA, 4096 on CPU")
+    d: int | None = arg(None, "hidden size; unset: 5120 on CUDA, 512 on CPU")
+    v: int | None = arg(None, "vocabulary size; unset: 151936 on CUDA, 32768 on CPU")
+    dtype: str | None = arg(None, "inputs' dtype; unset: bfloat16 on CUDA, float32 on CPU",
+                            choices=("bfloat16", "float32"))
+    impl: str | None = arg(None, "fused impl; unset: triton on CUDA, torch on CPU", choices=("torch", "triton"))
+    iters: int | None = arg(None, "timed iterations after the first; unset: 5 on CUDA, 3 on CPU")
+    chunk_tokens: int | None = arg(None, "Chunks.tokens of the fused path; unset: Chunks' default")
+    chunk_vocab: int | None = arg(None, "Chunks.vocab of the fused path; unset: Chunks' default")
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _bench_variant(variant: str, n: int, d: int, v: int, dtype: str, iters: int, chunks) -> dict:
+    """One variant in a fresh process: peak memory of the first fwd+bwd above the inputs, then median time."""
+    device = default_device()
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+
+    def make(n):
+        hidden = torch.randn(n, d, device=device).to(getattr(torch, dtype)).requires_grad_()
+        weight = (torch.randn(v, d, device=device) / d**0.5).to(getattr(torch, dtype)).requires_grad_()
+        return hidden, weight, torch.randint(0, v, (n,), device=device)
+
+    def step(hidden, weight, targets):
+        if variant == "reference":
+            logprob, entropy = logprob_entropy_reference(hidden, weight, targets)
+        else:
+            logprob, entropy = logprob_entropy(hidden, weight, targets, impl=variant, chunks=chunks)
+        (logprob.sum() + entropy.sum()).backward()
+        hidden.grad = weight.grad = None
+
+    step(*make(8))  # library init (cuBLAS/oneDNN handles, Triton compile) stays out of the measurement
+    inputs = make(n)
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(*inputs)
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak resident set) to the current VmRSS
+            base = _rss_kib("VmRSS")
+            step(*inputs)
+            peak = (_rss_kib("VmHWM") - base) * 1024
+        times = [timed(lambda: step(*inputs), device) for _ in range(iters)]
+    except torch.OutOfMemoryError:
+        return dict(oom=True)
+    return dict(oom=False, ms=1e3 * statistics.median(times), mib=peak / 2**20)
+
+
+def bench_entropy(cfg: EntropyBench) -> None:
+    cuda = torch.cuda.is_available()
+    n, d, v = (cfg.n or (16384 if cuda else 4096), cfg.d or (5120 if cuda else 512),
+               cfg.v or (151936 if cuda else 32768))
+    dtype = cfg.dtype or ("bfloat16" if cuda else "float32")
+    impl = cfg.impl or ("triton" if cuda else "torch")
+    iters = cfg.iters or (5 if cuda else 3)
+    chunks = Chunks(**{k: v for k, v in dict(tokens=cfg.chunk_tokens, vocab=cfg.chunk_vocab).items() if v is not None})
+    print(f"device: {device_name(default_device())} | torch {torch.__version__} triton {triton.__version__ if triton else 'not installed'} | "
+          f"N={n} D={d} V={v} {dtype} | fused impl={impl} {chunks}")
+    if not cuda and impl == "torch":
+        print("(Triton on CPU runs in the numpy interpreter, far too slow to time: skipped; --impl triton forces it)")
+    if cuda:
+        print("memory: torch.cuda.max_memory_allocated during the first fwd+bwd minus what was allocated before it")
+    else:
+        print("memory: peak resident-set growth (VmHWM after clear_refs) during the first fwd+bwd, one fresh process "
+              "per variant, glibc mmap threshold 64 KiB so freed blocks go back to the OS")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned processes below
+    rows = {}
+    for variant in ("reference", impl):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows[variant] = pool.submit(_bench_variant, variant, n, d, v, dtype, iters, chunks).result()
+    print(f"{'variant':<18}{f'fwd+bwd ms (median of {iters})':>28}{'peak MiB':>12}")
+    for variant, r in rows.items():
+        name = "reference" if variant == "reference" else f"fused ({variant})"
+        print(f"{name:<18}{'OOM':>28}{'OOM':>12}" if r["oom"] else f"{name:<18}{r['ms']:>28.1f}{r['mib']:>12.1f}")
+    ref, fused = rows["reference"], rows[impl]
+    if not (ref["oom"] or fused["oom"]):
+        print(f"{'fused/reference':<18}{fused['ms'] / ref['ms']:>28.3f}{fused['mib'] / ref['mib']:>12.3f}")
+
+# -----------------------------------------------------------------------------------------------------------------
+# rollout: rollout.Sampler vs transformers' generate on the very same weights
+
+
+BENCH_SIZES = {  # Qwen2-shaped random models; "tiny" is the LLM scale the CPU default run trains
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+# Memory bandwidth in bytes/s from the spec sheets (H100 SXM 3.35 TB/s); the first key found in the device's name wins
+PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+@dataclass
+class RolloutBench:
+    size: str | None = arg(None, "model shape; unset: tiny and small on CPU, qwen2.5-7b on CUDA",
+                           choices=tuple(sorted(BENCH_SIZES)))
+    batch: int = arg(32, "sequences generated together")
+    prompt_len: int = arg(32, "prompt tokens per sequence")
+    new_tokens: int = arg(128, "tokens generated per sequence")
+    repeats: int = arg(10, "timed runs per engine, interleaved (the best is reported)")
+    sync_every: int | None = arg(None, "decode steps between host checks; unset: 1 on CPU, 8 on CUDA")
+    compile: bool = arg(True, "torch.compile the decode step: CUDA graphs on a GPU, inductor C++ on a CPU, which "
+                              "needs a C++ compiler")
+
+
+def bench_rollout(cfg: RolloutBench) -> None:
+    device = default_device()
+    sizes = [cfg.size] if cfg.size else ["qwen2.5-7b"] if device.type == "cuda" else ["tiny", "small"]
+    for size in sizes:
+        bench_size(cfg, size, device)
+
+
+def bench_size(cfg: RolloutBench, size: str, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # the reference engine: a test-only dependency
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf_config = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=4096, rope_theta=1e6)
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the bench dtype: no fp32 copy of a 7B model on the way
+    with torch.device(device):
+        hf = Qwen2ForCausalLM(hf_config).eval()
+    torch.set_default_dtype(default_dtype)
+    config = config_from_dict(hf_config.to_dict())
+    with torch.device("meta"):
+        ours = VLM(config)
+    # Ours reads the very same weight tensors (qwen2 checkpoint names -> ours): same bytes, no second copy.
+    ours.load_state_dict(to_internal(dict(hf.state_dict()), "qwen2", config.llm.tie_word_embeddings), assign=True)
+    B, P, N = cfg.batch, cfg.prompt_len, cfg.new_tokens
+    prompts = torch.randint(0, hf_config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
+    requests = [Request(p.tolist()) for p in prompts]
+    sampler = Sampler(ours, max_slots=B, max_len=P + N, compile=cfg.compile, sync_every=cfg.sync_every)
+    name = device_name(device)
+    params = sum(p.numel() for p in ours.language_model.parameters())
+    print(f"device {name}, {size} ({params / 1e6:.1f}M params, {dtype}), batch {B}, prompt {P}, {N} new tokens, "
+          f"compile={cfg.compile}, sync_every={sampler.sync_every}; best of {cfg.repeats}")
+    for mode, T in (("greedy", 0.0), ("sampled", 1.0)):
+        hf_kw = dict(do_sample=T > 0, max_new_tokens=N, min_new_tokens=N, use_cache=True, pad_token_id=0,
+                     eos_token_id=None, **(dict(temperature=T, top_k=0, top_p=1.0) if T > 0 else {}))
+        run_hf = lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), **hf_kw)
+        run_ours = lambda: sampler.generate(requests, max_new_tokens=N, temperature=T)
+        with torch.no_grad():  # warm-up: allocator, compilation, CUDA graph capture
+            hf.generate(prompts[:, :8], attention_mask=torch.ones_like(prompts[:, :8]), **{**hf_kw,
+                        "max_new_tokens": 4, "min_new_tokens": 4})
+            run_ours()
+            t_hf, t_ours = float("inf"), float("inf")
+            for _ in range(cfg.repeats):  # interleaved, so that load from other processes hits both alike
+                t_hf = min(t_hf, timed(run_hf, device))
+                t_ours = min(t_ours, timed(run_ours, device))
+        assert sampler.stats["tokens"] == B * N, sampler.stats
+        print(f"{mode:8s} ours {B * N / t_ours:9.1f} tokens/s   transformers {B * N / t_hf:9.1f} tokens/s   "
+              f"ratio {t_hf / t_ours:.2f}x")
+        if T == 0:
+            hf_step = t_hf / N  # transformers' time per greedy step, prefill included
+    # Amdahl: both engines run the same LM-head GEMM every step; its share of transformers' step caps the ratio.
+    h = torch.randn(B, hf_config.hidden_size, dtype=dtype, device=device)
+    with torch.no_grad():
+        head = min(timed(lambda: ours.language_model.logits(h), device) for _ in range(5))
+    print(f"LM head alone ({B}x{hf_config.hidden_size} @ {hf_config.hidden_size}x{hf_config.vocab_size}): "
+          f"{head * 1e3:.2f} ms, {head / hf_step:.0%} of transformers' {hf_step * 1e3:.2f} ms greedy step: "
+          f"no engine running the same GEMM exceeds {hf_step / head:.1f}x")
+    if device.type == "cuda":
+        bandwidth_at_batch_1(ours, P, cfg.compile, cfg.sync_every, name)
+
+
+def bandwidth_at_batch_1(model, P: int, compile: bool, sync_every: int | None, name: str):
+    """Decode step time at batch 1 from two generation lengths (prefill cancels out) vs the bytes a step must read:
+    every LLM parameter but the embedding table (one row of it is read), plus the KV it attends over (compiled: all
+    of max_len, masked positions included; eager: the positions reached, on average)."""
+    device = model.language_model.embed_tokens.weight.device
+    n1, n2 = 32, 544
+    sampler = Sampler(model, max_slots=1, max_len=P + n2, compile=compile, sync_every=sync_every)
+    req = [Request(list(range(1, P + 1)))]
+    gen = lambda n: sampler.generate(req, max_new_tokens=n, temperature=0.0)
+    gen(n1)
+    step = (min(timed(lambda: gen(n2), device) for _ in range(3)) -
+            min(timed(lambda: gen(n1), device) for _ in range(3))) / (n2 - n1)
+    lm = model.language_model
+    nbytes = lambda t: t.numel() * t.element_size()
+    weights = sum(nbytes(p) for p in lm.parameters()) - (nbytes(lm.embed_tokens.weight) if lm.lm_head is not None
+                                                         else 0)
+    kv = sum(map(nbytes, sampler.cache.k + sampler.cache.v)) * (1 if compile else (P + (n1 + n2) / 2) / (P + n2))
+    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    copy_bw = 2 * x.numel() / min(timed(lambda: y.copy_(x), device) for _ in range(5))  # read + write
+    peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+    achieved = (weights + kv) / step
+    spec = f"{achieved / peak:.0%} of the {peak / 1e12:.2f} TB/s spec peak" if peak else "no spec peak on file"
+    print(f"batch 1  {1 / step:9.1f} tokens/s   {(weights + kv) / 1e9:.2f} GB read per step -> "
+          f"{achieved / 1e12:.2f} TB/s = {spec}, {achieved / copy_bw:.0%} of a measured {copy_bw / 1e12:.2f} TB/s "
+          f"device copy ({name})")
+
+# -----------------------------------------------------------------------------------------------------------------
+# reward: reward.score one by one vs reward.score_batch's process pool, on GRPO-shaped responses
+
+
+@dataclass
+class RewardBench:
+    n: int = arg(1000, "responses to score")
+    workers: int | None = arg(None, "batch scorer processes; unset: all cores")
+    repeat: int = arg(2, "alternate serial and batch runs; report the best of each")
+
+
+def _bench_problem(rng) -> tuple[dict, list[str], list[str]]:
+    """A random problem: (row, right answers in forms models write, wrong answers)."""
+    a, b, c = rng.randint(2, 99), rng.randint(2, 9), rng.randrange(4)
+    letter, other, options = chr(65 + c), chr(65 + (c + 1) % 4), [f"{a + 10 * i}°" for i in range(4)]
+    word, wrong_word = rng.sample(["photosynthesis", "mitochondria", "Newton", "Paris", "isosceles", "osmosis"], 2)
+    kind, answer, right, wrong = rng.choice([
+        ("numeric", str(a), [str(a), f"{a}.0", f"{a} cm"], [str(a + 1), str(-a)]),
+        ("numeric", f"{a}/{a * b + 1}", [f"\\frac{{{a}}}{{{a * b + 1}}}", f"{a}/{a * b + 1}"],
+         [f"\\frac{{{a + 1}}}{{{a * b + 1}}}", f"{a / (a * b + 1) + 0.01:.2f}"]),
+        ("numeric", str(a * 1000), [f"{a},000", f"{a}\\times 10^{{3}}", f"{a}e3"], [f"{a}00", f"{a}e4"]),
+        ("expression", f"x^2+{2 * a}x+{a * a}", [f"(x+{a})^2", f"x^{{2}}+{2 * a}x+{a * a}"],
+         [f"(x-{a})^2", f"x^2+{a * a}"]),
+        ("expression", f"[{a}, {a + b})", [f"[{a},{a + b})", f"\\left[{a}, {a + b}\\right)"],
+         [f"({a},{a + b})", f"[{a},{a + b}]"]),
+        ("expression", f"\\frac{{\\sqrt{{{b}}}}}{{{a}}}", [f"\\frac{{\\sqrt{b}}}{{{a}}}", f"\\sqrt{{{b}}}/{a}"],
+         [f"\\frac{{\\sqrt{{{b + 1}}}}}{{{a}}}", f"{b}/{a}"]),
+        ("multiple_choice", letter, [letter, f"({letter})", f"{letter}. {options[c]}", options[c], f"**{letter}**"],
+         [other, f"({other})"]),
+        ("text", word, [word, word.lower() + "."], [wrong_word]),
+    ])
+    row = {"answer": answer, "answer_type": kind, **({"options": options} if kind == "multiple_choice" else {})}
+    return row, right, wrong
+
+
+def _bench_data(n: int, seed: int = 0, group: int = 8) -> tuple[list[str], list[dict], list[float]]:
+    """n realistic (response, row, expected accuracy) triples, laid out like a GRPO batch: groups of `group`
+    responses to one random problem, each a think block of reasoning (with an intermediate boxed value) then a final
+    answer in one of the forms models write, right with a per-problem probability."""
+    rng = random.Random(seed)
+    steps = ["The figure shows a right triangle with legs 3 and 4.", "Wait, let me check the units first.",
+             "So the area is $\\frac{1}{2} \\cdot 3 \\cdot 4 = 6$.", "Hmm, but the question asks something else.",
+             "Alternatively, solve $2x + 3 = 7$.", "So the intermediate result is $\\boxed{6}$."]
+    finals = ["The answer is $\\boxed{{{}}}$.", "Therefore, the final answer is \\boxed{{{}}}.", "Answer: {}",
+              "<answer>{}</answer>", "So the answer is **{}**."]
+    responses, rows, expected = [], [], []
+    while len(responses) < n:
+        row, right, wrong = _bench_problem(rng)
+        p_right = rng.random()
+        for _ in range(min(group, n - len(responses))):
+            ok = rng.random() < p_right
+            thought = " ".join(rng.choice(steps) for _ in range(rng.randint(20, 60)))
+            final = rng.choice(finals).format(rng.choice(right if ok else wrong))
+            responses.append(f"<think>\n{thought}\n</think>\n\nPutting it together. {final}")
+            rows.append(dict(row))
+            expected.append(float(ok))
+    return responses, rows, expected
+
+
+def bench_reward(cfg: RewardBench) -> None:
+    load = os.getloadavg()[0]  # other processes on the machine skew both figures; say how busy it was
+    responses, rows, expected = _bench_data(cfg.n)
+    workers = cfg.workers or os.cpu_count() or 1
+    reward_cfg = RewardConfig()
+    warm_up()
+    t0 = time.perf_counter()
+    score_batch(responses[:SERIAL_BELOW], rows[:SERIAL_BELOW], reward_cfg, workers=workers)  # start, warm the pool
+    pool_start = time.perf_counter() - t0
+    serial_s, batch_s = [], []
+    for _ in range(cfg.repeat):  # interleaved, so that a burst of outside load hits both about equally
+        t0 = time.perf_counter()
+        serial = [score(r, row, reward_cfg) for r, row in zip(responses, rows)]
+        t1 = time.perf_counter()
+        batch = score_batch(responses, rows, reward_cfg, workers=workers)
+        serial_s.append(t1 - t0)
+        batch_s.append(time.perf_counter() - t1)
+    agree = sum(s["accuracy"] == b["accuracy"] == e for s, b, e in zip(serial, batch, expected))
+    errors = sum(s["error"] is not None for s in serial + batch)
+    print(f"reward bench: {cfg.n} responses | serial {cfg.n / min(serial_s):.0f}/s | score_batch {workers} workers "
+          f"{cfg.n / min(batch_s):.0f}/s (best of {cfg.repeat}; pool start {pool_start:.1f} s, not counted) | "
+          f"accuracy matches labels {agree}/{cfg.n} | errors {errors} | load average {load:.1f} on "
+          f"{os.cpu_count()} cores")
+
+# -----------------------------------------------------------------------------------------------------------------
+# train: GRPO steps of train_rl.py on the tiny grid task, one process then two
+
+
+@dataclass
+class TrainBench:
+    steps: int = arg(8, "GRPO steps per run (the first one warms up and is left out of the medians)")
+    seed: int = arg(0, "seed of the grid task's data and initial weights")
+    out: str = arg("runs/bench", "directory of the task (task/) and of each run (nproc1/, nproc2/)")
+    init_from: str | None = arg(None, "checkpoint to start from; unset: the task's random init")
+    compile: bool | None = arg(None, "passed to the trainer as --compile / --no-compile; unset: the trainer's default")
+
+
+def bench_train(cfg: TrainBench) -> None:
+    """GRPO steps of the tiny task from its random init, one process then two (torchrun), every group kept (no
+    dynamic sampling: a random model's rewards are all 0), median step of the last runs printed as a table."""
+    out = Path(cfg.out)
+    task = prepare(out / "task", GridTaskConfig(seed=cfg.seed))
+    args = ["--init_from", str(cfg.init_from or task.init_checkpoint), "--data", str(task.train_jsonl),
+            "--stage", "grpo", "--steps", str(cfg.steps), "--prompts_per_step", "8", "--group_size", "8",
+            "--micro_batch", "64", "--max_new_tokens", "64", "--max_len", "96", "--no-dynamic_sampling",
+            "--overlong_buffer", "0", "--reward_workers", "1", "--lr", "1e-4"]
+    if cfg.compile is not None:
+        args.append("--compile" if cfg.compile else "--no-compile")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    results = {}
+    for n in (1, 2):
+        run = out / f"nproc{n}"
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+        head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                f"--nproc_per_node={n}"]
+        print(f"bench: {n} process(es), {cfg.steps} GRPO steps ...", flush=True)
+        subprocess.run([*head, str(Path(__file__).with_name("train_rl.py")), *args, "--out", str(run)], check=True,
+                       env=env, stdout=subprocess.DEVNULL)
+        metrics = cli.read_jsonl(run / "metrics.jsonl")[1:]  # the first step warms up
+        med = lambda k: sorted(m[k] for m in metrics)[len(metrics) // 2]
+        results[n] = {k: med(k) for k in ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s",
+                                          "peak_mem_mb")}
+    print(f"{'processes':>10s}{'step s':>10s}{'rollout':>10s}{'logprob':>10s}{'update':>10s}{'tokens/s':>10s}"
+          f"{'peak MB':>10s}")
+    for n, r in results.items():
+        print(f"{n:>10d}{r['t_step']:>10.3f}{r['t_rollout']:>10.3f}{r['t_logprob']:>10.3f}{r['t_update']:>10.3f}"
+              f"{r['tokens_per_s']:>10.0f}{r['peak_mem_mb']:>10.0f}")
+    print(f"(medians over steps 2..{cfg.steps}; 64 samples of up to 64 tokens per step; tokens/s = generated tokens "
+          f"per second of step time)")
+
+# -----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+COMMANDS = {  # name: (config, function, help)
+    "entropy": (EntropyBench, bench_entropy, "fused log-prob + entropy vs the full-logits reference"),
+    "rollout": (RolloutBench, bench_rollout, "the sampler vs transformers' generate on a random Qwen2 model"),
+    "reward": (RewardBench, bench_reward, "responses/s, serial and with score_batch's process pool"),
+    "train": (TrainBench, bench_train, "GRPO steps of the tiny grid task, 1 vs 2 processes"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser(__doc__.split("\n\n")[0])
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (config, _, help) in COMMANDS.items():
+        cli.add_flags(commands.add_parser(name, help=help, description=help, formatter_class=p.formatter_class),
+                      config)
+    args = p.parse_args(argv)
+    config, run, _ = COMMANDS[args.command]
+    cfg = cli.config_from(args, config)
+    print(f"bench.py {args.command} {dataclasses.asdict(cfg)}")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
