@@ -44,9 +44,10 @@ except ImportError:  # no Triton wheels on macOS / Windows: impl="torch" only
     triton = None
 
 DEFAULT_SPLIT_TOKENS = 256  # keys per stage-1 program; SGLang's deterministic mode uses the same fixed split size
-# Stage-1 tile: keys per loop iteration and launch options. At head_dim 128 these compile for sm_90 without spills
-# for bf16 and fp32 pools alike (64-key tiles spill with fp32 pools, see aot_table.json's check).
-BLOCK_N, SPLIT_WARPS, SPLIT_STAGES = 32, 8, 2
+# Stage-1 tile and launch options: keys per loop iteration, warps, pipeline stages. These compile for sm_90 without
+# spills for bf16 and fp32 pools at head_dim 64 and 128, aligned or not (aot_table.json, triton_aot_check.py);
+# 64-key tiles spill with fp32 pools, and so do 2 stages at head_dim 64 without alignment hints.
+BLOCK_N, SPLIT_WARPS, SPLIT_STAGES = 32, 8, 3
 
 
 @dataclass
@@ -97,14 +98,14 @@ def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_p
     pages = torch.where(own, block_table[:, :num_pages], 0).long()  # stale columns -> page 0, never attended
     k = k_pages[pages].flatten(1, 2).to(dtype)  # (slots, L, kv_heads, D), L = num_pages * page_size
     v = v_pages[pages].flatten(1, 2).to(dtype)
-    scores = q.to(dtype).view(slots, kv_heads, group, head_dim) @ k.permute(0, 2, 3, 1) * scale  # (slots, kv, G, L)
+    scores = q.to(dtype).reshape(slots, kv_heads, group, head_dim) @ k.permute(0, 2, 3, 1) * scale  # (slots, kv, G, L)
     live = torch.arange(k.shape[1], device=q.device) < lengths[:, None]  # (slots, L)
     scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
     m = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)  # an idle slot's max is -inf: exp(-inf - 0) = 0
     p = (scores - m).exp()
     # l >= 1 wherever a key is live (the max scores exp(0) = 1); l = 0 only for an idle slot, whose p @ v is 0.
     out = (p @ v.transpose(1, 2)) / p.sum(-1, keepdim=True).clamp(min=1.0)  # (slots, kv, G, D)
-    return out.view(slots, heads, head_dim).to(q.dtype)
+    return out.reshape(slots, heads, head_dim).to(q.dtype)
 
 
 if triton is not None:

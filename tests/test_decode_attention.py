@@ -1,5 +1,7 @@
 """decode_attention.py: the Triton kernel (interpreted on CPU) and the torch reference against an fp64 oracle."""
+import importlib.util
 import math
+import sys
 
 import pytest
 import torch
@@ -51,18 +53,20 @@ def make_case(lengths, page_size, kv_heads, group, head_dim, seed, pool_dtype=to
     return [t.to(device) for t in (q, k_pages, v_pages, table, lengths)]
 
 
-# lengths: not multiples of the page size, one token, idle, a full page multiple, several splits of 32 keys
+# lengths: not multiples of the page size, one token, idle, a full page multiple, several splits
 LENGTHS = [37, 1, 0, 70, 16]
-CONFIGS = {"gqa5-d64-p16": (16, 2, 5, 64), "mha-d16-p8": (8, 3, 1, 16)}  # page_size, kv_heads, group, head_dim
+# page_size, kv_heads, group, head_dim, split_tokens: splits of one 32-key block (70 keys: 3 splits) and of two
+CONFIGS = {"gqa5-d64-p16-split32": (16, 2, 5, 64, 32), "mha-d16-p8-split64": (8, 3, 1, 16, 64)}
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_matches_fp64_oracle(impl, config):
-    page_size, kv_heads, group, head_dim = CONFIGS[config]
+    page_size, kv_heads, group, head_dim, split_tokens = CONFIGS[config]
     q, k_pages, v_pages, table, lengths = make_case(LENGTHS, page_size, kv_heads, group, head_dim, seed=0)
     scale = 0.3  # not head_dim ** -0.5: an ignored scale would show
-    out = DA.paged_decode_attention(q, k_pages, v_pages, table, lengths, scale=scale, impl=impl, split_tokens=32)
+    out = DA.paged_decode_attention(q, k_pages, v_pages, table, lengths, scale=scale, impl=impl,
+                                    split_tokens=split_tokens)
     assert out.shape == q.shape and out.dtype == q.dtype
     want = oracle(q, k_pages, v_pages, table, lengths, scale)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
@@ -108,6 +112,22 @@ def test_checks_shapes_without_reading_values():
                                   buffers=DA.decode_buffers(q[:1], table[:1], page_size=8))
     with pytest.raises(ValueError, match="exceeds"):
         DA.paged_decode_attention(q, k_pages, v_pages, table, torch.tensor([5, 99], dtype=torch.int32), impl="torch")
+
+
+def test_imports_without_triton(monkeypatch):
+    """macOS / Windows have no Triton wheels: the module still imports and "auto" runs the reference."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("decode_attention_without_triton", DA.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.triton is None
+    q, k_pages, v_pages, table, lengths = make_case([5, 9], 8, 2, 2, 16, seed=5)
+    out = module.paged_decode_attention(q, k_pages, v_pages, table, lengths)
+    torch.testing.assert_close(out.double(), oracle(q, k_pages, v_pages, table, lengths, 16 ** -0.5),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        module.paged_decode_attention(q, k_pages, v_pages, table, lengths, impl="triton")
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 kernel arithmetic and CUDA graphs need a GPU")
