@@ -17,7 +17,7 @@ Follows InternVL's `dynamic_preprocess` / `build_transform` (tiling, ImageNet no
 """
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +378,124 @@ def decode_response(tokenizer: Tokenizer, ids: list[int], stop_ids) -> str:
     (Qwen's <think> is one) kept."""
     return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=False)
 
+
+def mix_seed(*parts: int) -> int:
+    """One 62-bit seed from integers (run seed, step, round, row; run seed, question; ...): every caller derives its
+    seeds here, from what identifies a draw and never from the process that makes it."""
+    h = 0
+    for x in parts:
+        h = (h * 1_000_003 + int(x)) % 2**62
+    return h
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The order rows are taken in: one global prompt order, the same on every rank, each rank taking its share
+
+
+@dataclass
+class PromptStream:
+    """Epochs of a seeded permutation of the rows; `position` counts prompts taken in the current epoch (the same on
+    every rank). With the pass-rate curriculum each epoch is ordered easy -> hard and always-solved rows are left out
+    (R1V3 saw curriculum shift hurt generalisation, so it is an option to measure, not the default)."""
+    n: int
+    seed: int
+    curriculum: str = "uniform"
+    epoch: int = 0
+    position: int = 0
+    correct: dict = field(default_factory=dict)  # row index -> [right, total] over every sampled response
+    order: list = field(default_factory=list)
+
+    def _new_epoch(self):
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.curriculum == "pass_rate":
+            rate = {i: self.correct[i][0] / self.correct[i][1] for i in self.correct if self.correct[i][1]}
+            order = [i for i in order if rate.get(i, 0.5) < 1.0] or order
+            order.sort(key=lambda i: -rate.get(i, 0.5))  # stable: ties keep the permutation's order
+        self.order = order
+
+    def take(self, k: int) -> list[int]:
+        """The next k prompts of the global order."""
+        out = []
+        while len(out) < k:
+            if not self.order or self.position >= len(self.order):
+                if self.order:
+                    self.epoch, self.position = self.epoch + 1, 0
+                self._new_epoch()
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def record(self, results: list[tuple[int, int, int]]):
+        """(row, right, total) per sampled group."""
+        for i, right, total in results:
+            c = self.correct.setdefault(i, [0, 0])
+            c[0] += right
+            c[1] += total
+
+    def state(self) -> dict:
+        """Everything `take` depends on; the epoch's order too, since the curriculum sorted it by the pass rates
+        of its start, which are not the pass rates now."""
+        return {"epoch": self.epoch, "position": self.position, "order": list(self.order),
+                "correct": {str(k): v for k, v in sorted(self.correct.items())}}
+
+    def load(self, state: dict):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = [int(i) for i in state["order"]]
+        self.correct = {int(k): list(v) for k, v in state["correct"].items()}
+
+# -----------------------------------------------------------------------------------------------------------------
+# What the trainer learns from: sequences, packed into micro-batches
+
+
+@dataclass
+class Sequence:
+    """One prompt + response the trainer learns from."""
+    row: int  # index into the data rows
+    prompt: list[int]
+    response: list[int]
+    pixel_values: torch.Tensor | None
+    advantage: float = 0.0
+    sampler_logprobs: list[float] | None = None  # per response token (GRPO)
+    old_logprobs: torch.Tensor | None = None  # per response token, the trainer's before the update (GRPO, mu > 1)
+    weight: float = 1.0  # 0 for a dummy sequence that only keeps collectives in step
+    truncated: bool = False
+    order: int = 0  # position in the step's global order: what splits a rollout into mini-batches on any world size
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, T)
+    pixel_values: torch.Tensor | None  # (tiles, 3, S, S), rows in order
+    targets: torch.Tensor  # (B, T): the response token each position predicts, IGNORE_INDEX elsewhere
+    mask: torch.Tensor  # (B, T) float: 1 on the response tokens that count in the loss
+    advantages: torch.Tensor  # (B,)
+    sampler_logprobs: torch.Tensor  # (B, T), aligned with targets
+    old_logprobs: torch.Tensor | None  # (B, T)
+    seqs: list[Sequence]
+    padded: Padded  # where each sequence's response sits
+
+
+def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, pad: int, mask_truncated: bool
+         ) -> MicroBatch:
+    """Right-padded rows (data.right_pad), each sequence's per-token values placed on its response positions."""
+    padded = right_pad([s.prompt for s in seqs], [s.response for s in seqs], pad)
+    mask = padded.place([s.weight * (0.0 if mask_truncated and s.truncated else 1.0) for s in seqs])
+    sampler = padded.place([s.sampler_logprobs if s.sampler_logprobs is not None else 0.0 for s in seqs])
+    old = padded.place([s.old_logprobs if s.old_logprobs is not None else 0.0 for s in seqs]) \
+        if any(s.old_logprobs is not None for s in seqs) else None
+    pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
+    to = lambda t: t.to(device, non_blocking=True)
+    return MicroBatch(to(padded.input_ids), torch.cat(pixels).to(device, dtype) if pixels else None,
+                      to(padded.targets), to(mask), to(torch.tensor([s.advantage for s in seqs])), to(sampler),
+                      None if old is None else to(old), seqs, padded)
+
+
+def micro_batches(seqs: list[Sequence], size: int, count: int, dummy: Sequence) -> list[list[Sequence]]:
+    """`count` micro-batches of at most `size` sequences; a rank with fewer real ones runs zero-weight dummies, since
+    every rank must run the same forwards and backwards (FSDP's collectives would hang otherwise)."""
+    out = [seqs[i:i + size] for i in range(0, len(seqs), size)]
+    return out + [[dummy]] * (count - len(out))
 
 def tokenizer_preview(tok: Tokenizer, ids: list[int]) -> str:
     """The decoded prompt with each run of <IMG_CONTEXT> shown once with its count."""

@@ -47,12 +47,12 @@ from PIL import Image
 import cli
 import reward
 from checkpoint import DTYPES, load_model
-from data import (IMAGE_PLACEHOLDER, build_prompt, decode_response, load_rows, load_tokenizer, open_image, pad_id,
-                  question_text, right_pad, special_ids, to_rgb, token_batches, tokenizer_preview)
+from data import (IMAGE_PLACEHOLDER, build_prompt, decode_response, load_rows, load_tokenizer, mix_seed, open_image,
+                  pad_id, question_text, right_pad, special_ids, to_rgb, token_batches, tokenizer_preview)
 from entropy import CRITICAL_WORDS, critical_entropy, critical_token_ids
 from model import VLM
 from parallel import Dist, init_distributed
-from rollout import Request, Sampler, mix_seed
+from rollout import Request, Sampler
 
 # -----------------------------------------------------------------------------------------------------------------
 # MMMU's 30 subjects under its 6 disciplines (DOMAIN_CAT2SUB_CAT of the official data_utils.py)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data import pad_id, token_batches
+from data import mix_seed, pad_id, token_batches
 from model import VLM, KVCache
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -79,15 +79,6 @@ def uniform(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> tor
     """One uniform in [0, 1 - 2^-24] per row from int64 (seed, sample index, step), all (B,): fp32, same device."""
     h = _mix(_mix(_mix(seed + _GOLDEN) + sample) + step)
     return ((h >> 40) & ((1 << 24) - 1)).float() * 2.0 ** -24  # top 24 bits: exact in fp32
-
-
-def mix_seed(*parts: int) -> int:
-    """One 62-bit seed from integers (run seed, step, round, row; run seed, question; ...): every caller derives its
-    seeds here, from what identifies a draw and never from the process that makes it."""
-    h = 0
-    for x in parts:
-        h = (h * 1_000_003 + int(x)) % 2**62
-    return h
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float, top_k: int,

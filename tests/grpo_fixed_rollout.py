@@ -13,18 +13,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402 - after the repository is on the path
 import train_rl as T  # noqa: E402
+from data import Sequence  # noqa: E402
 from checkpoint import save_model  # noqa: E402
 from parallel import init_distributed, set_threads  # noqa: E402
 
 
-def fixed_sequences(run: T.Run) -> list[T.Sequence]:
+def fixed_sequences(run: T.Run) -> list[Sequence]:
     """This rank's share of the first prompts_per_step rows of the global order, their traces as responses."""
     mine = list(enumerate(run.data.stream.take(run.cfg.prompts_per_step)))[run.proc.rank::run.proc.world]
     seqs = []
     for pos, i in mine:
         ex = run.data.example(i, run.cfg, run.policy.rollout_model.config, run.proc.rank)
         response = run.data.tokenizer.encode(run.data.rows[i]["response"], add_special_tokens=False).ids
-        seqs.append(T.Sequence(i, ex.prompt_ids, response, ex.pixel_values, 1.0 if i % 2 else -0.5, order=pos))
+        seqs.append(Sequence(i, ex.prompt_ids, response, ex.pixel_values, 1.0 if i % 2 else -0.5, order=pos))
     return seqs
 
 

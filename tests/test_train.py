@@ -319,7 +319,7 @@ def test_reward_failures_score_zero_and_training_goes_on(tmp_path, in_process, m
 
 
 def test_pass_rate_curriculum_orders_easy_to_hard():
-    stream = T.PromptStream(n=6, seed=0, curriculum="pass_rate")
+    stream = D.PromptStream(n=6, seed=0, curriculum="pass_rate")
     first = stream.take(6)
     assert sorted(first) == list(range(6))  # nothing known yet: the seeded permutation
     stream.record([(0, 8, 8), (1, 6, 8), (2, 0, 8), (3, 3, 8), (3, 1, 8)])  # row 3: 4 / 16
@@ -328,7 +328,7 @@ def test_pass_rate_curriculum_orders_easy_to_hard():
     state = stream.state()
     stream.record([(5, 8, 8), (4, 0, 8)])  # later results reorder the next epoch, not this one
     assert second + stream.take(3) == [1, *unseen, 3, 2]  # 0.75, unseen (0.5, permutation order), 0.25, 0; no row 0
-    resumed = T.PromptStream(n=6, seed=0, curriculum="pass_rate")
+    resumed = D.PromptStream(n=6, seed=0, curriculum="pass_rate")
     resumed.load(state)
     assert resumed.take(3) == [unseen[1], 3, 2] and resumed.epoch == 1
 
