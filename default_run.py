@@ -30,7 +30,8 @@ import torch.distributed as dist
 import cli
 from cli import arg, read_jsonl
 from grid_task import GridTaskConfig, prepare
-from parallel import init_distributed, latest_checkpoint
+from parallel import init_distributed
+from rundir import newest_checkpoint as latest_checkpoint
 from train_rl import TrainConfig, train
 
 # The tiny task's settings: a full trace is 52 tokens + <|im_end|>, a prompt 16. Half the cores: on a loaded small

@@ -53,9 +53,9 @@ from entropy import EntropySums, critical_entropy, critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
 from parallel import (MODULES, Dist, all_gather, all_max, all_sum, build_rollout_copy, build_sharded,
-                      init_distributed, latest_checkpoint, load_checkpoint, refresh, save_checkpoint, set_threads,
-                      summed_over_ranks)
+                      init_distributed, refresh, set_threads, summed_over_ranks)
 from rollout import Completion, Request, Sampler, mix_seed
+from rundir import load_checkpoint, newest_checkpoint as latest_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
