@@ -266,7 +266,7 @@ def launch(args: list[str], nproc: int) -> str:
                                                 f"--nproc_per_node={nproc}"]
     out = subprocess.run([*head, str(REPO / "train_rl.py"), *args], capture_output=True, text=True, cwd=REPO,
                          env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-12000:]  # a rank's traceback precedes torchrun's
     return out.stdout
 
 
