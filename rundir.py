@@ -59,8 +59,9 @@ def checkpoints(out) -> list[Path]:
 
 
 def newest_checkpoint(out) -> Path | None:
-    """The newest complete checkpoint by scanning OUT. OUT/latest is only a hint: a rollback deletes step
-    directories without touching it, and an interrupted save may have renamed a step but not rewritten it."""
+    """The newest complete checkpoint by scanning OUT. OUT/latest is never read: a rollback deletes step
+    directories without touching it, and a save killed between its rename and rewriting it leaves it one step
+    behind; whatever it names that is complete, the scan finds too, at the same step or before the newest."""
     found = checkpoints(out)
     return found[-1] if found else None
 
@@ -210,12 +211,12 @@ def _failure(e: BaseException) -> str:
 def save_checkpoint(out: Path, step: int, d, model, optimizer, state: dict, copy, config_json: str,
                     keep: int = 0) -> Path:
     """OUT/step_NNNNNN, all or nothing. The model via checkpoint.save_model in the source's layout with its
-    tokenizer (loadable by checkpoint.load_model, and for the native layout by transformers), from `copy`, which must equal the
-    trained weights (refreshed); the training state through torch.distributed.checkpoint, each rank writing its own
-    shards: model and optimizer, `state` (scheduler, step, data position, ... identical on every rank), the world
-    size, and each rank's RNG under its own key (DCP keeps one copy of identical keys). Refused before writing when
-    OUT's file system has less free space than the newest checkpoint takes (the first: the model, optimizer and
-    copy's bytes). On any failure the .tmp directory is removed, so the previous checkpoint stays the newest, and
+    tokenizer (loadable by checkpoint.load_model, and for the native layout by transformers), from `copy`, which
+    must equal the trained weights (refreshed); the training state through torch.distributed.checkpoint, each rank
+    writing its own shards: model and optimizer, `state` (scheduler, step, data position, ... identical on every
+    rank), the world size, and each rank's RNG under its own key (DCP keeps one copy of identical keys). Refused
+    before writing when OUT's file system has less free space than the newest checkpoint takes (the first: the
+    model, optimizer and copy's bytes). On any failure the .tmp directory is removed, so the previous checkpoint stays the newest, and
     every rank raises CheckpointError naming the directory. `keep` > 0 then prunes all but the newest `keep`, never
     the one just written."""
     out = Path(out)
@@ -225,16 +226,19 @@ def save_checkpoint(out: Path, step: int, d, model, optimizer, state: dict, copy
     previous = newest_checkpoint(out)
     error = None
     if d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        needed = directory_bytes(previous) if previous else \
-            _tensor_bytes(model_sd) + _tensor_bytes(optim_sd) + _tensor_bytes(copy.state_dict())
-        free = shutil.disk_usage(out).free
-        if free < needed:
-            error = (f"not enough space to write {final}: it needs about {needed / 2**30:.2f} GiB and {out}'s file "
-                     f"system has {free / 2**30:.2f} GiB free")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            needed = directory_bytes(previous) if previous else \
+                _tensor_bytes(model_sd) + _tensor_bytes(optim_sd) + _tensor_bytes(copy.state_dict())
+            free = shutil.disk_usage(out).free
+            if free < needed:
+                error = (f"not enough space to write {final}: it needs about {needed / 2**30:.2f} GiB and {out}'s "
+                         f"file system has {free / 2**30:.2f} GiB free")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as e:
+            error = f"could not write {final}: {_failure(e)}"
     if error := _on_every_rank(error):
         raise CheckpointError(error)
     cause = None
