@@ -216,9 +216,10 @@ def save_checkpoint(out: Path, step: int, d, model, optimizer, state: dict, copy
     writing its own shards: model and optimizer, `state` (scheduler, step, data position, ... identical on every
     rank), the world size, and each rank's RNG under its own key (DCP keeps one copy of identical keys). Refused
     before writing when OUT's file system has less free space than the newest checkpoint takes (the first: the
-    model, optimizer and copy's bytes). On any failure the .tmp directory is removed, so the previous checkpoint stays the newest, and
-    every rank raises CheckpointError naming the directory. `keep` > 0 then prunes all but the newest `keep`, never
-    the one just written."""
+    model, optimizer and copy's bytes). On any failure the .tmp directory is removed, so the previous checkpoint
+    stays the newest, and every rank raises CheckpointError naming the directory. After a success, .tmp directories
+    of saves that died go (the caller holds OUT's lock: no other save is in progress) and `keep` > 0 prunes all but
+    the newest `keep`, never the one just written."""
     out = Path(out)
     name = f"step_{step:06d}"
     final, tmp = out / name, out / f"{name}.tmp"
