@@ -30,7 +30,8 @@ import torch.distributed as dist
 import cli
 from cli import arg, read_jsonl
 from grid_task import GridTaskConfig, prepare
-from parallel import init_distributed, latest_checkpoint
+from parallel import init_distributed
+from rundir import newest_checkpoint
 from train_rl import TrainConfig, train
 
 # The tiny task's settings: a full trace is 52 tokens + <|im_end|>, a prompt 16. Half the cores: on a loaded small
@@ -64,7 +65,7 @@ def run_stage(cfg: TrainConfig) -> dict:
     the stage's final held-out evaluation."""
     out = Path(cfg.out)
     saved = out / "config.json"
-    if latest_checkpoint(out) and saved.is_file():
+    if newest_checkpoint(out) and saved.is_file():
         before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "resume"}
         now = {k: v for k, v in json.loads(json.dumps(cfg.__dict__)).items() if k != "resume"}
         if before != now:
@@ -165,7 +166,7 @@ def run_default(run: DefaultRun):
               flush=True)
     sft_eval = run_stage(replace(run.sft, init_from=str(task.init_checkpoint), out=str(out / "sft"), **data))
     grpo_out = out / f"grpo{run.variant}"
-    grpo = replace(run.grpo, init_from=str(latest_checkpoint(out / "sft") / "model"), out=str(grpo_out), **data)
+    grpo = replace(run.grpo, init_from=str(newest_checkpoint(out / "sft") / "model"), out=str(grpo_out), **data)
     if proc.rank == 0:
         print(f"[3/4] GRPO ({grpo.steps} steps x {grpo.prompts_per_step} prompts x {grpo.group_size} samples, "
               f"trains {grpo.train}) -> {grpo_out}", flush=True)
@@ -174,7 +175,7 @@ def run_default(run: DefaultRun):
     summary = {"sft": sft_eval, "grpo": grpo_eval}
     if run.connector_stage:
         conn = replace(grpo, train="connector", steps=run.connector_stage, out=str(out / f"grpo{run.variant}_connector"),
-                       init_from=str(latest_checkpoint(grpo_out) / "model"))
+                       init_from=str(newest_checkpoint(grpo_out) / "model"))
         summary["connector_only"] = rows["+ connector-only stage"] = run_stage(conn)
     if proc.rank == 0:
         summary["selection"] = s = selection(sft_eval, grpo_out)

@@ -54,9 +54,9 @@ from entropy import EntropySums, critical_entropy, critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
 from parallel import (MODULES, Dist, all_gather, all_max, all_sum, build_rollout_copy, build_sharded,
-                      init_distributed, latest_checkpoint, load_checkpoint, refresh, save_checkpoint, set_threads,
-                      summed_over_ranks)
+                      init_distributed, refresh, set_threads, summed_over_ranks)
 from rollout import Completion, Request, Sampler
+from rundir import check_out, distributed_lock, load_checkpoint, newest_checkpoint, resume_from, save_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
@@ -704,7 +704,8 @@ def training_state(run: Run, step: int) -> dict:
 
 def resume(run: Run, previous: Path) -> int:
     """Model, optimizer, schedule, prompt stream and RNG from `previous`; returns the step it was saved at."""
-    state = load_checkpoint(previous, run.proc, run.policy.model, run.policy.optimizer, training_state(run, 0))
+    state = load_checkpoint(previous, run.proc, run.policy.model, run.policy.optimizer, training_state(run, 0),
+                            seed=run.cfg.seed)
     if state["meta"]["stage"] != run.cfg.stage:
         raise ValueError(f"{previous} is a {state['meta']['stage']} checkpoint; this run is --stage {run.cfg.stage}")
     run.policy.scheduler.load_state_dict(state["scheduler"])
@@ -718,15 +719,17 @@ def resume(run: Run, previous: Path) -> int:
 
 def train(cfg: TrainConfig) -> dict:
     """One stage from `init_from` to OUT/step_NNNNNN (the last is also OUT/latest); returns the last held-out
-    evaluation (empty without --eval_data) and where the final checkpoint is."""
+    evaluation (empty without --eval_data) and where the final checkpoint is. OUT is locked while it runs."""
     proc = init_distributed()
     set_threads(cfg.threads, proc.world)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    previous = latest_checkpoint(out)
-    if previous and not cfg.resume:
-        raise FileExistsError(f"{out} already holds checkpoints (latest {previous.name}): pass --resume to continue "
-                              f"that run, or choose another --out")
+    with distributed_lock(out):
+        return train_locked(cfg, proc, out)
+
+
+def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
+    check_out(out, cfg.resume)  # a fresh run never writes into another run's directory
     run = setup(cfg, proc)
     config_json = json.dumps(asdict(cfg), indent=2) + "\n"
     if proc.rank == 0:
@@ -734,7 +737,12 @@ def train(cfg: TrainConfig) -> dict:
         print(f"{cfg.stage} on {proc.world} process(es), {proc.device}, {torch.get_num_threads()} threads each; "
               f"{len(run.data.rows)} rows, {len(run.data.eval_rows)} held-out; config:\n{config_json}", flush=True)
         (out / "config.json").write_text(config_json)
-    start = resume(run, previous) if cfg.resume and previous else 0
+    start = 0
+    if cfg.resume:  # the newest checkpoint that loads, falling back past broken ones (with a warning)
+        previous, start = resume_from(out, lambda path: resume(run, path))
+        if previous is None and proc.rank == 0:
+            print(f"--resume: {out} holds no checkpoint yet; starting at step 0", flush=True)
+        start = start or 0
     metrics_file = out / "metrics.jsonl"
     if proc.rank == 0:  # a killed run may have logged steps after its last checkpoint: those are about to rerun
         lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
@@ -778,7 +786,9 @@ def train(cfg: TrainConfig) -> dict:
                     print(f"SIGTERM: saved {saved} at step {step}; continue with --resume", flush=True)
                 break
         else:  # resumed at or past the last step: nothing to run
-            saved = latest_checkpoint(out)
+            saved = newest_checkpoint(out)
+            if proc.rank == 0:
+                print(f"--resume: {saved} is already step {cfg.steps} of --steps {cfg.steps}; nothing to do", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if wandb:
