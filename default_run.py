@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None):
     run = from_command_line(sys.argv[1:] if argv is None else argv)
     try:
         run_default(run)
+        dist.barrier()  # no rank tears down its connections while another still uses them: gloo aborts then
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -817,6 +817,7 @@ def main(argv: list[str] | None = None):
     cfg = cli.config_from(p.parse_args(argv), TrainConfig)
     try:
         train(cfg)
+        dist.barrier()  # no rank tears down its connections while another still uses them: gloo aborts then
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

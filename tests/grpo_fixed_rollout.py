@@ -9,6 +9,8 @@ and OUT/step_000001/model.
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402 - after the repository is on the path
@@ -48,6 +50,8 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         cli.append_jsonl(out / "metrics.jsonl", dict(step=1, **result))
         save_model(run.policy.rollout_model, out / "step_000001" / "model")
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts a process that exits mid-use)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
