@@ -90,9 +90,9 @@ def _size(v) -> int:
 
 
 def config_from_dict(d: dict, image_token_id: int | None = None) -> VLMConfig:
-    """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or a text-only
-    (Qwen2 / Qwen3) layout;
-    `image_token_id` (<IMG_CONTEXT>'s id, from the tokenizer) applies where the config.json does not store it."""
+    """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or text-only
+    (Qwen2 / Qwen3) layout; `image_token_id` (<IMG_CONTEXT>'s id, from the tokenizer) applies where the config.json
+    does not store it."""
     image_token_id = _pick(d, "image_token_id", default=image_token_id)
     for name in ("llm_config", "text_config", "vision_config"):
         if name in d and not isinstance(d[name], dict):
