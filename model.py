@@ -1,9 +1,11 @@
 """The InternVL / Skywork-R1V3 vision-language model in plain PyTorch: the network alone.
 
 InternViT (patch 14, 448px tiles, LayerNorm or RMSNorm, optional qk-norm, layer scale) -> connector `mlp1`
-(pixel shuffle 0.5 -> LayerNorm -> Linear -> GELU -> Linear) -> Qwen2 LLM (GQA, RoPE, RMSNorm, SwiGLU, qkv bias).
-Follows OpenGVLab/InternVL `modeling_intern_vit.py` + `modeling_internvl_chat.py` (the layout Skywork-R1V3-38B
-ships in) and transformers' `InternVLForConditionalGeneration` / `Qwen2ForCausalLM` (the parity oracle in tests).
+(pixel shuffle 0.5 -> LayerNorm -> Linear -> GELU -> Linear) -> Qwen2 or Qwen3 LLM (GQA, RoPE, RMSNorm, SwiGLU;
+Qwen2 with qkv bias, Qwen3 (InternVL3.5) with a per-head RMSNorm on q and k and an explicit head_dim). Follows
+OpenGVLab/InternVL `modeling_intern_vit.py` + `modeling_internvl_chat.py` (the layout Skywork-R1V3-38B and
+InternVL3.5 ship in) and transformers' `InternVLForConditionalGeneration` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM`
+(the parity oracles in tests).
 checkpoint.py reads and writes checkpoints; prompts, images and data rows live in data.py.
 
     python -m pytest -q tests/test_model.py   # bit-exact with transformers
@@ -82,11 +84,16 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    # The two attention switches between the supported LLMs: Qwen2 has q/k/v bias, no o bias, no qk-norm; Qwen3 has
+    # an RMSNorm of width head_dim on every query and key head (before RoPE) and `attention_bias` on all four.
+    qkv_bias: bool = True
+    o_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
         _check(self, "llm_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
-               ("rope_theta", "rms_norm_eps"), ("tie_word_embeddings",))
+               ("rope_theta", "rms_norm_eps"), ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         _check(self, "llm_config", ("head_dim",))
@@ -101,14 +108,14 @@ class LLMConfig:
 @dataclass
 class VLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
-    vision: ViTConfig | None = field(default_factory=ViTConfig)  # None: a text-only Qwen2 checkpoint
+    vision: ViTConfig | None = field(default_factory=ViTConfig)  # None: a text-only Qwen2/Qwen3 checkpoint
     downsample_ratio: float = 0.5
     select_layer: int = -1  # the ViT layer feeding the connector: -1 the last, -2 the one before, k >= 1 the k-th
     image_token_id: int | None = None  # id of <IMG_CONTEXT>; remote-code configs leave it to the tokenizer
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     use_thumbnail: bool = True
-    layout: str = "remote"  # checkpoint key/config layout (checkpoint.LAYOUTS): "remote", "native" or "qwen2"
+    layout: str = "remote"  # checkpoint key/config layout (checkpoint.LAYOUTS): "remote", "native", "qwen2", "qwen3"
     source: dict = field(default_factory=dict, repr=False)  # the config.json this came from, kept for saving
     # the directory it was read from: saving copies its tokenizer, generation config, ... (not part of the network)
     source_dir: str | None = field(default=None, repr=False, compare=False)
@@ -274,7 +281,7 @@ class Connector(nn.Sequential):
         return super().forward(x.reshape(B, -1, x.shape[-1]))  # (B, tokens_per_tile, llm_hidden)
 
 # -----------------------------------------------------------------------------------------------------------------
-# Language model: Qwen2, with a static KV cache written by index
+# Language model: Qwen2 / Qwen3, with a static KV cache written by index
 
 
 class KVCache:
@@ -322,17 +329,23 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, KV * D, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, KV * D, bias=True)
-        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, KV * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, KV * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:  # one RMSNorm per head (width D, shared by the heads), unlike InternViT's over all heads
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, positions, cache_kv=None, slots=None, mask=None):
         B, T, _ = h.shape
         H, KV, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = apply_rope(self.q_proj(h).view(B, T, H, D), cos, sin)  # (B, T, H, D)
-        k = apply_rope(self.k_proj(h).view(B, T, KV, D), cos, sin)  # (B, T, KV, D)
+        q = self.q_proj(h).view(B, T, H, D)  # (B, T, H, D)
+        k = self.k_proj(h).view(B, T, KV, D)  # (B, T, KV, D)
         v = self.v_proj(h).view(B, T, KV, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_kv is not None:  # write this call's keys and values at their positions
             ck, cv = cache_kv  # (S, KV, L, D)
             rows = (torch.arange(B, device=h.device) if slots is None else slots)[:, None]  # (B, 1)
@@ -373,7 +386,8 @@ class Block(nn.Module):
 
 
 class LLM(nn.Module):
-    """Qwen2 decoder. `forward` maps input embeddings to final (normed) hidden states; `logits` applies the head."""
+    """Qwen2 / Qwen3 decoder. `forward` maps input embeddings to final (normed) hidden states; `logits` applies the
+    head."""
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()
