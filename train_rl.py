@@ -75,7 +75,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    init_from: str | None = arg(None, "checkpoint directory in any layout checkpoint.py loads (remote, native, qwen2)")
+    init_from: str | None = arg(None, "checkpoint directory in any layout checkpoint.py loads (remote, native, qwen2, "
+                                "qwen3)")
     data: str | None = arg(None, "training JSONL of data.py rows (SFT rows need a `response`)")
     eval_data: str | None = arg(None, "held-out JSONL, evaluated every --eval_every steps and at the end")
     out: str = arg("out/run", "output directory: checkpoints, metrics.jsonl, eval.jsonl, best/")
