@@ -505,8 +505,11 @@ def overlong_penalty(num_tokens: int, max_len: int, cache_len: int) -> float:
 
 @dataclass
 class RewardConfig:
-    accuracy_weight: float = 1.0
-    format_weight: float = 0.1  # small: format only has to be learnt once, accuracy is the signal
+    """reward = accuracy_weight x accuracy + format_weight x format + overlong_weight x overlong penalty. The default
+    weights are Skywork-R1V3's (§3.1: R = 0.8 accuracy + 0.2 format); the overlong penalty is DAPO's, an option (the
+    trainer turns it off with --overlong_buffer 0)."""
+    accuracy_weight: float = 0.8
+    format_weight: float = 0.2
     overlong_weight: float = 1.0
     max_len: int = 16384  # L_max, response tokens (R1V3 evaluates with 16K-64K)
     cache_len: int = 4096  # L_cache, the soft-penalty band below L_max (DAPO: 4096 of 20480)

@@ -109,7 +109,8 @@ class TrainConfig:
     dynamic_sampling: bool = arg(True, "drop groups whose rewards are all equal and roll out more prompts")
     max_rounds: int = arg(4, "rollout rounds per step at most, when dynamic sampling keeps too few groups")
     mask_truncated: bool = arg(False, "leave responses cut at max_new_tokens out of the loss")
-    format_weight: float = arg(0.1, "reward weight of the format check (<think>...</think> then an answer)")
+    accuracy_weight: float = arg(0.8, "reward weight of accuracy (R1V3: 0.8)")
+    format_weight: float = arg(0.2, "reward weight of the format check (<think>...</think> then an answer; R1V3: 0.2)")
     overlong_buffer: int = arg(-1, "DAPO soft overlong penalty over the last N tokens (-1: max_new_tokens // 5, "
                                "0: off)")
     curriculum: str = arg("uniform", "uniform, or pass_rate: each epoch easy -> hard, always-solved rows skipped",
@@ -434,7 +435,7 @@ def score(run: Run, prompts: list[Prompt], groups: list[list[Completion]]) -> Sc
     stops training."""
     cfg, G = run.cfg, run.cfg.group_size
     flat = [(p, c) for p, group in zip(prompts, groups) for c in group]
-    reward_cfg = reward.RewardConfig(format_weight=cfg.format_weight, max_len=cfg.max_new_tokens,
+    reward_cfg = reward.RewardConfig(cfg.accuracy_weight, cfg.format_weight, max_len=cfg.max_new_tokens,
                                      cache_len=cfg.overlong_buffer, overlong_weight=1.0 if cfg.overlong_buffer else 0.0)
     workers = cfg.reward_workers or (1 if (os.cpu_count() or 1) <= 4 else None)
     texts = [decode_response(run.data.tokenizer, c.ids, run.data.stop_ids) for _, c in flat]
