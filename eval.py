@@ -12,7 +12,11 @@ What it follows:
   \\boxed{} after </think>, else the text after </think> (the whole response without a think block), stripped of
   surrounding whitespace; a think block that never closes has none. Subjects and disciplines: its DOMAIN_CAT2SUB_CAT;
   accuracy is per question (its calculate_ins_level_acc).
-- Skywork-R1V3's MMMU protocol: greedy decoding, the final answer in \\boxed{} after the reasoning.
+- Skywork-R1V3's MMMU protocol: the checkpoint's own chat template with system "You are a helpful assistant."
+  (`--system`), the final answer in \\boxed{} after the reasoning, judged by its released rule (`--scoring r1v3`: the
+  last \\boxed{} matches after normalisation) or an LLM judge (`--judge CKPT`); Table 1 reports Avg@5 at temperature
+  1.0 (`--samples 5 --temperature 1.0 --headline avg`), its released config greedy. Inference modes (Table 4):
+  NoThink (`--no_think`), NoWait (`--no_wait`: the critical words' tokens never sampled).
 - R1V3's checkpoint-selection metric: critical-token entropy over the sampled responses (entropy.py).
 
 How this differs from reward.py, deliberately: rewards are lenient so that training does not punish a right answer
@@ -25,6 +29,9 @@ accept "x^2+1" inside "x^2+10" and cannot see that (x+1)^2 is x^2+2x+1.
 
     python eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --split validation --max_new_tokens 16384 --max_len 20480
     torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data MMMU/ --samples 8 --temperature 0.6 --top_p 0.95
+    torchrun --nproc_per_node=8 eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --no-greedy --samples 5 \
+        --temperature 1.0 --headline avg --scoring r1v3 --judge Qwen2.5-32B-Instruct \
+        --system "You are a helpful assistant." --max_new_tokens 16384 --max_len 20480      # R1V3's Table 1
 
 One question instead of a benchmark (its greedy answer, and --samples k sampled ones, with the speed):
 
