@@ -114,3 +114,24 @@ def test_verifier_uses_its_chat_template(yes_ckpt, tmp_path):
     text = v.tokenizer.decode(v.prompt_ids("q", "4", "four"), skip_special_tokens=False)
     assert text.endswith("<|im_start|> assistant")  # the think block is never opened for a yes/no verdict
     assert v.judge([("q", "4", "four")]) == [True]
+
+
+def test_trainer_score_asks_the_verifier_and_reads_opened_think(yes_ckpt):
+    """train_rl.score with --verifier: a rule-wrong but equivalent answer earns the accuracy weight; a prompt that
+    opened <think> gives its responses their <think> back (format 1)."""
+    from types import SimpleNamespace
+
+    import train_rl as T
+    from rollout import Completion
+    tok = D.word_tokenizer(WORDS + ["<think>", "</think>", "\\boxed{half}", "\\boxed{4}"])
+    rows = [R.validate_row(r) for r in ROWS[:2]]
+    cfg = T.TrainConfig(group_size=1, verifier=yes_ckpt, overlong_buffer=0, reward_workers=1)
+    run = SimpleNamespace(cfg=cfg, proc=SimpleNamespace(device=torch.device("cpu")),
+                          data=SimpleNamespace(tokenizer=tok, stop_ids=[], rows=rows))
+    prompts = [SimpleNamespace(row=i, example=SimpleNamespace(opens_think=True)) for i in range(2)]
+    groups = [[Completion(tok.encode(text, add_special_tokens=False).ids, [0.0], "stop")]
+              for text in ("the answer </think> \\boxed{half}", "the answer </think> \\boxed{4}")]
+    scores = T.score(run, prompts, groups)
+    assert scores.accuracy.flatten().tolist() == [1.0, 1.0] and scores.format.flatten().tolist() == [1.0, 1.0]
+    assert scores.reward.flatten().tolist() == pytest.approx([1.0, 1.0]) and scores.errors == 0
+    assert V.cached(yes_ckpt, torch.device("cpu")).stats["asked"] == 1  # only the rule-wrong one
