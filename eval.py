@@ -633,7 +633,8 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
         raise ValueError("no rows to evaluate")
     if sampler is None:
         sampler = build_sampler(model, tokenizer, cfg, cfg.max_slots, cfg.max_len)
-    elif cfg.no_wait and not set(banned_ids(tokenizer, cfg)) <= set(getattr(sampler, "banned", torch.tensor([])).tolist()):
+    elif cfg.no_wait and not set(banned_ids(tokenizer, cfg)) <= set(getattr(sampler, "banned", torch.tensor([])
+                                                                              ).tolist()):
         raise ValueError("no_wait: the given sampler does not ban the critical words' tokens (build it with "
                          "eval.build_sampler, or pass eval.banned_ids as its banned_ids)")
     if judge is None and cfg.judge:
