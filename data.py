@@ -11,17 +11,23 @@ needed for cold-start SFT; `answer_type` is one of reward.ANSWER_TYPES (inferred
 every row before anything runs and reports every problem as `FILE:LINE: what is wrong`; `encode` turns one row into
 prompt ids + image tiles (+ response ids for SFT).
 Follows InternVL's `dynamic_preprocess` / `build_transform` (tiling, ImageNet normalisation) and its chat template
-(`internvl2_5`: Qwen ChatML, `<img><IMG_CONTEXT>...</img>` per image).
+(`internvl2_5`: Qwen ChatML, `<img><IMG_CONTEXT>...</img>` per image); a checkpoint's own Jinja chat template
+(`chat_template.jinja`, or tokenizer_config.json's) is rendered as transformers' apply_chat_template renders it.
 
     python data.py rows.jsonl --ckpt /path/to/InternVL3-1B     # validate a data file, print the first prompt
 """
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
 import numpy as np
 import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 from tokenizers import Tokenizer
 
@@ -69,7 +75,8 @@ def special_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 
 
 def chat_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Qwen ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the assistant's opening."""
+    """Qwen ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the assistant's opening. The
+    fallback for checkpoints without a chat template of their own (see `ChatTemplate`)."""
     out = []
     for m in messages:
         if m["role"] not in ("system", "user", "assistant"):
@@ -78,6 +85,115 @@ def chat_template(messages: list[dict], add_generation_prompt: bool = True) -> s
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+THINK_OPEN = "<think>"
+R1V3_SYSTEM = "You are a helpful assistant."  # R1V3's system prompt (its slow-thinking inference mode)
+# The special tokens transformers passes to a template by name (its special_tokens_map), from tokenizer_config.json.
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot be used: malformed, or reaching for Python internals."""
+
+
+@dataclass
+class ChatTemplate:
+    """A checkpoint's own Jinja chat template, rendered as transformers' `apply_chat_template` renders it: jinja2's
+    ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the helpers transformers defines
+    (raise_exception, strftime_now, a tojson that does not escape HTML, loop controls), `messages`,
+    `add_generation_prompt` and the special tokens of tokenizer_config.json by name (bos_token, eos_token, ...).
+    A template that touches underscore attributes (`''.__class__`) is refused when loaded, naming its file."""
+    source: str
+    path: str  # where it was read from, for errors
+    special_tokens: dict = field(default_factory=dict)  # name -> token text, e.g. {"eos_token": "<|im_end|>"}
+
+    def __post_init__(self):
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        try:
+            tree = env.parse(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{self.path}: chat template does not parse: {e} (line {e.lineno})") from None
+        # The sandbox would only turn `''.__class__` into an empty string (and fail on the next attribute): refuse
+        # any underscore attribute up front, with the file's name.
+        for node in tree.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
+            name = node.attr if isinstance(node, jinja2.nodes.Getattr) else \
+                getattr(node.arg, "value", None) if isinstance(node.arg, jinja2.nodes.Const) else None
+            if isinstance(name, str) and name.startswith("_"):
+                raise TemplateError(f"{self.path}: chat template refused: it reaches for the Python internal "
+                                    f"{name!r} (line {node.lineno}); templates may only read messages and strings")
+        self._compiled = env.from_string(self.source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The template's text for `messages`; `kwargs` (e.g. enable_thinking=False) go to the template."""
+        try:
+            return self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **{**self.special_tokens, **kwargs})
+        except jinja2.exceptions.SecurityError as e:
+            raise TemplateError(f"{self.path}: chat template refused by the sandbox: {e}") from None
+        except jinja2.exceptions.TemplateError as e:  # raise_exception(...) in the template, an undefined call
+            raise TemplateError(f"{self.path}: chat template failed: {e}") from None
+
+
+def _token_text(value) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an AddedToken dict {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def load_chat_template(path) -> ChatTemplate | None:
+    """A checkpoint directory's chat template, as transformers finds it: `chat_template.jinja`, else the
+    `chat_template` of tokenizer_config.json (a string, or a list of named templates: "default"); None when it has
+    none (prompts then use the plain ChatML of `chat_template`). Special tokens come from tokenizer_config.json."""
+    path = Path(path)
+    config_file, jinja_file = path / "tokenizer_config.json", path / "chat_template.jinja"
+    config = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TemplateError(f"{config_file}: not JSON: {e}") from None
+    special = {k: t for k in TEMPLATE_TOKENS if (t := _token_text(config.get(k))) is not None}
+    if jinja_file.is_file():
+        return ChatTemplate(jinja_file.read_text(encoding="utf-8"), str(jinja_file), special)
+    source = config.get("chat_template")
+    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise TemplateError(f"{config_file}: chat_template must be a string, got {type(source).__name__}")
+    return ChatTemplate(source, f"{config_file} (chat_template)", special)
+
+
+def render_chat(messages: list[dict], template: ChatTemplate | None = None, think: bool = True) -> str:
+    """The prompt text of `messages` ready for the assistant's turn: the checkpoint's template, else ChatML.
+    `think=False` (R1V3's NoThink mode) passes enable_thinking=False (Qwen3 templates then close an empty think
+    block) and drops a `<think>` the generation prefix would still open."""
+    if template is None:
+        return chat_template(messages)
+    text = template.render(messages, add_generation_prompt=True, **({} if think else {"enable_thinking": False}))
+    if not think and text.rstrip().endswith(THINK_OPEN):
+        text = text[:text.rstrip().rindex(THINK_OPEN)]
+    return text
+
+
+def opens_think(tokenizer: Tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether a prompt ends inside an opened think block (`...assistant\\n<think>\\n`): its response then starts
+    inside the reasoning, and `decode_response(..., opens_think=True)` gives it its `<think>` back."""
+    tail = tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)  # <think> is at most a few pieces
+    return tail.rstrip().endswith(THINK_OPEN)
 
 
 def expand_image_placeholders(text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
@@ -168,14 +284,19 @@ def load_image(image, config: VLMConfig, max_tiles: int | None = None) -> torch.
 
 
 def build_prompt(tokenizer: Tokenizer, config: VLMConfig, question: str, images=(), system: str | None = None,
-                 max_tiles: int | None = None) -> tuple[list[int], torch.Tensor | None]:
-    """Token ids of a one-turn chat prompt (ready for generation) and the images' tiles (or None).
-    Without `<image>` placeholders in the question, InternVL's convention puts one per image in front."""
+                 max_tiles: int | None = None, template: ChatTemplate | None = None, think: bool = True
+                 ) -> tuple[list[int], torch.Tensor | None]:
+    """Token ids of a one-turn chat prompt (ready for generation) and the images' tiles (or None): rendered with the
+    checkpoint's `template` (see `load_chat_template`) or plain ChatML, `think=False` for NoThink (`render_chat`).
+    Without `<image>` placeholders in the question, InternVL's convention puts one per image in front; each is
+    expanded after rendering, so a template never sees the image tokens. The special tokens the template writes are
+    encoded as special tokens, as transformers does (add_special_tokens=False: the template adds a bos itself)."""
     pixels = [load_image(im, config, max_tiles) for im in images]
     if images and IMAGE_PLACEHOLDER not in question:
         question = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + question
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    text = expand_image_placeholders(chat_template(messages), [p.shape[0] for p in pixels], config.tokens_per_tile)
+    text = expand_image_placeholders(render_chat(messages, template, think), [p.shape[0] for p in pixels],
+                                     config.tokens_per_tile)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return ids, (torch.cat(pixels) if pixels else None)
 
@@ -286,6 +407,7 @@ class Example:
     prompt_ids: list[int]  # the chat prompt, ending with the assistant's opening
     pixel_values: torch.Tensor | None  # (tiles, 3, S, S) for the prompt's <IMG_CONTEXT> tokens
     response_ids: list[int]  # SFT target: the row's response then <|im_end|>; [] for rows without a response
+    opens_think: bool = False  # the prompt ends inside <think>: responses start in the reasoning (see opens_think)
 
     @property
     def ids(self) -> list[int]:
@@ -303,17 +425,23 @@ def question_text(row: dict) -> str:
 
 
 def encode(row: dict, tokenizer: Tokenizer, config: VLMConfig, max_tiles: int | None = None,
-           system: str | None = None) -> Example:
-    """A validated row (see `load_rows`) -> prompt ids, image tiles (at most `max_tiles` grid tiles per image) and,
-    when the row has a `response`, the response ids ending with <|im_end|>."""
-    ids, pixels = build_prompt(tokenizer, config, question_text(row), row.get("image") or [], system, max_tiles)
+           system: str | None = None, template: ChatTemplate | None = None, think: bool = True) -> Example:
+    """A validated row (see `load_rows`) -> prompt ids (`build_prompt`: the checkpoint's `template` or ChatML), image
+    tiles (at most `max_tiles` grid tiles per image) and, when the row has a `response`, the response ids ending with
+    <|im_end|>. When the prompt opens <think>, an SFT response's own leading `<think>` is dropped: the prompt has it."""
+    ids, pixels = build_prompt(tokenizer, config, question_text(row), row.get("image") or [], system, max_tiles,
+                               template, think)
+    opened = opens_think(tokenizer, ids)
     response = []
     if row.get("response") is not None:
         end = tokenizer.token_to_id("<|im_end|>")
         if end is None:
             raise ValueError("the tokenizer has no <|im_end|> token: SFT responses cannot be terminated")
-        response = tokenizer.encode(row["response"], add_special_tokens=False).ids + [end]
-    return Example(ids, pixels, response)
+        text = row["response"]
+        if opened and text.lstrip().startswith(THINK_OPEN):
+            text = text.lstrip()[len(THINK_OPEN):].lstrip("\n")
+        response = tokenizer.encode(text, add_special_tokens=False).ids + [end]
+    return Example(ids, pixels, response, opened)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -373,10 +501,13 @@ def token_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-def decode_response(tokenizer: Tokenizer, ids: list[int], stop_ids) -> str:
+def decode_response(tokenizer: Tokenizer, ids: list[int], stop_ids, opens_think: bool = False) -> str:
     """A completion's text for rewards and verdicts: the stop token that ended it dropped, other special tokens
-    (Qwen's <think> is one) kept."""
-    return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=False)
+    (Qwen's <think> is one) kept. `opens_think` (the prompt ended inside `<think>`, see `opens_think`): the
+    `<think>` the prompt opened is put back in front, so that format checks and answer extraction read the response
+    as the model wrote it, reasoning then `</think>` then the answer."""
+    text = tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=False)
+    return THINK_OPEN + "\n" + text if opens_think else text
 
 
 def mix_seed(*parts: int) -> int:

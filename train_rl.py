@@ -46,6 +46,7 @@ from torch.distributed.tensor import DTensor
 
 import cli
 import reward
+import verifier
 from checkpoint import save_model
 from cli import arg
 from data import (Example, MicroBatch, PromptStream, Sequence, decode_response, encode, load_rows, load_tokenizer,
@@ -109,7 +110,12 @@ class TrainConfig:
     dynamic_sampling: bool = arg(True, "drop groups whose rewards are all equal and roll out more prompts")
     max_rounds: int = arg(4, "rollout rounds per step at most, when dynamic sampling keeps too few groups")
     mask_truncated: bool = arg(False, "leave responses cut at max_new_tokens out of the loss")
-    format_weight: float = arg(0.1, "reward weight of the format check (<think>...</think> then an answer)")
+    accuracy_weight: float = arg(0.8, "reward weight of accuracy (R1V3: 0.8)")
+    format_weight: float = arg(0.2, "reward weight of the format check (<think>...</think> then an answer; R1V3: 0.2)")
+    verifier: str | None = arg(None, "text checkpoint (e.g. Qwen2.5-Instruct) asked about the answers the rule check "
+                               "scores 0: accuracy is rule OR verifier (R1V3); unset: rules only")
+    system: str | None = arg(None, "system message of every prompt (R1V3's inference: \"You are a helpful "
+                             "assistant.\")")
     overlong_buffer: int = arg(-1, "DAPO soft overlong penalty over the last N tokens (-1: max_new_tokens // 5, "
                                "0: off)")
     curriculum: str = arg("uniform", "uniform, or pass_rate: each epoch easy -> hard, always-solved rows skipped",
@@ -434,13 +440,14 @@ def score(run: Run, prompts: list[Prompt], groups: list[list[Completion]]) -> Sc
     stops training."""
     cfg, G = run.cfg, run.cfg.group_size
     flat = [(p, c) for p, group in zip(prompts, groups) for c in group]
-    reward_cfg = reward.RewardConfig(format_weight=cfg.format_weight, max_len=cfg.max_new_tokens,
+    reward_cfg = reward.RewardConfig(cfg.accuracy_weight, cfg.format_weight, max_len=cfg.max_new_tokens,
                                      cache_len=cfg.overlong_buffer, overlong_weight=1.0 if cfg.overlong_buffer else 0.0)
     workers = cfg.reward_workers or (1 if (os.cpu_count() or 1) <= 4 else None)
-    texts = [decode_response(run.data.tokenizer, c.ids, run.data.stop_ids) for _, c in flat]
+    texts = [decode_response(run.data.tokenizer, c.ids, run.data.stop_ids, p.example.opens_think) for p, c in flat]
+    judge = verifier.cached(cfg.verifier, run.proc.device) if cfg.verifier else None  # this rank's rollouts only
     try:
         results = reward.score_batch(texts, [run.data.rows[p.row] for p, _ in flat], reward_cfg,
-                                     [len(c.ids) for _, c in flat], workers=workers)
+                                     [len(c.ids) for _, c in flat], workers=workers, verifier=judge)
     except Exception as e:  # noqa: BLE001 - e.g. a broken worker pool: this batch scores 0, training goes on
         results = [{"accuracy": 0.0, "format": 0.0, "overlong": 0.0, "reward": 0.0, "error": f"score_batch: {e}"}
                    for _ in flat]

@@ -606,3 +606,113 @@ def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tm
     assert response == D.decode_response(tok, want.ids, stop) and want.ids, (response, want)
     assert stats.startswith(f"[{len(ids)} prompt tokens, {len(want.ids)} generated ({want.finish_reason}) in ")
     assert stats.endswith(" tokens/s]")
+
+# ----------------------------------------------------------------------------------------------------------------
+# R1V3's protocol: its released rule (--scoring r1v3), the judge, Avg@k as the headline, NoWait, NoThink
+
+# (response, row, verdict, rule, MMMU's verdict): where the two rules differ, the last column says how MMMU's parser
+# judges the same response.
+R1V3_CASES = [
+    (think("\\boxed{B}"), mc("B"), "correct", "letter", "correct"),
+    (think("\\boxed{(B)}"), mc("B"), "correct", "letter", "correct"),
+    (think("\\boxed{B. 15 cm}"), mc("B"), "correct", "letter", "no answer"),  # MMMU: "B." is no spaced letter
+    (think("\\boxed{15 cm}"), mc("B"), "correct", "letter", "no answer"),  # the option's text
+    (think("\\boxed{C}"), mc("B"), "wrong", "letter", "wrong"),
+    (think("The answer is B."), mc("B"), "no answer", "no boxed answer", "correct"),  # R1V3 reads \boxed{} only
+    (think("\\boxed{24.0}"), op("24"), "correct", "number", "correct"),
+    (think("\\boxed{24 cm}"), op("['24', '24.0']"), "correct", "number", "correct"),
+    (think("\\boxed{1,000}"), op("1000"), "correct", "number", "correct"),
+    (think("\\boxed{\\text{Paris}.}"), op("paris"), "correct", "string", "correct"),
+    (think("\\boxed{the mitochondria}"), op("Mitochondria"), "correct", "string", "correct"),
+    (think("\\boxed{16}"), op("6"), "wrong", "no match", "wrong"),
+    (think("\\boxed{black cat}"), op("cat"), "wrong", "no match", "correct"),  # MMMU: "cat" is a substring
+    (think("\\boxed{(x+1)^2}"), proj("x^2+2x+1", "expression"), "correct", "math-verify", "correct"),
+    ("<think>\nso \\boxed{B}", mc("B"), "no answer", "no boxed answer", "no answer"),  # cut off while thinking
+    (think("\\boxed{}"), mc("B"), "no answer", "no boxed answer", "no answer"),
+]
+
+
+@pytest.mark.parametrize("response,row,expected,rule,mmmu", R1V3_CASES)
+def test_r1v3_scoring_by_hand(response, row, expected, rule, mmmu):
+    v = E.verdict(response, row, scoring="r1v3")
+    assert (v.label, v.rule) == (expected, rule), v
+    assert E.verdict(response, row).label == mmmu  # the default stays MMMU's parser
+
+
+def test_headline_avg_and_r1v3_scoring_in_evaluate(tok):
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=1).eval()
+    cfg = E.EvalConfig(max_new_tokens=16, samples=2, temperature=1.0, chunk=2, entropy=False, headline="avg",
+                       scoring="r1v3")
+    res = E.evaluate(model, tok, ROWS, cfg, sampler=ScriptedSampler(tok, SCRIPT))
+    assert res["headline"] == "avg@2" and res["accuracy"] == res["sampled_accuracy"] == pytest.approx(2 / 6)
+    assert res["subjects"]["colours"]["accuracy"] == 0.5 and res["judge"] is None
+    assert {r["rule"] for r in res["records"] if r["verdict"] != "no answer"} == {"number", "letter", "no match"}
+    assert "accuracy (avg@2): 0.333" in E.format_table(res)
+    greedy = E.evaluate(model, tok, ROWS, E.EvalConfig(max_new_tokens=16, samples=2, chunk=2, entropy=False),
+                        sampler=ScriptedSampler(tok, SCRIPT))
+    assert greedy["headline"] == "greedy" and greedy["accuracy"] == greedy["greedy_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="headline avg needs --samples"):
+        E.EvalConfig(headline="avg")
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        E.EvalConfig(scoring="gpt4o")
+
+
+def test_judge_accepts_what_the_rules_reject(tok, tmp_path):
+    import verifier
+    from test_verifier import certain
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=1).eval()
+    judge = verifier.Verifier(certain("yes", tmp_path))
+    cfg = E.EvalConfig(max_new_tokens=16, samples=2, chunk=2, entropy=False)
+    res = E.evaluate(model, tok, ROWS, cfg, sampler=ScriptedSampler(tok, SCRIPT), judge=judge)
+    # every answer the rules called wrong was asked about and accepted; the one cut off while thinking has none
+    assert [r["verdict"] for r in res["records"]] == ["correct"] * 2 + ["no answer"] + ["correct"] * 6
+    assert [r["rule"] for r in res["records"]].count("judge") == 3
+    assert res["judge"] == {"asked": 3, "yes": 3, "errors": 0, "failed": 0}
+    assert "judge: asked about 3 answers" in E.format_table(res)
+
+
+def test_no_wait_never_samples_the_critical_words():
+    tok = D.word_tokenizer("how many red cells ? wait Wait hmm alternatively one two three".split())
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=3).eval()
+    rows = [{"id": f"q{i}", "question": "how many red cells ?", "answer": "3", "answer_type": "numeric",
+             "options": [], "image": [], "subject": "s"} for i in range(2)]
+    critical = set(E.critical_token_ids(tok, E.CRITICAL_WORDS))
+    assert len(critical) == 4  # wait, Wait, hmm, alternatively (Hmm / Alternatively are not in this vocabulary)
+
+    def sampled_ids(no_wait):
+        cfg = E.EvalConfig(max_new_tokens=48, max_len=96, greedy=False, samples=8, temperature=1.5, entropy=False,
+                           no_wait=no_wait, max_slots=16)
+        res = E.evaluate(model, tok, rows, cfg)
+        return [i for r in res["records"] for i in tok.encode(r["response"], add_special_tokens=False).ids]
+
+    assert critical & set(sampled_ids(False))  # a random model says them...
+    assert not critical & set(sampled_ids(True))  # ...and NoWait never does
+    sampler = E.build_sampler(model, tok, E.EvalConfig(), 2, 96)  # a sampler without the bans is refused
+    with pytest.raises(ValueError, match="no_wait: the given sampler"):
+        E.evaluate(model, tok, rows, E.EvalConfig(samples=1, no_wait=True), sampler=sampler)
+
+
+def test_template_that_opens_think_and_no_think(tok):
+    """A template opening <think>: responses (which only close it) read with their <think> back, format 1; NoThink
+    leaves the prompt without it."""
+    words = D.word_tokenizer(["how", "many", "red", "cells", "?", "<think>", "</think>", "a1", "\\boxed{6}"])
+    template = D.ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+                              "think.jinja")
+    config = M.tiny_config(words.get_vocab_size(), words.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=1).eval()
+    row = {"id": "q0", "question": "how many red cells ?", "answer": "6", "answer_type": "numeric", "options": [],
+           "image": [], "subject": "s"}
+    script = {(0, "greedy"): [("a1 red </think> \\boxed{6}", "stop")]}
+    for no_think, opened, fmt in [(False, True, 1.0), (True, False, 0.0)]:
+        cfg = E.EvalConfig(max_new_tokens=16, chunk=1, entropy=False, no_think=no_think,
+                           system="You are a helpful assistant.")
+        prompt = E.build_eval_prompt(row, words, config, cfg, 256, template)
+        assert prompt.opens_think == opened
+        res = E.evaluate(model, words, [row], cfg, sampler=ScriptedSampler(words, script), template=template)
+        assert res["greedy_accuracy"] == 1.0 and res["format_rate"] == fmt
+        assert res["records"][0]["prompt"].startswith("<|im_start|> system")  # the system message goes first
+        assert res["records"][0]["response"].startswith("<think>") == opened

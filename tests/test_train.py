@@ -290,7 +290,7 @@ def test_grpo_learns_and_the_rollout_copy_follows(tmp_path, in_process, monkeypa
     steps = 8
     T.train(T.TrainConfig(init_from=str(init), data=str(rows), out=str(tmp_path / "out"), steps=steps,
                           prompts_per_step=8, group_size=8, micro_batch=64, max_new_tokens=1, max_len=32, lr=2e-2,
-                          format_weight=0.0, overlong_buffer=0, threads=1))
+                          accuracy_weight=1.0, format_weight=0.0, overlong_buffer=0, threads=1))
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     rewards = [m["reward"] for m in metrics]
     assert len(rewards) == steps and np.mean(rewards[:2]) < 0.3 and np.mean(rewards[-3:]) > 0.7, rewards
@@ -313,7 +313,7 @@ def test_reward_failures_score_zero_and_training_goes_on(tmp_path, in_process, m
     monkeypatch.setattr(T.reward, "score_batch", failing)
     T.train(T.TrainConfig(init_from=str(init), data=str(rows), out=str(tmp_path / "out"), steps=3,
                           prompts_per_step=4, group_size=4, micro_batch=16, max_new_tokens=1, max_len=32,
-                          format_weight=0.0, overlong_buffer=0, threads=1, dynamic_sampling=False))
+                          accuracy_weight=1.0, format_weight=0.0, overlong_buffer=0, threads=1, dynamic_sampling=False))
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["reward_errors"] for m in metrics] == [0, 16, 0] and metrics[1]["reward"] == 0.0
 
