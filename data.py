@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import cli
 from checkpoint import IMG_CONTEXT, read_config
@@ -57,7 +57,6 @@ def load_tokenizer(path) -> Tokenizer:
 
 def word_tokenizer(words) -> Tokenizer:
     """A whitespace word-level tokenizer with the ChatML and image special tokens: tiny tasks and tests."""
-    from tokenizers import decoders, models, pre_tokenizers
     words = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", *words]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

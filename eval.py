@@ -53,6 +53,7 @@ from PIL import Image
 
 import cli
 import reward
+import verifier
 from checkpoint import DTYPES, load_model
 from data import (IMAGE_PLACEHOLDER, ChatTemplate, build_prompt, decode_response, load_chat_template, load_rows,
                   load_tokenizer, mix_seed, open_image, opens_think, pad_id, question_text, right_pad, special_ids,
@@ -522,7 +523,6 @@ def _record(index: int, row: dict, mode: str, sample: int, prompt: str | None, *
 def judged(judge, verdicts: list["Verdict"], rows: list[dict]) -> list["Verdict"]:
     """The verdicts with those the rules call wrong but that give an answer put to `judge` (a verifier.Verifier):
     correct (rule "judge") where it says yes; a judge that fails leaves the rules' verdict (counted in its stats)."""
-    import verifier
     ask = [i for i, v in enumerate(verdicts) if not v.correct and v.answer]
     items = [(question_text(rows[i]), verifier.reference_text(rows[i]), verdicts[i].answer) for i in ask]
     out = list(verdicts)
@@ -638,7 +638,6 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
         raise ValueError("no_wait: the given sampler does not ban the critical words' tokens (build it with "
                          "eval.build_sampler, or pass eval.banned_ids as its banned_ids)")
     if judge is None and cfg.judge:
-        import verifier
         judge = verifier.cached(cfg.judge, model.language_model.embed_tokens.weight.device)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
