@@ -49,6 +49,18 @@ def load_tokenizer(path) -> Tokenizer:
         raise ValueError(f"{f}: cannot read tokenizer: {e}") from None
 
 
+def check_tokenizer(tokenizer: Tokenizer, config: VLMConfig, where) -> None:
+    """Refuse a tokenizer whose ids go past the checkpoint's embedding (an id >= vocab_size would index past it:
+    an error on CPU, garbage or a device assert on a GPU), naming both sizes; `where` names the checkpoint. A
+    vocab_size larger than the tokenizer is normal (Qwen pads its embedding)."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1) + 1
+    if top > config.llm.vocab_size:
+        raise cli.InputError(f"{where}: the tokenizer has ids up to {top - 1} ({top} tokens) but the model's embedding "
+                             f"has vocab_size {config.llm.vocab_size}: the tokenizer does not belong to this "
+                             f"checkpoint")
+
+
 def word_tokenizer(words) -> Tokenizer:
     """A whitespace word-level tokenizer with the ChatML and image special tokens: tiny tasks and tests."""
     from tokenizers import decoders, models, pre_tokenizers
