@@ -534,6 +534,7 @@ def main(argv: list[str] | None = None):
           f"{ {t: sum(r['answer_type'] == t for r in rows) for t in sorted({r['answer_type'] for r in rows})} }")
     if cfg.ckpt:
         config, tok = read_config(cfg.ckpt), load_tokenizer(cfg.ckpt)
+        check_tokenizer(tok, config, cfg.ckpt)
         ex = encode(rows[0], tok, config, cfg.max_tiles)
         tiles = 0 if ex.pixel_values is None else ex.pixel_values.shape[0]
         print(f"row {rows[0]['id']}: {len(ex.prompt_ids)} prompt tokens, {tiles} tiles, "
@@ -541,4 +542,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "data.py")
