@@ -157,13 +157,13 @@ def run(main, prog: str, argv: list[str] | None = None):
             main(argv)
         except _expected() as e:
             message = f"{prog}: error: {e}"
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(message, file=sys.stderr, flush=True)
-            else:  # torchrun ends the other ranks as soon as one exits: let rank 0 print first
-                time.sleep(1.0)
             if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's summary shows the one line
                 with open(error_file, "w") as f:  # as ErrorHandler.record_exception writes it, the line as traceback
                     json.dump({"message": {"message": message, "extraInfo": {
                         "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(message, file=sys.stderr, flush=True)
+            else:  # torchrun ends the other ranks as soon as one exits: let rank 0 print first
+                time.sleep(1.0)
             sys.exit(exit_code(e))
     record(guarded)()
