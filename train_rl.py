@@ -864,9 +864,12 @@ def resumed_settings(cfg: TrainConfig, checkpoint: Path, rank: int) -> bool:
         "init_from": "init_from" in changed and not same(before["init_from"], cfg.init_from),
         "data": data_changed and not cfg.new_data}
     refused = [k for k, bad in breaks.items() if bad]
+    def why(k: str) -> str:
+        if k == "data" and "data" not in changed:
+            return f"--data {cfg.data} holds other contents than when {checkpoint} was saved: {FIXED[k]}"
+        return f"--{k} differs from {checkpoint}'s ({before.get(k)!r}, this run {now[k]!r}): {FIXED[k]}"
     if refused:
-        raise UsageError("--resume: " + "; ".join(f"--{k} differs from {checkpoint}'s ({before.get(k)!r}, this run "
-                                                  f"{now[k]!r}): {FIXED[k]}" for k in refused)
+        raise UsageError("--resume: " + "; ".join(map(why, refused))
                          + "; resume with the checkpoint's settings or start a new run in another --out")
     if cfg.new_data and not data_changed and rank == 0:
         print(f"--new_data: {cfg.data} is the data {checkpoint} was trained on; the prompt stream continues",
