@@ -27,6 +27,11 @@ Departures from textbook GRPO, each a flag:
 - The sampler draws from the full vocabulary (top_p 1, top_k 0), so its log-probs are the behaviour probabilities.
 - Overlong: DAPO's soft penalty over the last `--overlong_buffer` tokens; `--mask_truncated` drops truncated
   completions from the loss.
+
+Nothing silently wrong: every flag's range, the files, every training row (encoded once at setup), the checkpoint's
+modules and tokenizer, and a resume's changed settings are checked before the model is built, each refusal one line
+(cli.run: exit 2 for a flag, 1 otherwise); after every optimizer step the weights are checked, and non-finite ones
+stop the run without being saved; a SIGTERM saves and exits 143.
 """
 import hashlib
 import json

@@ -142,6 +142,32 @@ def test_errors_at_the_door_are_one_line(tmp_path):
     assert "traceback : train_rl.py: error: --data: data file not found: nowhere.jsonl" in root, text
     assert "<N/A>" not in text and len(text.splitlines()) <= 45, text  # torchrun's own report is ~40 lines
 
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # @record's, under pytest's captured stderr
+def test_cli_run_exit_codes_and_unexpected_errors_keep_their_traceback(capsys, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    for error, code in ((cli.UsageError("--x must be > 0, got 0"), 2), (FileNotFoundError("data file not found: f"), 1),
+                        (cli.InputError("f:3: bad"), 1), (T.Terminated("stopped by SIGTERM"), 143)):
+        def main(argv, error=error):
+            raise error
+        with pytest.raises(SystemExit) as e:
+            cli.run(main, "prog")
+        assert e.value.code == code and capsys.readouterr().err == f"prog: error: {error}\n"
+
+    def buggy(argv):
+        raise KeyError("a bug")
+    with pytest.raises(KeyError, match="a bug"):  # not expected: up with its traceback
+        cli.run(buggy, "prog")
+
+
+def test_eval_errors_are_one_line(tmp_path):
+    init, rows = bandit_task(tmp_path)
+    missing = launch([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(tmp_path / "nowhere.jsonl"),
+                      "--out", str(tmp_path / "r.json")])
+    assert (missing.returncode, missing.stderr) == (1, f"eval.py: error: data file not found: "
+                                                       f"{tmp_path / 'nowhere.jsonl'}\n")
+    bad = launch([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(rows), "--samples", "-1"])
+    assert (bad.returncode, bad.stderr) == (2, "eval.py: error: --samples must be >= 0, got -1\n")
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Nothing non-finite is ever saved
 
