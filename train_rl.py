@@ -1008,7 +1008,8 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
         else:  # resumed at or past the last step: nothing to run
             saved = newest_checkpoint(out)
             if proc.rank == 0:
-                print(f"--resume: {saved} is already step {cfg.steps} of --steps {cfg.steps}; nothing to do", flush=True)
+                print(f"--resume: {saved} is already step {cfg.steps} of --steps {cfg.steps}; nothing to do",
+                      flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if wandb:
