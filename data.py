@@ -55,6 +55,18 @@ def load_tokenizer(path) -> Tokenizer:
         raise ValueError(f"{f}: cannot read tokenizer: {e}") from None
 
 
+def check_tokenizer(tokenizer: Tokenizer, config: VLMConfig, where) -> None:
+    """Refuse a tokenizer whose ids go past the checkpoint's embedding (an id >= vocab_size would index past it:
+    an error on CPU, garbage or a device assert on a GPU), naming both sizes; `where` names the checkpoint. A
+    vocab_size larger than the tokenizer is normal (Qwen pads its embedding)."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1) + 1
+    if top > config.llm.vocab_size:
+        raise cli.InputError(f"{where}: the tokenizer has ids up to {top - 1} ({top} tokens) but the model's embedding "
+                             f"has vocab_size {config.llm.vocab_size}: the tokenizer does not belong to this "
+                             f"checkpoint")
+
+
 def word_tokenizer(words) -> Tokenizer:
     """A whitespace word-level tokenizer with the ChatML and image special tokens: tiny tasks and tests."""
     words = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", *words]
@@ -652,6 +664,7 @@ def main(argv: list[str] | None = None):
           f"{ {t: sum(r['answer_type'] == t for r in rows) for t in sorted({r['answer_type'] for r in rows})} }")
     if cfg.ckpt:
         config, tok = read_config(cfg.ckpt), load_tokenizer(cfg.ckpt)
+        check_tokenizer(tok, config, cfg.ckpt)
         ex = encode(rows[0], tok, config, cfg.max_tiles)
         tiles = 0 if ex.pixel_values is None else ex.pixel_values.shape[0]
         print(f"row {rows[0]['id']}: {len(ex.prompt_ids)} prompt tokens, {tiles} tiles, "
@@ -659,4 +672,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "data.py")

@@ -229,4 +229,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "train_rl.py")  # run as `python train_rl.py` (or directly): one-line errors, as train_rl.py's

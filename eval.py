@@ -41,6 +41,7 @@ import ast
 import io
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -54,10 +55,10 @@ from PIL import Image
 import cli
 import reward
 import verifier
-from checkpoint import DTYPES, load_model
-from data import (IMAGE_PLACEHOLDER, ChatTemplate, build_prompt, decode_response, load_chat_template, load_rows,
-                  load_tokenizer, mix_seed, open_image, opens_think, pad_id, question_text, right_pad, special_ids,
-                  to_rgb, token_batches, tokenizer_preview)
+from checkpoint import DTYPES, load_model, read_config
+from data import (IMAGE_PLACEHOLDER, ChatTemplate, build_prompt, check_tokenizer, decode_response, load_chat_template,
+                  load_rows, load_tokenizer, mix_seed, open_image, opens_think, pad_id, question_text, right_pad,
+                  special_ids, to_rgb, token_batches, tokenizer_preview)
 from entropy import CRITICAL_WORDS, CRITICAL_WORDS_BROAD, critical_entropy, critical_token_ids
 from model import VLM
 from parallel import Dist, init_distributed
@@ -262,17 +263,31 @@ def load_mmmu(path, split: str = "validation") -> list[dict]:
     except ImportError:
         raise ImportError("reading MMMU's parquet files needs pyarrow: pip install pyarrow "
                           "(or convert the data to the JSONL rows of data.py)") from None
+    import pyarrow
     path = Path(path)
     files = sorted(f for f in path.rglob("*.parquet") if f.name.startswith(split)) if path.is_dir() else [path]
-    if not files or not files[0].is_file():
-        raise FileNotFoundError(f"no parquet files for split {split!r} in {path}" if path.is_dir() else
-                                f"data file not found: {path}")
+    if path.is_dir() and not files:
+        found = sorted({f.name.split("-")[0] for f in path.rglob("*.parquet")})
+        raise FileNotFoundError(f"no parquet files for split {split!r} in {path} (" +
+                                (f"it has splits {found})" if found else "it has no .parquet files at all)"))
+    if not files[0].is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    tables = []
+    for f in files:  # every file's columns are checked before any row is read
+        try:
+            columns = set(pq.read_schema(f).names)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise cli.InputError(f"{f}: not a parquet file ({type(e).__name__}: {e})") from None
+        if missing := sorted({"id", "question", "answer"} - columns):
+            raise cli.InputError(f"{f}: missing column(s) {missing}")
+        tables.append(f)
     rows = []
-    for f in files:
+    for f in tables:
         for rec in pq.read_table(f).to_pylist():
             options = as_list(rec.get("options") or "[]")
             if options is None:
-                raise ValueError(f"{f}: row {rec.get('id')!r}: options {rec.get('options')!r} is not a list literal")
+                raise cli.InputError(f"{f}: row {rec.get('id')!r}: options {rec.get('options')!r} is not a list "
+                                     f"literal")
             rows.append({
                 "id": str(rec["id"]), "question": rec["question"], "options": [str(o) for o in options],
                 "answer": rec["answer"], "question_type": rec.get("question_type") or "multiple-choice",
@@ -300,7 +315,7 @@ def load_eval_rows(path, split: str = "validation", subjects=None, limit: int | 
                 kept.append(r)
         rows = kept
     if not rows:
-        raise ValueError(f"{path}: no rows left for split {split!r}, subjects {subjects}, limit {limit}")
+        raise cli.InputError(f"{path}: no rows left for split {split!r}, subjects {subjects}, limit {limit}")
     return rows
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -354,20 +369,26 @@ class EvalConfig:
     progress: bool = cli.arg(False, "a progress line on stderr (rank 0)")
 
     def __post_init__(self):
+        """Each flag's range, one message per flag naming it and its value (cli.UsageError)."""
         for name in ("max_new_tokens", "max_len", "chunk", "max_slots", "entropy_batch_tokens"):
             if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise cli.UsageError(f"--{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.max_tiles is not None and self.max_tiles < 1:
-            raise ValueError(f"max_tiles must be >= 1 or None, got {self.max_tiles}")
-        if self.samples < 0 or not (self.greedy or self.samples):
-            raise ValueError(f"need greedy or samples >= 1 (samples {self.samples}, greedy {self.greedy})")
+            raise cli.UsageError(f"--max_tiles must be >= 1 (or unset), got {self.max_tiles}")
+        if self.samples < 0:
+            raise cli.UsageError(f"--samples must be >= 0, got {self.samples}")
+        if not (self.greedy or self.samples):
+            raise cli.UsageError("--no-greedy needs --samples >= 1: otherwise no question gets an answer")
+        if not math.isfinite(self.temperature) or self.temperature < 0 or (self.samples and self.temperature == 0):
+            raise cli.UsageError(f"--temperature must be finite and > 0 for --samples, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise cli.UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if not self.time_limit_s > 0:
+            raise cli.UsageError(f"--time_limit_s must be > 0, got {self.time_limit_s}")
         if self.headline == "avg" and not self.samples:
-            raise ValueError("--headline avg needs --samples k >= 1 (R1V3: --samples 5 --temperature 1.0)")
+            raise cli.UsageError("--headline avg needs --samples k >= 1 (R1V3: --samples 5 --temperature 1.0)")
         if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        if self.samples and not (0 < self.temperature < math.inf and 0 < self.top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
-                             f"{self.top_p}")
+            raise cli.UsageError(f"--scoring must be one of {SCORINGS}, got {self.scoring!r}")
         self.critical_words = tuple(self.critical_words)
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -743,6 +764,28 @@ class EvalCommand:
     question: str | None = cli.arg(None, "ask this one question instead of evaluating --data, and print the answers")
     image: str | None = cli.arg(None, "the image shown with --question")
 
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise cli.UsageError(f"--limit must be >= 1 (or unset: all), got {self.limit}")
+        if not self.out:
+            raise cli.UsageError("--out must name a file")
+
+
+def check_out_file(out) -> Path:
+    """--out before anything is loaded: a file path (not a directory) whose nearest existing folder is writable and
+    not under a regular file."""
+    out = Path(out)
+    if out.is_dir():
+        raise cli.UsageError(f"--out {out} is a directory; name the results file (e.g. {out / 'eval.json'})")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise cli.UsageError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"--out {out}: {out if out.exists() else folder} is not writable")
+    return out
+
 
 def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig, template: ChatTemplate | None = None):
     """Print the answers to one question as `evaluate` asks it (greedy, then cfg.samples sampled), each generate
@@ -785,6 +828,8 @@ def run_benchmark(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, cmd:
 
 
 def main(argv=None):
+    """Every check before the weights load: flags, --out, the data's rows and columns, the tokenizer against the
+    checkpoint's config."""
     p = cli.parser(__doc__.split("\n\n")[0])
     cli.add_flags(p, EvalCommand)
     cli.add_flags(p, EvalConfig, skip=("progress",))  # EvalCommand's --progress: on at the command line
@@ -792,12 +837,20 @@ def main(argv=None):
     cmd, cfg = cli.config_from(args, EvalCommand), cli.config_from(args, EvalConfig)
     if cmd.ckpt is None or (cmd.data is None) == (cmd.question is None):
         p.error("give --ckpt, and --data (a benchmark) or --question (one question)")
+    if cmd.data:
+        check_out_file(cmd.out)
     rows = load_eval_rows(cmd.data, cmd.split, cmd.subjects, cmd.limit) if cmd.data else None  # before the weights
+    try:
+        config = read_config(cmd.ckpt)
+    except ValueError as e:  # its message names the file and the field
+        raise cli.InputError(str(e)) from None
+    tokenizer = load_tokenizer(cmd.ckpt)
+    check_tokenizer(tokenizer, config, cmd.ckpt)
     d = init_distributed()
     try:
         dtype = DTYPES[cmd.dtype or ("bfloat16" if d.device.type == "cuda" else "float32")]
         model = load_model(cmd.ckpt, dtype=dtype, device=d.device)
-        tokenizer, template = load_tokenizer(cmd.ckpt), load_chat_template(cmd.ckpt)
+        template = load_chat_template(cmd.ckpt)
         if rows is None:
             if d.rank == 0:
                 ask(model, tokenizer, cmd.question, cmd.image, cfg, template)
@@ -809,4 +862,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "eval.py")

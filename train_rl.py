@@ -27,7 +27,13 @@ Departures from textbook GRPO, each a flag:
 - The sampler draws from the full vocabulary (top_p 1, top_k 0), so its log-probs are the behaviour probabilities.
 - Overlong: DAPO's soft penalty over the last `--overlong_buffer` tokens; `--mask_truncated` drops truncated
   completions from the loss.
+
+Nothing silently wrong: every flag's range, the files, every training row (encoded once at setup), the checkpoint's
+modules and tokenizer, and a resume's changed settings are checked before the model is built, each refusal one line
+(cli.run: exit 2 for a flag, 1 otherwise); after every optimizer step the weights are checked, and non-finite ones
+stop the run without being saved; a SIGTERM saves and exits 143.
 """
+import hashlib
 import json
 import math
 import os
@@ -47,10 +53,10 @@ from torch.distributed.tensor import DTensor
 import cli
 import reward
 import verifier
-from checkpoint import save_model
-from cli import arg
-from data import (Example, MicroBatch, PromptStream, Sequence, decode_response, encode, load_rows, load_tokenizer,
-                  micro_batches, mix_seed, pack, pad_id, special_ids)
+from checkpoint import read_config, save_model
+from cli import InputError, Stopped, UsageError, arg
+from data import (Example, MicroBatch, PromptStream, Sequence, check_tokenizer, decode_response, encode, load_rows,
+                  load_tokenizer, micro_batches, mix_seed, pack, pad_id, special_ids)
 from entropy import EntropySums, critical_entropy, critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
@@ -138,19 +144,43 @@ class TrainConfig:
     threads: int = arg(0, "torch CPU threads per process (0: the node's cores split between its processes)")
     wandb: str | None = arg(None, "wandb project to log to, when the wandb package is installed")
 
+    new_data: bool = arg(False, "with --resume: --data is a different file on purpose; the prompt stream restarts "
+                         "on its rows at epoch 0 (without it a different --data is refused)")
+
     def __post_init__(self):
-        if not set(self.train.split(",")) <= set(MODULES) or not self.train:
-            raise ValueError(f"--train takes a comma list of {sorted(MODULES)}, got {self.train!r}")
+        """Every flag's range, one message per flag naming it and its value (cli.UsageError: exit 2)."""
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise UsageError(f"--{name} must be {rule}, got {getattr(self, name)!r}")
+
+        need(bool(self.train) and set(self.train.split(",")) <= set(MODULES), "train",
+             f"a comma list of {sorted(MODULES)}")
         for name in ("steps", "prompts_per_step", "group_size", "micro_batch", "max_new_tokens", "max_len",
                      "updates_per_rollout", "max_rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+            need(getattr(self, name) >= 1, name, ">= 1")
         for name in ("stage", "schedule", "curriculum", "select"):
             choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and self.temperature > 0 and 0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise ValueError("need lr > 0, temperature > 0, 0 <= clip_low < 1, clip_high >= 0")
+            need(getattr(self, name) in choices, name, f"one of {choices}")
+        finite = lambda name: math.isfinite(getattr(self, name))
+        need(finite("lr") and self.lr > 0, "lr", "finite and > 0")
+        need(finite("temperature") and self.temperature > 0, "temperature",
+             "finite and > 0 (log-probs are taken at it; GRPO samples at it)")
+        need(finite("clip_low") and 0 <= self.clip_low < 1, "clip_low", "in [0, 1)")
+        for name in ("clip_high", "dual_clip", "kl_beta", "entropy_coef", "tis_cap", "weight_decay", "grad_clip"):
+            need(finite(name) and getattr(self, name) >= 0, name, "finite and >= 0")
+        need(finite("format_weight"), "format_weight", "finite")
+        need(finite("min_lr_ratio") and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        for name in ("warmup_steps", "eval_samples", "eval_limit", "save_every", "eval_every", "keep", "threads",
+                     "reward_workers"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        need(self.overlong_buffer >= -1, "overlong_buffer", ">= 0, or -1 for max_new_tokens // 5")
+        need(self.max_tiles is None or self.max_tiles >= 1, "max_tiles", ">= 1 (or unset)")
+        if self.stage == "grpo" and self.group_size < 2:
+            raise UsageError(f"--group_size must be >= 2 for --stage grpo (a group of one has advantage 0: nothing "
+                             f"to learn), got {self.group_size}")
+        if self.max_new_tokens >= self.max_len and (self.stage == "grpo" or self.eval_data):  # SFT alone never samples
+            raise UsageError(f"--max_new_tokens {self.max_new_tokens} must be < --max_len {self.max_len} (the prompt "
+                             f"needs room too)")
         if self.overlong_buffer < 0:
             self.overlong_buffer = self.max_new_tokens // 5
 
@@ -245,6 +275,7 @@ class Policy:
     rollout_model: VLM
     rollout_stale: bool = False  # SFT refreshes the copy only when something reads it
     bad_steps: int = 0  # non-finite steps in a row
+    weights_finite: bool = True  # False once an optimizer step left a non-finite parameter: never saved
 
     def forward(self, mb: MicroBatch, temperature: float = 1.0, model: VLM | None = None):
         """Per-token (log-probs, entropy) from inside the sharded model's forward (see VLM.forward)."""
@@ -252,7 +283,9 @@ class Policy:
 
     def step(self, loss: float, grad_clip: float, rank: int) -> dict:
         """Clip, then step unless the loss or the gradient norm is not finite (then the update is dropped, logged,
-        and three such steps in a row stop the run after a save)."""
+        and three such steps in a row stop the run after a save). After a step the parameters are checked (one
+        all-reduced count over every rank's shards): non-finite weights cannot be recovered by later steps, so
+        `weights_finite` goes False, the step counts as bad, and the caller stops without saving."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # DTensor: sharded norms combined
@@ -261,6 +294,9 @@ class Policy:
         if finite:
             self.optimizer.step()
             self.bad_steps = 0
+            if not self.weights_are_finite():
+                self.weights_finite = False
+                self.bad_steps += 1
         else:
             self.bad_steps += 1
             print(f"[rank {rank}] non-finite loss {loss} or grad norm {norm}: update skipped "
@@ -269,6 +305,13 @@ class Policy:
         self.scheduler.step()
         self.rollout_stale = True
         return dict(loss=loss, grad_norm=norm, lr=lr, skipped=not finite)
+
+    def weights_are_finite(self) -> bool:
+        """Whether every trained parameter is finite on every rank (each rank checks its own shards)."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters() if p.requires_grad]
+        flags = [torch.isfinite(t).all() for t in local if t.numel()]  # one host sync below, not one per tensor
+        bad = len(flags) - int(torch.stack(flags).sum()) if flags else 0
+        return all_sum(bad, device=next(self.model.parameters()).device)[0] == 0
 
     def sync_rollout_model(self):
         """The trained weights into the sampler's copy, in place, if they changed since the last copy."""
@@ -289,8 +332,11 @@ class TrainData:
     skipped: set = field(default_factory=set)  # rows that could not be encoded, each reported once
 
     def example(self, i: int, cfg: TrainConfig, config, rank: int) -> Example | None:
-        """data.encode, or None for a row that cannot run (an image that fails to decode past its header, a prompt
-        with no room in max_len): such a row is skipped with a one-time warning and counted, never stops training."""
+        """data.encode, or None for a row that cannot run: those found at setup (`check_rows`: no room in max_len,
+        an image that fails to decode past its header) are skipped silently, having been reported there; one that
+        fails only now is skipped with a one-time warning and counted. Neither stops training."""
+        if i in self.skipped:
+            return None
         try:
             ex = encode(self.rows[i], self.tokenizer, config, cfg.max_tiles)
             room = cfg.max_len - len(ex.prompt_ids) - (len(ex.response_ids) if cfg.stage == "sft" else 1)
@@ -299,10 +345,57 @@ class TrainData:
                                  f"{cfg.max_len}")
             return ex
         except (OSError, ValueError) as e:
-            if i not in self.skipped:
-                print(f"[rank {rank}] skipping row {self.rows[i]['id']!r}: {e}", file=sys.stderr, flush=True)
+            print(f"[rank {rank}] skipping row {self.rows[i]['id']!r}: {e}", file=sys.stderr, flush=True)
             self.skipped.add(i)
             return None
+
+
+def check_rows(rows: list[dict], tokenizer, config, cfg: TrainConfig, proc: Dist) -> dict[int, str]:
+    """Every training row encoded once before step 0 (each rank its share of the rows, images loaded, the results
+    gathered): {row index: why it cannot train} for the rows that cannot encode or leave no room in --max_len
+    (GRPO: prompt + 1 token; SFT: prompt + response). Raises InputError, naming counts and the first rows, when no
+    row can train or when rows have images and the checkpoint has no vision tower; prints one warning line with the
+    counts when only some rows cannot (they are skipped, step after step)."""
+    n, where = len(rows), cfg.data
+    if config.vision is None and (imaged := [r["id"] for r in rows if r.get("image")]):
+        raise InputError(f"{where}: {len(imaged)} of {n} rows have an image but {cfg.init_from} has no vision tower "
+                         f"(a text-only checkpoint); first: id {imaged[0]!r}")
+    extra = "response" if cfg.stage == "sft" else "1 token"
+    mine = {}
+    for i in range(proc.rank, n, proc.world):
+        try:
+            ex = encode(rows[i], tokenizer, config, cfg.max_tiles)
+            need = len(ex.prompt_ids) + (len(ex.response_ids) if cfg.stage == "sft" else 1)
+            if need > cfg.max_len:
+                mine[i] = f"needs {need} tokens (prompt + {extra}) > --max_len {cfg.max_len}"
+        except (OSError, ValueError) as e:
+            mine[i] = f"cannot be encoded: {e}"
+    bad = dict(sorted((k, v) for part in all_gather(mine) for k, v in part.items()))
+    if not bad:
+        return bad
+    long = sum(why.startswith("needs") for why in bad.values())
+    first = "; ".join(f"id {rows[i]['id']!r} {why}" for i, why in list(bad.items())[:3])
+    counts = f"{long} do not fit --max_len {cfg.max_len} (prompt + {extra}), {len(bad) - long} cannot be encoded"
+    if len(bad) == n:
+        raise InputError(f"{where}: none of its {n} rows can train: {counts}; first: {first}")
+    if proc.rank == 0:
+        print(f"warning: {where}: {len(bad)} of {n} rows cannot train and are skipped: {counts}; first: {first}",
+              flush=True)
+    return bad
+
+
+def check_checkpoint(cfg: TrainConfig, config, tokenizer):
+    """What the flags ask of the checkpoint: the modules to train exist, the tile cap is possible, the tokenizer's
+    ids fit the embedding."""
+    if config.vision is None:
+        names = {"vit": "vision tower (vit)", "connector": "connector (connector)"}
+        if missing := [names[m] for m in names if m in cfg.train.split(",")]:
+            raise UsageError(f"--train {cfg.train}: the checkpoint has no {' and no '.join(missing)}: "
+                             f"{cfg.init_from} is text-only; train llm only")
+    if cfg.max_tiles is not None and cfg.max_tiles < config.min_dynamic_patch:
+        raise UsageError(f"--max_tiles {cfg.max_tiles} is below the checkpoint's min_dynamic_patch "
+                         f"{config.min_dynamic_patch}")
+    check_tokenizer(tokenizer, config, cfg.init_from)
 
 
 @dataclass
@@ -330,23 +423,38 @@ class Run:
                 for b in micro_batches(seqs, self.cfg.micro_batch, count, self.dummy)]
 
 
-def setup(cfg: TrainConfig, proc: Dist) -> Run:
-    """Everything is checked before step 0: the checkpoint, the data rows (every problem reported at once), the
-    stage's needs; then the sharded model, the rollout copy and its sampler, the optimizer."""
+def check_paths(cfg: TrainConfig):
+    """The files a run reads exist: before OUT is locked (created) and before anything is loaded."""
     if not cfg.init_from or not Path(cfg.init_from).is_dir():
         raise FileNotFoundError(f"--init_from: checkpoint directory not found: {cfg.init_from!r}")
     if not cfg.data:
-        raise ValueError("--data: a training JSONL file is required")
+        raise UsageError("--data: a training JSONL file is required")
+    for flag, path in (("data", cfg.data), ("eval_data", cfg.eval_data)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"--{flag}: data file not found: {path}")
+
+
+def setup(cfg: TrainConfig, proc: Dist) -> Run:
+    """Everything is checked before step 0: the checkpoint, the data rows (every problem reported at once), the
+    stage's needs; then the sharded model, the rollout copy and its sampler, the optimizer."""
+    check_paths(cfg)
     if cfg.prompts_per_step % proc.world:
-        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {proc.world} processes")
+        raise UsageError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {proc.world} "
+                         f"processes")
+    try:
+        config = read_config(cfg.init_from)
+    except ValueError as e:  # its message names the file and the field
+        raise InputError(str(e)) from None
     tokenizer = load_tokenizer(cfg.init_from)
+    check_checkpoint(cfg, config, tokenizer)
     rows = load_rows(cfg.data)
     eval_rows = load_rows(cfg.eval_data) if cfg.eval_data else []
     if cfg.eval_limit:
         eval_rows = eval_rows[:cfg.eval_limit]
     if cfg.stage == "sft" and (missing := [r["id"] for r in rows if not r.get("response")]):
-        raise ValueError(f"{cfg.data}: --stage sft needs a `response` in every row; {len(missing)} rows have none "
+        raise InputError(f"{cfg.data}: --stage sft needs a `response` in every row; {len(missing)} rows have none "
                          f"(first: id {missing[0]!r})")
+    skipped = check_rows(rows, tokenizer, config, cfg, proc)
     model, units, config = build_sharded(cfg.init_from, cfg.train, proc, cfg.activation_checkpointing,
                                          cfg.compile_blocks)
     reference = build_sharded(cfg.init_from, "", proc, cfg.activation_checkpointing)[0] if cfg.kl_beta > 0 else None
@@ -364,7 +472,7 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     get_state_dict(model, optimizer)  # gives every trainable parameter its optimizer state now: saves are complete
     policy = Policy(model, units, optimizer, scheduler, reference, rollout_model)
     data = TrainData(rows, eval_rows, tokenizer, PromptStream(len(rows), cfg.seed, cfg.curriculum), stop_ids,
-                     critical_token_ids(tokenizer))
+                     critical_token_ids(tokenizer), set(skipped))
     return Run(cfg, proc, policy, sampler, data)
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -378,6 +486,7 @@ def grpo_step(run: Run, step: int) -> dict:
     stats = RolloutStats()
     for rnd in range(cfg.max_rounds):
         prompts = take_prompts(run, step, rnd)  # this rank's share of the round's global order
+        something_to_train(run, step, len(prompts))
         groups = run.sampler.generate([p.request for p in prompts], num_samples=cfg.group_size,
                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
                                       top_k=0, progress=progress_line(run, step))  # rollout
@@ -402,6 +511,14 @@ def grpo_step(run: Run, step: int) -> dict:
     update = summed_over_ranks(update if before is None else update + before, run.proc.device, maxima=("gap_max",))
     return (stats.metrics(run) | update_metrics(update, results, seqs, run)
             | dict(t_rollout=t1 - t0, t_logprob=t2 - t1, t_update=time.perf_counter() - t2))
+
+
+def something_to_train(run: Run, step: int, mine: int):
+    """Stopped (on every rank) when no rank has a row to train on in this step: every row drawn was skipped."""
+    if all_sum(mine, device=run.proc.device)[0] == 0:
+        raise Stopped(f"step {step}: every row drawn for it was skipped ({len(run.data.skipped)} of "
+                      f"{len(run.data.rows)} rows of {run.cfg.data} cannot train; see the warning at setup): nothing "
+                      f"to train on; fix the rows or raise --max_len")
 
 
 @dataclass
@@ -615,6 +732,7 @@ def sft_step(run: Run, step: int) -> dict:
     mine = run.data.stream.take(cfg.prompts_per_step)[proc.rank::proc.world]
     seqs = [Sequence(i, ex.prompt_ids, ex.response_ids, ex.pixel_values) for i in mine
             if (ex := run.data.example(i, cfg, config, proc.rank)) is not None]
+    something_to_train(run, step, len(seqs))
 
     def loss_of(mb: MicroBatch, logprobs, entropy):
         mask = mb.mask > 0
@@ -710,44 +828,138 @@ def training_state(run: Run, step: int) -> dict:
             "meta": {"step": step, "stage": run.cfg.stage, "bad_steps": run.policy.bad_steps}}
 
 
-def resume(run: Run, previous: Path) -> int:
-    """Model, optimizer, schedule, prompt stream and RNG from `previous`; returns the step it was saved at."""
+FIXED = {  # settings a resume may not change: the run would no longer be the run its checkpoints belong to
+    "stage": "the loss and the checkpoint's meaning differ between stages",
+    "train": "the optimizer holds state for exactly the modules trained so far",
+    "group_size": "advantages and pass rates are per group of this size",
+    "init_from": "the tokenizer and the architecture are read from it",
+    "data": "the prompt stream's position and pass rates index its rows (pass --new_data to start epoch 0 on it)",
+}
+
+
+def data_file(path) -> dict:
+    """What identifies a data file across a resume: where it is, its size and its contents' sha256."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def resumed_settings(cfg: TrainConfig, checkpoint: Path, rank: int) -> bool:
+    """The new flags against the settings `checkpoint` was saved with (its config.json, with the data file's
+    identity), before anything is built: every difference is printed on rank 0, one line each. Refused (UsageError,
+    one line for all of them) when a setting of FIXED changes: --stage, --train, --group_size, --init_from (compared
+    as resolved paths) and --data (a different file, or the same path with other contents; a moved file with the
+    same contents is fine) unless --new_data. Everything else is applied by `resume`: --lr and the schedule
+    (--schedule, --warmup_steps, --min_lr_ratio, a larger --steps) re-base the restored scheduler, --weight_decay
+    the optimizer's groups; the loss, sampling, evaluation and saving settings are read each step. Returns whether
+    the prompt stream restarts at epoch 0 (--new_data with a data file that differs)."""
+    f = checkpoint / "config.json"
+    try:
+        before = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"--resume: cannot read {f}: {e}") from None
+    now = asdict(cfg)
+    old_data, new_data = before.pop("data_file", None), data_file(cfg.data) if cfg.data else None
+    same = lambda a, b: a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+    data_changed = old_data["sha256"] != new_data["sha256"] if old_data else not same(before.get("data"), cfg.data)
+    changed = [k for k in now if k not in ("resume", "new_data") and k in before and before[k] != now[k]]
+    if rank == 0:
+        for k in changed:
+            print(f"--resume: --{k} {before[k]!r} -> {now[k]!r} (the checkpoint's -> this run's)", flush=True)
+        if old_data and data_changed and "data" not in changed:
+            print(f"--resume: {cfg.data} changed since {checkpoint} was saved ({old_data['bytes']} -> "
+                  f"{new_data['bytes']} bytes, other contents)", flush=True)
+    breaks = {k: k in changed for k in FIXED} | {
+        "init_from": "init_from" in changed and not same(before["init_from"], cfg.init_from),
+        "data": data_changed and not cfg.new_data}
+    refused = [k for k, bad in breaks.items() if bad]
+    def why(k: str) -> str:
+        if k == "data" and "data" not in changed:
+            return f"--data {cfg.data} holds other contents than when {checkpoint} was saved: {FIXED[k]}"
+        return f"--{k} differs from {checkpoint}'s ({before.get(k)!r}, this run {now[k]!r}): {FIXED[k]}"
+    if refused:
+        raise UsageError("--resume: " + "; ".join(map(why, refused))
+                         + "; resume with the checkpoint's settings or start a new run in another --out")
+    if cfg.new_data and not data_changed and rank == 0:
+        print(f"--new_data: {cfg.data} is the data {checkpoint} was trained on; the prompt stream continues",
+              flush=True)
+    return cfg.new_data and data_changed
+
+
+def rebase_schedule(policy: Policy, cfg: TrainConfig):
+    """After a restore the optimizer's groups and the scheduler hold the saved lr and weight decay: this run's
+    --lr (LambdaLR's base_lrs and the groups' initial_lr), schedule and --weight_decay instead, the current lr
+    recomputed at the restored step exactly as LambdaLR computes it (unchanged settings give the same float)."""
+    s = policy.scheduler
+    s.base_lrs = [cfg.lr for _ in s.optimizer.param_groups]
+    s.lr_lambdas = [lr_lambda(cfg) for _ in s.optimizer.param_groups]
+    for group, base, factor in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = base, cfg.weight_decay
+        group["lr"] = base * factor(s.last_epoch)
+    s._last_lr = [group["lr"] for group in s.optimizer.param_groups]
+
+
+def resume(run: Run, previous: Path, restart_stream: bool = False) -> int:
+    """Model, optimizer, schedule (re-based on this run's settings), prompt stream (unless `restart_stream`: new
+    data, epoch 0) and RNG from `previous`; returns the step it was saved at."""
     state = load_checkpoint(previous, run.proc, run.policy.model, run.policy.optimizer, training_state(run, 0),
                             seed=run.cfg.seed)
     if state["meta"]["stage"] != run.cfg.stage:
-        raise ValueError(f"{previous} is a {state['meta']['stage']} checkpoint; this run is --stage {run.cfg.stage}")
+        raise UsageError(f"{previous} is a {state['meta']['stage']} checkpoint; this run is --stage {run.cfg.stage}")
     run.policy.scheduler.load_state_dict(state["scheduler"])
-    run.data.stream.load(state["stream"])
+    rebase_schedule(run.policy, run.cfg)
+    if not restart_stream:
+        run.data.stream.load(state["stream"])
     run.policy.bad_steps = int(state["meta"]["bad_steps"])
     refresh(run.policy.rollout_model, run.policy.units)
     if run.proc.rank == 0:
-        print(f"resumed from {previous} (step {state['meta']['step']})", flush=True)
+        print(f"resumed from {previous} (step {state['meta']['step']})"
+              f"{'; the prompt stream restarts at epoch 0 on the new --data' if restart_stream else ''}", flush=True)
     return int(state["meta"]["step"])
 
 
 def train(cfg: TrainConfig) -> dict:
     """One stage from `init_from` to OUT/step_NNNNNN (the last is also OUT/latest); returns the last held-out
-    evaluation (empty without --eval_data) and where the final checkpoint is. OUT is locked while it runs."""
+    evaluation (empty without --eval_data) and where the final checkpoint is. OUT is locked while it runs.
+    Stops with cli.Stopped when the weights become non-finite (nothing of that step is saved), after three
+    non-finite steps in a row (saved first: their updates were dropped), and after a SIGTERM save (exit_code 143,
+    128 + SIGTERM, so that a scheduler does not read the run as finished)."""
     proc = init_distributed()
     set_threads(cfg.threads, proc.world)
     torch.manual_seed(cfg.seed)
+    check_paths(cfg)
     out = Path(cfg.out)
     with distributed_lock(out):
         return train_locked(cfg, proc, out)
 
 
+class Terminated(Stopped):
+    """SIGTERM: the run saved and left; exit 143 (128 + SIGTERM), what a shell reports for a process it ended."""
+    exit_code = 128 + signal.SIGTERM
+
+
+class NonFinite(Stopped):
+    """Non-finite weights, or three non-finite steps in a row."""
+
+
 def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
     check_out(out, cfg.resume)  # a fresh run never writes into another run's directory
+    newest = newest_checkpoint(out) if cfg.resume else None
+    restart_stream = resumed_settings(cfg, newest, proc.rank) if newest and cfg.data else False
     run = setup(cfg, proc)
     config_json = json.dumps(asdict(cfg), indent=2) + "\n"
+    saved_json = json.dumps(asdict(cfg) | {"data_file": data_file(cfg.data)}, indent=2) + "\n"  # step_N/config.json
     if proc.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print(f"{cfg.stage} on {proc.world} process(es), {proc.device}, {torch.get_num_threads()} threads each; "
               f"{len(run.data.rows)} rows, {len(run.data.eval_rows)} held-out; config:\n{config_json}", flush=True)
-        (out / "config.json").write_text(config_json)
+        cli.write_atomic(out / "config.json", config_json)  # this run's settings, resumed ones included
     start = 0
     if cfg.resume:  # the newest checkpoint that loads, falling back past broken ones (with a warning)
-        previous, start = resume_from(out, lambda path: resume(run, path))
+        previous, start = resume_from(out, lambda path: resume(run, path, restart_stream))
         if previous is None and proc.rank == 0:
             print(f"--resume: {out} holds no checkpoint yet; starting at step 0", flush=True)
         start = start or 0
@@ -759,7 +971,7 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
             cli.write_atomic(metrics_file, "".join(f"{x}\n" for x in kept))
     wandb = _wandb(cfg) if proc.rank == 0 else None
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stopping", True))
-    last_eval, saved = {}, None
+    last_eval, saved = {}, newest
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -776,6 +988,10 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
                 cli.append_jsonl(metrics_file, m)
                 if wandb:
                     wandb.log(m, step=step)
+            if not run.policy.weights_finite:  # later steps cannot bring them back: stop, saving nothing
+                raise NonFinite(f"step {step}: the optimizer step left non-finite weights (loss {m['loss']}, grad "
+                                f"norm {m['grad_norm']}); nothing of it was saved. Resume from the last checkpoint "
+                                f"({saved or 'none yet: start again'}) with a lower --lr (--resume --lr ...)")
             stopping = bool(all_max(float(run.stopping), device=proc.device)[0])
             last = step == cfg.steps or stopping or run.policy.bad_steps >= 3
             if run.data.eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
@@ -783,20 +999,24 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
             if last or (cfg.save_every and step % cfg.save_every == 0):
                 run.policy.sync_rollout_model()
                 saved = save_checkpoint(out, step, proc, run.policy.model, run.policy.optimizer,
-                                        training_state(run, step), run.policy.rollout_model, config_json, cfg.keep)
+                                        training_state(run, step), run.policy.rollout_model, saved_json, cfg.keep)
                 if proc.rank == 0:
                     print(f"saved {saved}", flush=True)
             if run.policy.bad_steps >= 3:
-                raise RuntimeError(f"{run.policy.bad_steps} non-finite steps in a row at step {step}: saved {saved} "
-                                   f"and stopped (lower --lr, check the data, or resume from an earlier checkpoint)")
+                raise NonFinite(f"{run.policy.bad_steps} non-finite steps in a row at step {step}: saved {saved} "
+                                f"and stopped (lower --lr, check the data, or resume from an earlier checkpoint)")
             if last:
-                if stopping and proc.rank == 0:
-                    print(f"SIGTERM: saved {saved} at step {step}; continue with --resume", flush=True)
+                if stopping:
+                    if proc.rank == 0:
+                        print(f"SIGTERM: saved {saved} at step {step}; continue with --resume", flush=True)
+                    raise Terminated(f"stopped by SIGTERM after saving {saved} (step {step} of {cfg.steps}); "
+                                     f"continue with --resume")
                 break
         else:  # resumed at or past the last step: nothing to run
             saved = newest_checkpoint(out)
             if proc.rank == 0:
-                print(f"--resume: {saved} is already step {cfg.steps} of --steps {cfg.steps}; nothing to do", flush=True)
+                print(f"--resume: {saved} is already step {cfg.steps} of --steps {cfg.steps}; nothing to do",
+                      flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if wandb:
@@ -836,4 +1056,4 @@ if __name__ == "__main__":
         # No data and no checkpoint: the tiny CPU default run, which has flags of its own (default_run.py).
         runpy.run_path(str(Path(__file__).with_name("default_run.py")), run_name="__main__")
     else:
-        main()
+        cli.run(main, "train_rl.py")
