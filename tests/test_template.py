@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data as D
-import eval as E
+import mmmu
 import model as M
 import reward as R
 
@@ -125,7 +125,7 @@ def test_response_inside_think_block(ckpt, bpe):
     assert response.startswith("<think>\n")
     s = R.score(response, row, R.RewardConfig())
     assert (s["accuracy"], s["format"]) == (1.0, 1.0)  # 5 was inside the reasoning: the answer is read after </think>
-    v = E.verdict(response, {**row, "answer_type": "numeric"})
+    v = mmmu.verdict(response, {**row, "answer_type": "numeric"})
     assert v.correct and v.answer == "4"
     # cut off while thinking: no answer
     cut = D.decode_response(bpe, bpe.encode("The squares: \\boxed{4}", add_special_tokens=False).ids, stop, True)
