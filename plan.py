@@ -194,7 +194,7 @@ def trace_step(model: VLM, cfg: PlanConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
         peak = tracker.get_tracker_snapshot("peak")
     snap = next(iter(peak.values())) if peak else {}
-    return {str(k): v for k, v in snap.items()}
+    return {getattr(k, "value", k): v for k, v in snap.items()}
 
 
 def largest_unit(model: VLM) -> tuple[str, int]:
