@@ -82,13 +82,15 @@ def _env(**extra) -> dict:
 # glibc's malloc otherwise raises its mmap threshold as large blocks are freed and then keeps freed heap memory
 # in the process: RSS would count the checkpoint load and the first refresh's freed buffers, not live tensors.
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into a child's ru_maxrss across exec, and the parent
+# here is pytest after tracing plans (~700 MiB); VmHWM is this process's own high-water mark.
 BASELINE = """
-import resource, sys
+import sys
 sys.path.insert(0, sys.argv[1])
 import train_rl  # noqa: F401 - torch, the model code and everything the trainer imports
 from parallel import init_distributed
 init_distributed()  # a gloo process group, as under torchrun
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)  # kB -> MiB
 """
 
 
@@ -96,8 +98,9 @@ def test_plan_matches_the_trainers_measured_peak(tmp_path):
     """One GRPO step of configs/plan-check-66m.json (67M parameters, 32K vocabulary) on 2 CPU processes, its
     `peak_mem_mb` (ru_maxrss, MiB, the larger of the two ranks) against the plan of the same layout.
 
-    Like with like: ru_maxrss is the whole process, so the plan gets the RSS of an idle process that imported
-    train_rl and joined a gloo group (the Python, torch and library baseline, ~350 MiB) added to it. Both runs use
+    Like with like: ru_maxrss is the whole process, so the plan gets the peak RSS of an idle process that imported
+    train_rl and joined a gloo group (the Python, torch and library baseline, ~350 MiB) added to it. (The trainer's
+    ranks are children of torchrun's small agent, so its ru_maxrss is their own.) Both runs use
     MALLOC_MMAP_THRESHOLD_=65536, so that freed tensor memory leaves the process as it does from a GPU's caching
     allocator's point of view rather than lingering in glibc's heap (without it RSS stays ~500 MiB above the live
     tensors after the checkpoint load and the first refresh). The plan runs in --device cpu mode (fp32 everywhere,
