@@ -9,7 +9,8 @@ What is simulated and what is computed:
 - One training step of one micro-batch (forward through `VLM.forward` with the fused log-prob head, backward, the
   optimizer step) runs under FakeTensorMode with torch's FSDPMemTracker: its peak holds the activations (with
   activation checkpointing when asked), FSDP2's unsharded parameters and gradients, all-gather and reduce-scatter
-  buffers and the optimizer's temporaries, as allocated by the code that will run. Host reads the trace cannot
+  buffers and the optimizer's temporaries, as allocated by the code that will run; attention is counted as a GPU's
+  fused kernel allocates it (output, log-sum-exp, gradients), never the (T x T) scores. Host reads the trace cannot
   answer (the id-range and image-count checks, `nonzero` of the target mask) are answered as for a valid batch in
   which every position is a target (the worst case of the fused head).
 - Computed from the shapes: the rollout copy (bf16 on GPU, unsharded, the TP-split parameters divided by
@@ -149,6 +150,40 @@ class _AnswerHostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _FlashAttention(torch.autograd.Function):
+    """What a GPU's fused attention (flash, cuDNN) allocates, for the trace: the output, and for backward q, k, v,
+    the output and a (B, H, T) fp32 log-sum-exp; the gradients are q, k, v-shaped. CPU SDPA under FakeTensorMode
+    takes the math path with GQA and would plan the (B, H, T, T) scores a GPU never holds. Values are not computed:
+    the trace only counts bytes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _FlashAttention.apply(q, k, v)
+
+
+@contextlib.contextmanager
+def _gpu_attention():
+    """torch.nn.functional.scaled_dot_product_attention (what model.py calls) as _FlashAttention while tracing."""
+    F = torch.nn.functional
+    original, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _flash_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def _unchecked_embed(self: VLM, input_ids, pixel_values=None):
     """VLM.embed without its host-side checks (id range, image-token count), which read tensor values. The same
     tensors are allocated: token embeddings, the ViT and connector on the tiles (or on one blank tile), the scatter."""
@@ -173,7 +208,8 @@ def trace_step(model: VLM, cfg: PlanConfig) -> dict:
     config = model.config
     model.embed = types.MethodType(_unchecked_embed, model)
     B, T = cfg.micro_batch, cfg.micro_batch_tokens // cfg.micro_batch
-    with FakeTensorMode(allow_non_fake_inputs=True), _AnswerHostReads():
+    with FakeTensorMode(allow_non_fake_inputs=True), _AnswerHostReads(), \
+            (_gpu_attention() if cfg.device == "cuda" else contextlib.nullcontext()):
         model.to_empty(device="cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), foreach=True)
