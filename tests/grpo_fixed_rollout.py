@@ -14,13 +14,14 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402 - after the repository is on the path
-import train_rl as T  # noqa: E402
+import train_rl as T
+import trainer as TR  # noqa: E402
 from data import Sequence  # noqa: E402
 from checkpoint import save_model  # noqa: E402
 from parallel import init_distributed, set_threads  # noqa: E402
 
 
-def fixed_sequences(run: T.Run) -> list[Sequence]:
+def fixed_sequences(run: TR.Run) -> list[Sequence]:
     """This rank's share of the first prompts_per_step rows of the global order, their traces as responses."""
     mine = list(enumerate(run.data.stream.take(run.cfg.prompts_per_step)))[run.proc.rank::run.proc.world]
     seqs = []
@@ -37,7 +38,7 @@ def main():
     cfg = cli.config_from(p.parse_args(), T.TrainConfig)
     proc = init_distributed()
     set_threads(cfg.threads, proc.world)
-    run = T.setup(cfg, proc)
+    run = TR.setup(cfg, proc)
     seqs = fixed_sequences(run)
     T.old_logprobs(run, seqs)
     mu = cfg.updates_per_rollout

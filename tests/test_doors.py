@@ -24,6 +24,7 @@ import data as D
 import eval as E
 import model as M
 import train_rl as T
+import trainer as TR
 from conftest import DIST_ENV
 from test_train import bandit_task
 
@@ -34,7 +35,7 @@ def no_model(monkeypatch):
     """build_sharded and load_model fail the test if anything gets that far."""
     def never(*args, **kw):
         raise AssertionError("the model was built before the error")
-    monkeypatch.setattr(T, "build_sharded", never)
+    monkeypatch.setattr(TR, "build_sharded", never)
     monkeypatch.setattr(E, "load_model", never)
 
 
@@ -255,7 +256,7 @@ def test_max_tiles_below_the_checkpoints_minimum(tmp_path):
     config = dataclasses.replace(C.read_config(init), min_dynamic_patch=2)
     cfg = T.TrainConfig(init_from=str(init), max_tiles=1)
     with pytest.raises(cli.UsageError, match="--max_tiles 1 is below the checkpoint's min_dynamic_patch 2"):
-        T.check_checkpoint(cfg, config, D.load_tokenizer(init))
+        TR.check_checkpoint(cfg, config, D.load_tokenizer(init))
 
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Resume with changed settings
@@ -275,8 +276,8 @@ def test_resume_applies_a_new_lr_and_refuses_what_changes_the_run(tmp_path, in_p
     assert json.loads((out / "step_000003" / "config.json").read_text())["data_file"]["bytes"] == rows.stat().st_size
 
     built = []
-    original = T.build_sharded
-    monkeypatch.setattr(T, "build_sharded", lambda *a, **kw: built.append(1) or original(*a, **kw))
+    original = TR.build_sharded
+    monkeypatch.setattr(TR, "build_sharded", lambda *a, **kw: built.append(1) or original(*a, **kw))
     with pytest.raises(cli.UsageError, match=r"--resume: --train differs from .*step_000003's \('connector,llm', "
                                              r"this run 'llm'\): the optimizer holds state"):
         T.train(bandit_cfg(init, rows, out, steps=4, train="llm", resume=True))
@@ -303,20 +304,20 @@ def test_rebase_schedule_sets_the_new_lr_at_the_restored_step():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p], lr=1e-3)
     old = T.TrainConfig(lr=1e-3, schedule="cosine", steps=10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(old))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, TR.lr_lambda(old))
     for _ in range(4):
         opt.step()
         sched.step()
     state = sched.state_dict()
     new = T.TrainConfig(lr=1e-2, schedule="cosine", steps=10, weight_decay=0.1)
-    policy = T.Policy(None, [], opt, torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(new)), None, None)
+    policy = TR.Policy(None, [], opt, torch.optim.lr_scheduler.LambdaLR(opt, TR.lr_lambda(new)), None, None)
     policy.scheduler.load_state_dict(state)
-    T.rebase_schedule(policy, new)
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * T.lr_lambda(new)(4))
+    TR.rebase_schedule(policy, new)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * TR.lr_lambda(new)(4))
     assert opt.param_groups[0]["weight_decay"] == 0.1
     opt.step()
     policy.scheduler.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * T.lr_lambda(new)(5))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * TR.lr_lambda(new)(5))
 
 # ---------------------------------------------------------------------------------------------------------------
 # 6. eval.py's late checks, made before the weights load

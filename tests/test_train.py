@@ -20,6 +20,7 @@ import data as D
 import model as M
 import parallel as P
 import train_rl as T
+import trainer as TR
 from conftest import DIST_ENV
 from grid_task import GridTaskConfig, prepare
 
@@ -241,7 +242,7 @@ def test_sigterm_saves_and_exits(task, tmp_path):
     out = tmp_path / "run"
     proc = start([*common(task, out), "--stage", "sft", "--steps", "10000", "--prompts_per_step", "4",
                   "--micro_batch", "4"])
-    first = next(line for line in proc.stdout if line.startswith("sft ") and " 1/10000 |" in line)  # step 1 done
+    next(line for line in proc.stdout if line.startswith("sft ") and " 1/10000 |" in line)  # step 1 is done
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, rest[-3000:]  # 128 + SIGTERM: saved, but not finished
@@ -286,7 +287,7 @@ def test_grpo_learns_and_the_rollout_copy_follows(tmp_path, in_process, monkeypa
         checks.append(all(torch.equal(full[k], v) for k, v in copy.state_dict().items()))
         snapshots.append(copy.language_model.layers[0].mlp.up_proj.weight.clone())
 
-    monkeypatch.setattr(T, "refresh", checked_refresh)
+    monkeypatch.setattr(TR, "refresh", checked_refresh)
     steps = 8
     T.train(T.TrainConfig(init_from=str(init), data=str(rows), out=str(tmp_path / "out"), steps=steps,
                           prompts_per_step=8, group_size=8, micro_batch=64, max_new_tokens=1, max_len=32, lr=2e-2,
@@ -361,7 +362,7 @@ def test_bad_input_fails_before_step_0(task, tmp_path, in_process):
 def test_non_finite_loss_is_skipped(task, tmp_path, in_process, monkeypatch):
     """A NaN at step 2 leaves the weights as they were after step 1; three in a row save and stop."""
     step, poison = [0], {2}
-    original_forward, original_sft = T.Policy.forward, T.sft_step
+    original_forward, original_sft = TR.Policy.forward, T.sft_step
 
     def poisoned(policy, mb, temperature=1.0, model=None):
         logprobs, entropy = original_forward(policy, mb, temperature, model)
@@ -371,7 +372,7 @@ def test_non_finite_loss_is_skipped(task, tmp_path, in_process, monkeypatch):
         step[0] = n
         return original_sft(run, n)
 
-    monkeypatch.setattr(T.Policy, "forward", poisoned)
+    monkeypatch.setattr(TR.Policy, "forward", poisoned)
     monkeypatch.setattr(T, "sft_step", counting_sft)
     base = dict(init_from=str(task.init_checkpoint), data=str(task.train_jsonl), stage="sft",
                 train="vit,connector,llm", prompts_per_step=4, micro_batch=4, lr=1e-2, save_every=1, threads=1,
