@@ -49,7 +49,7 @@ import reward
 from checkpoint import save_model
 from cli import arg
 from data import (Example, MicroBatch, PromptStream, Sequence, decode_response, encode, load_rows, load_tokenizer,
-                  micro_batches, mix_seed, pack, pad_id, special_ids)
+                  micro_batch_plan, mix_seed, pack, pad_id, padding_fraction, special_ids)
 from entropy import EntropySums, critical_entropy, critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
@@ -86,7 +86,8 @@ class TrainConfig:
     steps: int = arg(100, "optimizer steps (GRPO: rollouts)")
     prompts_per_step: int = arg(64, "global prompts (groups) per GRPO step; global sequences per SFT step")
     group_size: int = arg(8, "GRPO samples per prompt")
-    micro_batch: int = arg(16, "sequences per forward/backward on each process")
+    micro_batch: int = arg(16, "sequences per forward/backward on each process (when --micro_batch_tokens is unset)")
+    micro_batch_tokens: int | None = arg(None, "padded tokens (count x longest prompt + response) per forward/backward on each process: length-sorted micro-batches filling this budget, a prompt's samples together (unset: --micro_batch sequences)")
     max_new_tokens: int = arg(1024, "response length cap")
     max_len: int = arg(4096, "prompt + response tokens: the sampler's static KV-cache length")
     max_tiles: int | None = arg(None, "tile cap per image (default: the checkpoint's max_dynamic_patch)")
@@ -242,7 +243,8 @@ class Policy:
 
     def forward(self, mb: MicroBatch, temperature: float = 1.0, model: VLM | None = None):
         """Per-token (log-probs, entropy) from inside the sharded model's forward (see VLM.forward)."""
-        return (model or self.model)(mb.input_ids, mb.pixel_values, targets=mb.targets, temperature=temperature)
+        return (model or self.model)(mb.input_ids, mb.pixel_values, targets=mb.targets, temperature=temperature,
+                                     image_index=mb.image_index)
 
     def step(self, loss: float, grad_clip: float, rank: int) -> dict:
         """Clip, then step unless the loss or the gradient norm is not finite (then the update is dropped, logged,
@@ -308,6 +310,7 @@ class Run:
     sampler: Sampler  # on policy.rollout_model
     data: TrainData
     stopping: bool = False  # SIGTERM received: save and leave at the end of this step
+    padding: list = field(default_factory=lambda: [0, 0])  # padded tokens run, of which in no sequence (metrics)
 
     @property
     def dummy(self) -> Sequence:
@@ -316,12 +319,17 @@ class Run:
         return Sequence(row=-1, prompt=[pad], response=[pad], pixel_values=None, weight=0.0)
 
     def batches(self, seqs: list[Sequence]) -> list[MicroBatch]:
-        """This rank's micro-batches of `seqs`, as many as the rank with the most (dummies fill the rest)."""
-        count = int(all_max(math.ceil(len(seqs) / self.cfg.micro_batch), device=self.proc.device)[0])
+        """This rank's micro-batches of `seqs` (data.micro_batch_plan: --micro_batch sequences, or length-sorted
+        runs within --micro_batch_tokens), as many as the rank with the most: zero-weight dummies fill the rest, since
+        every rank must run the same forwards and backwards (FSDP's collectives would hang otherwise)."""
+        cfg, config = self.cfg, self.policy.rollout_model.config
+        plan = micro_batch_plan(seqs, cfg.micro_batch, cfg.micro_batch_tokens)
         dtype = self.policy.rollout_model.language_model.embed_tokens.weight.dtype
-        pad = pad_id(self.policy.rollout_model.config)
-        return [pack(b, self.proc.device, dtype, pad, self.cfg.mask_truncated)
-                for b in micro_batches(seqs, self.cfg.micro_batch, count, self.dummy)]
+        count = int(all_max(len(plan), device=self.proc.device)[0])
+        batches = [pack(b, self.proc.device, dtype, pad_id(config), cfg.mask_truncated,
+                        config.tokens_per_tile) for b in plan + [[self.dummy]] * (count - len(plan))]
+        self.padding = [a + b for a, b in zip(self.padding, padding_fraction(batches))]
+        return batches
 
 
 def setup(cfg: TrainConfig, proc: Dist) -> Run:
@@ -591,8 +599,10 @@ class RolloutStats:
 def update_metrics(u: UpdateStats, results: list[dict], seqs: list[Sequence], run: Run) -> dict:
     """The update's metrics from its rank-summed stats and each optimizer step's result."""
     n = max(u.tokens, 1.0)
-    forward_tokens = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), device=run.proc.device)[0]
-    return dict(loss=sum(r["loss"] for r in results) / len(results), grad_norm=results[-1]["grad_norm"],
+    forward_tokens, padded, empty = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), *run.padding,
+                                            device=run.proc.device)
+    run.padding = [0, 0]
+    return dict(padding=empty / max(padded, 1), loss=sum(r["loss"] for r in results) / len(results), grad_norm=results[-1]["grad_norm"],
                 lr=results[-1]["lr"], skipped=any(r["skipped"] for r in results), clip_low=u.clipped_low / n,
                 clip_high=u.clipped_high / n, kl=u.kl / n, entropy=u.entropy.mean,
                 critical_entropy=u.entropy.critical_mean, logprob_gap=u.gap / max(u.entropy.num_tokens, 1),
@@ -618,8 +628,10 @@ def sft_step(run: Run, step: int) -> dict:
     loss, stats = backward(run, seqs, loss_of)
     result = run.policy.step(loss, cfg.grad_clip, proc.rank)
     stats = summed_over_ranks(stats, proc.device, maxima=("gap_max",))
-    forward_tokens = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), device=proc.device)[0]
-    return result | dict(entropy=stats.entropy.mean, update_tokens=int(stats.tokens),
+    forward_tokens, padded, empty = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), *run.padding,
+                                            device=proc.device)
+    run.padding = [0, 0]
+    return result | dict(padding=empty / max(padded, 1), entropy=stats.entropy.mean, update_tokens=int(stats.tokens),
                          forward_tokens=int(forward_tokens), skipped_rows=len(run.data.skipped),
                          t_update=time.perf_counter() - t0)
 
