@@ -357,42 +357,75 @@ class TrainBench:
     steps: int = arg(8, "GRPO steps per run (the first one warms up and is left out of the medians)")
     seed: int = arg(0, "seed of the grid task's data and initial weights")
     out: str = arg("runs/bench", "directory of the task (task/) and of each run (nproc1/, nproc2/)")
-    init_from: str | None = arg(None, "checkpoint to start from; unset: the task's random init")
+    init_from: str | None = arg(None, "checkpoint to start from; unset: the task's random init (see --size)")
+    size: str = arg("tiny", "tiny: the grid task's random init; internvl3-1b: a random model of InternVL3-1B's "
+                    "shape (InternViT-300M + Qwen2.5-0.5B, one 448px tile), saved with checkpoint.save_model",
+                    ("tiny", "internvl3-1b"))
+    nproc: str = arg("1,2", "process counts to run, a comma list (torchrun for > 1)")
     compile: bool | None = arg(None, "passed to the trainer as --compile / --no-compile; unset: the trainer's default")
+    micro_batch_tokens: int | None = arg(None, "passed to the trainer; unset: --micro_batch 64")
+    max_new_tokens: int = arg(64, "response cap (random models rarely stop early)")
+
+
+def internvl3_1b(out: Path, tokenizer_dir: Path) -> Path:
+    """A random VLM of InternVL3-1B's shape on the grid task's tokenizer (the vocabulary padded to Qwen2.5's),
+    one 448px tile per image (256 image tokens), bf16 on disk. Cached in `out`."""
+    from checkpoint import save_model
+    from data import load_tokenizer
+    from model import LLMConfig, ViTConfig, VLMConfig
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(tokenizer_dir)
+    config = VLMConfig(llm=LLMConfig(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                     num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+                       vision=ViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                        intermediate_size=4096, image_size=448, patch_size=14),
+                       image_token_id=tok.token_to_id("<IMG_CONTEXT>"), max_dynamic_patch=1, use_thumbnail=False,
+                       layout="native")
+    save_model(VLM.from_config(config, dtype=torch.bfloat16, device=default_device()).cpu(), out)
+    tok.save(str(out / "tokenizer.json"))
+    return out
 
 
 def bench_train(cfg: TrainBench) -> None:
-    """GRPO steps of the tiny task from its random init, one process then two (torchrun), every group kept (no
-    dynamic sampling: a random model's rewards are all 0), median step of the last runs printed as a table."""
+    """GRPO steps of the grid task (a VLM task with an image per prompt) from a random init, on each process count
+    (torchrun), every group kept (no dynamic sampling: a random model's rewards are all 0); the median step and its
+    split (rollout / old log-probs / update), tokens/s, the padding fraction, peak memory and MFU (CUDA)."""
     out = Path(cfg.out)
     task = prepare(out / "task", GridTaskConfig(seed=cfg.seed))
-    args = ["--init_from", str(cfg.init_from or task.init_checkpoint), "--data", str(task.train_jsonl),
-            "--stage", "grpo", "--steps", str(cfg.steps), "--prompts_per_step", "8", "--group_size", "8",
-            "--micro_batch", "64", "--max_new_tokens", "64", "--max_len", "96", "--no-dynamic_sampling",
+    init = cfg.init_from or (internvl3_1b(out / "internvl3-1b", task.init_checkpoint) if cfg.size != "tiny"
+                             else task.init_checkpoint)
+    max_len = 96 if cfg.size == "tiny" else 512
+    args = ["--init_from", str(init), "--data", str(task.train_jsonl), "--stage", "grpo", "--steps", str(cfg.steps),
+            "--prompts_per_step", "8", "--group_size", "8", "--max_new_tokens", str(cfg.max_new_tokens),
+            "--max_len", str(max(max_len, cfg.max_new_tokens + 64)), "--no-dynamic_sampling",
             "--overlong_buffer", "0", "--reward_workers", "1", "--lr", "1e-4"]
+    args += ["--micro_batch_tokens", str(cfg.micro_batch_tokens)] if cfg.micro_batch_tokens else ["--micro_batch", "64"]
     if cfg.compile is not None:
         args.append("--compile" if cfg.compile else "--no-compile")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     results = {}
-    for n in (1, 2):
+    keys = ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s", "padding", "peak_mem_mb", "mfu")
+    for n in map(int, cfg.nproc.split(",")):
         run = out / f"nproc{n}"
         subprocess.run(["rm", "-rf", str(run)], check=True)
         head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                 f"--nproc_per_node={n}"]
-        print(f"bench: {n} process(es), {cfg.steps} GRPO steps ...", flush=True)
+        print(f"bench: {n} process(es), {cfg.steps} GRPO steps, {cfg.size} model ...", flush=True)
         subprocess.run([*head, str(Path(__file__).with_name("train_rl.py")), *args, "--out", str(run)], check=True,
                        env=env, stdout=subprocess.DEVNULL)
         metrics = cli.read_jsonl(run / "metrics.jsonl")[1:]  # the first step warms up
-        med = lambda k: sorted(m[k] for m in metrics)[len(metrics) // 2]
-        results[n] = {k: med(k) for k in ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s",
-                                          "peak_mem_mb")}
+        med = lambda k: sorted(m.get(k, float("nan")) for m in metrics)[len(metrics) // 2]
+        results[n] = {k: med(k) for k in keys}
     print(f"{'processes':>10s}{'step s':>10s}{'rollout':>10s}{'logprob':>10s}{'update':>10s}{'tokens/s':>10s}"
-          f"{'peak MB':>10s}")
+          f"{'padding':>10s}{'peak MB':>10s}{'MFU':>8s}")
     for n, r in results.items():
         print(f"{n:>10d}{r['t_step']:>10.3f}{r['t_rollout']:>10.3f}{r['t_logprob']:>10.3f}{r['t_update']:>10.3f}"
-              f"{r['tokens_per_s']:>10.0f}{r['peak_mem_mb']:>10.0f}")
-    print(f"(medians over steps 2..{cfg.steps}; 64 samples of up to 64 tokens per step; tokens/s = generated tokens "
-          f"per second of step time)")
+              f"{r['tokens_per_s']:>10.0f}{r['padding']:>10.2f}{r['peak_mem_mb']:>10.0f}{r['mfu']:>8.1%}")
+    print(f"(medians over steps 2..{cfg.steps}; 8 prompts x 8 samples of up to {cfg.max_new_tokens} tokens per step; "
+          f"tokens/s = generated tokens per second of step time; padding = padded tokens in no sequence / padded "
+          f"tokens of the update; MFU of the update, CUDA only)")
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # trl: whole GRPO steps of train_rl.py vs TRL's GRPOTrainer (HF generate, no vLLM) on the same tiny Qwen2 and prompts
