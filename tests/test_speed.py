@@ -150,3 +150,14 @@ def test_token_budget_equals_one_big_batch_on_1_and_2_processes(tmp_path):
         assert abs(got["loss"] - big["loss"]) <= 1e-10, (nproc, budget)
         assert all((got["grads"][k] - big["grads"][k]).abs().max() <= 1e-10 for k in big["grads"]), (nproc, budget)
     assert all(g.abs().max() > 0 for g in big["grads"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
+def test_gpu_check_dry_runs_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    out = subprocess.run(["bash", str(REPO / ".ci" / "gpu")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = (tmp_path / "gpu_report.md").read_text()
+    for part in ("CUDA tests", "bench.py entropy", "bench.py rollout", "bench.py train"):
+        assert f"## {part}" in report and f"{part}" in out.stdout
+    assert report.count("skipped (no CUDA device)") == out.stdout.count("skipped (no CUDA device)") == 4
