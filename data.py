@@ -608,7 +608,8 @@ class Sequence:
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # (B, T)
-    pixel_values: torch.Tensor | None  # (tiles, 3, S, S), rows in order
+    pixel_values: torch.Tensor | None  # (tiles, 3, S, S): each distinct image of the batch once (a group shares one)
+    image_index: torch.Tensor | None  # (<IMG_CONTEXT> tokens,): the feature row of pixel_values each one takes
     targets: torch.Tensor  # (B, T): the response token each position predicts, IGNORE_INDEX elsewhere
     mask: torch.Tensor  # (B, T) float: 1 on the response tokens that count in the loss
     advantages: torch.Tensor  # (B,)
@@ -618,26 +619,62 @@ class MicroBatch:
     padded: Padded  # where each sequence's response sits
 
 
-def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, pad: int, mask_truncated: bool
-         ) -> MicroBatch:
-    """Right-padded rows (data.right_pad), each sequence's per-token values placed on its response positions."""
+def shared_images(seqs: list[Sequence], tokens_per_tile: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(tiles, index): each distinct image tensor of `seqs` once (a group's samples share their prompt's), and for
+    every <IMG_CONTEXT> token of the batch in row-major order the row of the tiles' features it takes. The vision
+    tower then runs once per prompt; autograd sums the gradient of a prompt's G uses into its one forward."""
+    unique, offsets, index = [], {}, []
+    for s in seqs:
+        if s.pixel_values is None:
+            continue
+        key = id(s.pixel_values)
+        if key not in offsets:
+            offsets[key] = sum(u.shape[0] for u in unique) * tokens_per_tile
+            unique.append(s.pixel_values)
+        index.append(torch.arange(s.pixel_values.shape[0] * tokens_per_tile) + offsets[key])
+    if not unique:
+        return None, None
+    return torch.cat(unique), torch.cat(index)
+
+
+def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, pad: int, mask_truncated: bool,
+         tokens_per_tile: int = 0) -> MicroBatch:
+    """Right-padded rows (data.right_pad), each sequence's per-token values placed on its response positions, the
+    distinct images once with the index that places their features (`shared_images`; `tokens_per_tile` 0: every
+    sequence's tiles, in order, as the model's default placement)."""
     padded = right_pad([s.prompt for s in seqs], [s.response for s in seqs], pad)
     mask = padded.place([s.weight * (0.0 if mask_truncated and s.truncated else 1.0) for s in seqs])
     sampler = padded.place([s.sampler_logprobs if s.sampler_logprobs is not None else 0.0 for s in seqs])
     old = padded.place([s.old_logprobs if s.old_logprobs is not None else 0.0 for s in seqs]) \
         if any(s.old_logprobs is not None for s in seqs) else None
-    pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
-    to = lambda t: t.to(device, non_blocking=True)
-    return MicroBatch(to(padded.input_ids), torch.cat(pixels).to(device, dtype) if pixels else None,
+    if tokens_per_tile:
+        pixels, index = shared_images(seqs, tokens_per_tile)
+    else:
+        tiles = [s.pixel_values for s in seqs if s.pixel_values is not None]
+        pixels, index = (torch.cat(tiles) if tiles else None), None
+    to = lambda t: None if t is None else t.to(device, non_blocking=True)
+    return MicroBatch(to(padded.input_ids), None if pixels is None else pixels.to(device, dtype), to(index),
                       to(padded.targets), to(mask), to(torch.tensor([s.advantage for s in seqs])), to(sampler),
-                      None if old is None else to(old), seqs, padded)
+                      to(old), seqs, padded)
 
 
-def micro_batches(seqs: list[Sequence], size: int, count: int, dummy: Sequence) -> list[list[Sequence]]:
-    """`count` micro-batches of at most `size` sequences; a rank with fewer real ones runs zero-weight dummies, since
-    every rank must run the same forwards and backwards (FSDP's collectives would hang otherwise)."""
-    out = [seqs[i:i + size] for i in range(0, len(seqs), size)]
-    return out + [[dummy]] * (count - len(out))
+def micro_batch_plan(seqs: list[Sequence], size: int, max_tokens: int | None = None) -> list[list[Sequence]]:
+    """This rank's micro-batches. `max_tokens` unset: runs of `size` sequences in the given order (a group's
+    samples are consecutive). Set: sequences ordered by length and cut into runs whose padded size (count x
+    longest) fills the budget (`token_batches`); with images, a prompt's samples stay together (ordered by the
+    group's longest, then their own length), so its tiles go through the tower once where the budget allows.
+    The loss is a token-level mean over the whole step, so the grouping changes the cost, never the result."""
+    if max_tokens is None:
+        return [seqs[i:i + size] for i in range(0, len(seqs), size)]
+    n = lambda s: len(s.prompt) + len(s.response)
+    first: dict[int, int] = {}  # a group's key -> where it first appears: a deterministic tie-break
+    group = lambda s: first.setdefault(id(s.pixel_values) if s.pixel_values is not None else id(s), len(first))
+    longest: dict[int, int] = {}
+    for s in seqs:
+        longest[group(s)] = max(longest.get(group(s), 0), n(s))
+    ordered = sorted(seqs, key=lambda s: (-longest[group(s)], group(s), -n(s), s.order))
+    return [[ordered[i] for i in run] for run in token_batches([n(s) for s in ordered], max_tokens)]
+
 
 def tokenizer_preview(tok: Tokenizer, ids: list[int]) -> str:
     """The decoded prompt with each run of <IMG_CONTEXT> shown once with its count."""

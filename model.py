@@ -441,8 +441,9 @@ class VLM(nn.Module):
         patches = self.vision_model(pixel_values, num_layers=self.config.vision_layers)[:, 1:]  # (tiles, P, C), no CLS
         return self.mlp1(patches).flatten(0, 1)
 
-    def image_input_error(self, n_tokens: int, pixel_values) -> str | None:
-        """Why `n_tokens` <IMG_CONTEXT> tokens and these image tiles cannot go together, or None if they can."""
+    def image_input_error(self, n_tokens: int, pixel_values, image_index=None) -> str | None:
+        """Why `n_tokens` <IMG_CONTEXT> tokens and these image tiles (placed by `image_index`, see `embed`) cannot
+        go together, or None if they can."""
         tok, per_tile = self.config.image_token_id, self.config.tokens_per_tile
         if pixel_values is not None:
             if self.vision_model is None:
@@ -457,24 +458,34 @@ class VLM(nn.Module):
             if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
                 return f"pixel_values must be finite floats ({pixel_values.dtype}; NaN or inf found, or not float)"
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_index is not None and pixel_values is not None:
+            if image_index.shape != (n_tokens,) or (n_tokens and not 0 <= int(image_index.min()) <=
+                                                    int(image_index.max()) < n_tiles * per_tile):
+                return (f"image_index of shape {tuple(image_index.shape)} must give each of the {n_tokens} "
+                        f"image-context tokens a feature row in [0, {n_tiles * per_tile})")
+            return None
         if n_tokens != n_tiles * per_tile:
             return (f"{n_tokens} image-context tokens (id {tok}) in the prompt but {n_tiles} image tiles give "
                     f"{n_tiles * per_tile} connector features ({per_tile} per tile): prompt and images disagree")
         return None
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with the connector's outputs in place of the <IMG_CONTEXT> tokens, in order."""
+    def embed(self, input_ids, pixel_values=None, image_index=None):
+        """Token embeddings with the connector's outputs in place of the <IMG_CONTEXT> tokens: in order, or, with
+        `image_index` (one entry per <IMG_CONTEXT> token, row-major), token i takes feature row image_index[i], so a
+        prompt's tiles shared by its G samples go through the tower once (data.shared_images)."""
         V = self.config.llm.vocab_size
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
             raise ValueError(f"token ids must lie in [0, {V}): got {int(input_ids.min())}..{int(input_ids.max())}")
         x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
         tok = self.config.image_token_id
         n_tokens = 0 if tok is None else int((input_ids == tok).sum())
-        error = self.image_input_error(n_tokens, pixel_values)
+        error = self.image_input_error(n_tokens, pixel_values, image_index)
         if error:
             raise ValueError(error)
         if pixel_values is not None:
-            feats = self.image_features(pixel_values).to(x.dtype)
+            feats = self.image_features(pixel_values).to(x.dtype)  # (tiles * tokens_per_tile, C)
+            if image_index is not None:
+                feats = feats.index_select(0, image_index)  # backward sums each row's uses
             return x.masked_scatter((input_ids == tok)[..., None], feats)
         if self.vision_model is not None and self.training:
             # In training mode a batch without images still runs the vision tower on one blank tile, weighted 0:
@@ -491,14 +502,14 @@ class VLM(nn.Module):
         return self.language_model(self.embed(input_ids, pixel_values), positions, cache, slots)
 
     def forward(self, input_ids, pixel_values=None, targets=None, temperature: float = 1.0, positions=None,
-                cache=None, slots=None):
+                cache=None, slots=None, image_index=None):
         """Without `targets`: logits (B, T, V) in fp32 (fp64 for an fp64 model). With `targets` (B, T), the token
         each position predicts (entropy.IGNORE_INDEX where none): per-token (logprobs, entropy) of
         softmax(logits / temperature), each (B, T) fp32, from the fused kernel on the final hidden states and the
         head weight, never the full logits. They are computed here rather than by the caller because a
         data-parallel wrapper (FSDP2) gathers a module's weights only while its forward runs: outside it the head
-        weight is a shard."""
-        h = self.hidden(input_ids, pixel_values, positions, cache, slots)
+        weight is a shard. `image_index`: see `embed`."""
+        h = self.language_model(self.embed(input_ids, pixel_values, image_index), positions, cache, slots)
         if targets is None:
             return self.language_model.logits(h)
         B, T, C = h.shape

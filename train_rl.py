@@ -77,10 +77,13 @@ class UpdateStats:
     gap: float = 0.0  # sum of |trainer - sampler| log-prob before the update
     gap_max: float = 0.0  # largest such gap (reduced with max, not sum)
     entropy: EntropySums = field(default_factory=EntropySums)  # the policy's entropy, before the update
+    padded: float = 0.0  # token positions the micro-batches ran
+    padding: float = 0.0  # of which in no sequence
 
     def __add__(self, o: "UpdateStats") -> "UpdateStats":
         return UpdateStats(self.tokens + o.tokens, self.clipped_low + o.clipped_low, self.clipped_high + o.clipped_high,
-                           self.kl + o.kl, self.gap + o.gap, max(self.gap_max, o.gap_max), self.entropy + o.entropy)
+                           self.kl + o.kl, self.gap + o.gap, max(self.gap_max, o.gap_max), self.entropy + o.entropy,
+                           self.padded + o.padded, self.padding + o.padding)
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, sampler_logprobs=None, ref_logprobs=None,
@@ -315,7 +318,8 @@ def backward(run: Run, seqs: list[Sequence], loss_of) -> tuple[float, UpdateStat
         loss, mb_stats = loss_of(mb, logprobs, entropy)
         (loss * proc.world / tokens).backward()
         total += loss.item() / tokens
-        stats += mb_stats
+        filled = sum(len(s.prompt) + len(s.response) for s in mb.seqs)
+        stats += mb_stats + UpdateStats(padded=mb.input_ids.numel(), padding=mb.input_ids.numel() - filled)
     return all_sum(total, device=proc.device)[0], stats
 
 
@@ -366,7 +370,8 @@ def update_metrics(u: UpdateStats, results: list[dict], seqs: list[Sequence], ru
                 lr=results[-1]["lr"], skipped=any(r["skipped"] for r in results), clip_low=u.clipped_low / n,
                 clip_high=u.clipped_high / n, kl=u.kl / n, entropy=u.entropy.mean,
                 critical_entropy=u.entropy.critical_mean, logprob_gap=u.gap / max(u.entropy.num_tokens, 1),
-                logprob_gap_max=u.gap_max, update_tokens=int(u.tokens), forward_tokens=int(forward_tokens))
+                logprob_gap_max=u.gap_max, update_tokens=int(u.tokens), forward_tokens=int(forward_tokens),
+                padding=u.padding / max(u.padded, 1.0))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -392,6 +397,7 @@ def sft_step(run: Run, step: int) -> dict:
     stats = summed_over_ranks(stats, proc.device, maxima=("gap_max",))
     forward_tokens = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), device=proc.device)[0]
     return result | dict(entropy=stats.entropy.mean, update_tokens=int(stats.tokens),
+                         padding=stats.padding / max(stats.padded, 1.0),
                          forward_tokens=int(forward_tokens), skipped_rows=len(run.data.skipped),
                          t_update=time.perf_counter() - t0)
 

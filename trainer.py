@@ -24,7 +24,7 @@ import cli
 from checkpoint import read_config, save_model
 from cli import InputError, UsageError, arg
 from data import (Example, MicroBatch, PromptStream, Sequence, check_tokenizer, encode, load_rows, load_tokenizer,
-                  micro_batches, pack, pad_id, special_ids)
+                  micro_batch_plan, pack, pad_id, special_ids)
 from entropy import critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
@@ -60,7 +60,10 @@ class TrainConfig:
     steps: int = arg(100, "optimizer steps (GRPO: rollouts)")
     prompts_per_step: int = arg(64, "global prompts (groups) per GRPO step; global sequences per SFT step")
     group_size: int = arg(8, "GRPO samples per prompt")
-    micro_batch: int = arg(16, "sequences per forward/backward on each process")
+    micro_batch: int = arg(16, "sequences per forward/backward on each process (when --micro_batch_tokens is unset)")
+    micro_batch_tokens: int | None = arg(None, "padded tokens (count x longest prompt + response) per forward/backward "
+                                         "on each process: length-sorted micro-batches that fill this budget, a "
+                                         "prompt's samples together (unset: --micro_batch sequences)")
     max_new_tokens: int = arg(1024, "response length cap")
     max_len: int = arg(4096, "prompt + response tokens: the sampler's static KV-cache length")
     max_tiles: int | None = arg(None, "tile cap per image (default: the checkpoint's max_dynamic_patch)")
@@ -125,6 +128,7 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "group_size", "micro_batch", "max_new_tokens", "max_len",
                      "updates_per_rollout", "max_rounds"):
             need(getattr(self, name) >= 1, name, ">= 1")
+        need(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "micro_batch_tokens", ">= 1 (or unset)")
         for name in ("stage", "schedule", "curriculum", "select"):
             choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
             need(getattr(self, name) in choices, name, f"one of {choices}")
@@ -188,7 +192,8 @@ class Policy:
 
     def forward(self, mb: MicroBatch, temperature: float = 1.0, model: VLM | None = None):
         """Per-token (log-probs, entropy) from inside the sharded model's forward (see VLM.forward)."""
-        return (model or self.model)(mb.input_ids, mb.pixel_values, targets=mb.targets, temperature=temperature)
+        return (model or self.model)(mb.input_ids, mb.pixel_values, targets=mb.targets, temperature=temperature,
+                                     image_index=mb.image_index)
 
     def step(self, loss: float, grad_clip: float, rank: int) -> dict:
         """Clip, then step unless the loss or the gradient norm is not finite (then the update is dropped, logged,
@@ -324,12 +329,15 @@ class Run:
         return Sequence(row=-1, prompt=[pad], response=[pad], pixel_values=None, weight=0.0)
 
     def batches(self, seqs: list[Sequence]) -> list[MicroBatch]:
-        """This rank's micro-batches of `seqs`, as many as the rank with the most (dummies fill the rest)."""
-        count = int(all_max(math.ceil(len(seqs) / self.cfg.micro_batch), device=self.proc.device)[0])
+        """This rank's micro-batches of `seqs` (data.micro_batch_plan: --micro_batch sequences, or length-sorted
+        runs within --micro_batch_tokens), as many as the rank with the most: zero-weight dummies fill the rest, since
+        every rank must run the same forwards and backwards (FSDP's collectives would hang otherwise)."""
+        cfg, config = self.cfg, self.policy.rollout_model.config
+        plan = micro_batch_plan(seqs, cfg.micro_batch, cfg.micro_batch_tokens)
+        count = int(all_max(len(plan), device=self.proc.device)[0])
         dtype = self.policy.rollout_model.language_model.embed_tokens.weight.dtype
-        pad = pad_id(self.policy.rollout_model.config)
-        return [pack(b, self.proc.device, dtype, pad, self.cfg.mask_truncated)
-                for b in micro_batches(seqs, self.cfg.micro_batch, count, self.dummy)]
+        return [pack(b, self.proc.device, dtype, pad_id(config), cfg.mask_truncated, config.tokens_per_tile)
+                for b in plan + [[self.dummy]] * (count - len(plan))]
 
 
 def check_paths(cfg: TrainConfig):
@@ -370,6 +378,8 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     rollout_model = build_rollout_copy(config, proc.device)
     refresh(rollout_model, units)
     stop_ids, banned_ids = special_ids(tokenizer)
+    # Compiled by default on CUDA (CUDA graphs). On a CPU a compile costs more per run than the compiled decode
+    # step saves on this project's short rollouts (measured: README), so it stays eager unless --compile asks.
     compile = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
     slots = cfg.prompts_per_step // proc.world * (cfg.group_size if cfg.stage == "grpo" else 1)
     sampler = Sampler(rollout_model, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len,
