@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 import model as M  # noqa: E402
 import train_rl as T  # noqa: E402
+import trainer as TR  # noqa: E402
 from data import Sequence  # noqa: E402
 from entropy import logprob_entropy_reference  # noqa: E402
 from model import VLM, tiny_config  # noqa: E402
@@ -48,16 +49,16 @@ def main():
     units = shard(model, proc.device)  # CPU: no mixed precision, the parameters stay fp64
     copy = VLM.from_config(config, dtype=torch.float64, seed=5).eval()
     cfg = T.TrainConfig(micro_batch=64, micro_batch_tokens=budget, tis_cap=2.0)
-    run = T.Run(cfg, proc, T.Policy(model, units, None, None, None, copy), None,
-                T.TrainData([], [], None, None, [1], {}))
+    run = TR.Run(cfg, proc, TR.Policy(model, units, None, None, None, copy), None,
+                TR.TrainData([], [], None, None, [1], {}))
     seqs = sequences(config)
     mine = seqs[proc.rank::proc.world]
-    loss, _ = T.backward(run, mine, T.grpo_loss_of(run, observe=False))
+    loss, stats = T.backward(run, mine, T.grpo_loss_of(run, observe=False))
     batches = T.all_max(len(run.batches(mine)), device=proc.device)[0]
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
              for n, p in model.named_parameters()}
     if proc.rank == 0:
-        torch.save(dict(loss=loss, grads=grads, batches=batches, padding=run.padding), out)
+        torch.save(dict(loss=loss, grads=grads, batches=batches, padding=(stats.padded, stats.padding)), out)
     dist.barrier()
     dist.destroy_process_group()
 
