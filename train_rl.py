@@ -3,8 +3,7 @@ connector-only stage, exact resume, held-out evaluation and entropy-based checkp
 
 The Skywork-R1V3 recipe (Shen et al. 2025): (1) cold-start SFT on reasoning traces, (2) GRPO with an accuracy and a
 format reward while the connector stays trainable, (3) a connector-only stage (`--train connector`); checkpoints are
-picked by the entropy of the policy at reflective ("critical") tokens. GRPO after Shao et al. 2024 (DeepSeekMath),
-with DAPO's changes (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, soft overlong penalty.
+picked by the entropy of the policy at reflective ("critical") tokens. GRPO after Shao et al. 2024 (DeepSeekMath).
 Sharding after torchtitan (parallel.py). This file is the recipe and the loop; what a run is made of (its settings,
 the policy and its optimizer, the data, the checks before step 0, resuming, held-out evaluation, logging) is in
 trainer.py.
@@ -12,28 +11,27 @@ trainer.py.
     python train_rl.py                                    # no --data / --init_from: the tiny CPU default run
     python train_rl.py --init_from CKPT --data train.jsonl --eval_data held.jsonl --out out/grpo
     torchrun --nproc_per_node=8 train_rl.py --init_from InternVL3-8B --data k12.jsonl --eval_data mmmu_dev.jsonl \\
-        --out out/r1v --prompts_per_step 128 --group_size 8 --max_new_tokens 8192 --lr 1e-6 --compile
+        --out out/r1v --max_new_tokens 8192 --max_len 12288 --system "You are a helpful assistant." --compile
 
-Departures from textbook GRPO, each a flag:
+Defaults: R1V3's where its report states them (Shen et al. 2025, section 3.3): reward 0.8 accuracy + 0.2 format,
+accuracy = a rule check OR an LLM verifier (`--verifier CKPT`); symmetric clip 0.2 (it found DAPO's clip-higher gave
+"severe instability and anomalous gradient norms"); no KL; one gradient step per rollout; 32 prompts x 32 samples;
+lr 1e-5; no dynamic sampling (it stabilised training but did not improve validation). The ViT trains only when
+asked (`--train vit,connector,llm`, as R1V3 does, memory permitting: plan.py). What the report leaves open follows
+DAPO (Yu et al. 2025) or common practice, each a flag:
 - Token-level mean over every response token of the whole step (all ranks, all micro-batches), not a per-sequence
-  mean (which favours short responses), with no KL term by default (`--kl_beta 0`; k3 against a frozen reference
-  when > 0) and the std normalisation of advantages switchable (`--no-adv_std` is Dr. GRPO).
-- Clip-higher (eps_low 0.2, eps_high 0.28) and dual clip (`--dual_clip 3`: a negative-advantage token's loss is
-  capped at 3|A|).
-- Dynamic sampling: groups whose rewards are all equal carry no signal and are dropped; more prompts are rolled out
-  until the global number of kept groups reaches `--prompts_per_step` or `--max_rounds` is hit.
+  mean (which favours short responses); the std normalisation of advantages switchable (`--no-adv_std` is Dr. GRPO).
+- DAPO's soft overlong penalty over the last `--overlong_buffer` tokens; `--mask_truncated` drops truncated
+  completions from the loss.
+- Dual clip (`--dual_clip 3`: a negative-advantage token's loss is capped at 3|A|), a guard against exploding ratios.
 - Truncated importance sampling (`--tis_cap 2`): the sampler (bf16 copy, KV cache) and the trainer (FSDP, fused
   head) compute slightly different probabilities; each token's loss is weighted by min(p_trainer / p_sampler, 2).
-- Old log-probs: with one update per rollout (`--updates_per_rollout 1`) the trainer's own detached log-probs (the
-  ratio is 1 and the clip never acts); with several, recomputed once before the first update.
+- DAPO's clip-higher (`--clip_high 0.28`) and dynamic sampling (`--dynamic_sampling`: groups whose rewards are all
+  equal carry no signal and are dropped; more prompts are rolled out until `--prompts_per_step` groups are kept or
+  `--max_rounds` is hit) are options; the CPU default run uses both, as calibrated.
+- Old log-probs: with one update per rollout the trainer's own detached log-probs (the ratio is 1 and the clip never
+  acts); with several (`--updates_per_rollout`), recomputed once before the first update.
 - The sampler draws from the full vocabulary (top_p 1, top_k 0), so its log-probs are the behaviour probabilities.
-- Overlong: DAPO's soft penalty over the last `--overlong_buffer` tokens; `--mask_truncated` drops truncated
-  completions from the loss.
-
-Nothing silently wrong: every flag's range, the files, every training row (encoded once at setup), the checkpoint's
-modules and tokenizer, and a resume's changed settings are checked before the model is built, each refusal one line
-(cli.run: exit 2 for a flag, 1 otherwise); after every optimizer step the weights are checked, and non-finite ones
-stop the run without being saved; a SIGTERM saves and exits 143.
 """
 
 import json

@@ -21,10 +21,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
 import cli
+import verifier
 from checkpoint import read_config, save_model
 from cli import InputError, UsageError, arg
-from data import (Example, MicroBatch, PromptStream, Sequence, check_tokenizer, encode, load_rows, load_tokenizer,
-                  micro_batch_plan, pack, pad_id, special_ids)
+from data import (ChatTemplate, Example, MicroBatch, PromptStream, Sequence, check_tokenizer, encode,
+                  load_chat_template, load_rows, load_tokenizer, micro_batch_plan, pack, pad_id, special_ids)
 from entropy import critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
@@ -38,11 +39,12 @@ from rundir import load_checkpoint
 
 @dataclass
 class LossConfig:
-    """The settings of the clipped policy-gradient loss (TrainConfig's fields of the same names)."""
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float = 3.0
-    tis_cap: float = 2.0
+    """The settings of the clipped policy-gradient loss: TrainConfig's fields of the same names, where their defaults
+    and help live; no KL term and no entropy bonus unless given."""
+    clip_low: float
+    clip_high: float
+    dual_clip: float
+    tis_cap: float
     kl_beta: float = 0.0
     entropy_coef: float = 0.0
 
@@ -58,8 +60,8 @@ class TrainConfig:
     train: str = arg("connector,llm", "trainable modules, a comma list of vit, connector, llm (R1V3: the connector "
                      "stays trainable in RL; `connector` alone is its connector-only stage)")
     steps: int = arg(100, "optimizer steps (GRPO: rollouts)")
-    prompts_per_step: int = arg(64, "global prompts (groups) per GRPO step; global sequences per SFT step")
-    group_size: int = arg(8, "GRPO samples per prompt")
+    prompts_per_step: int = arg(32, "global prompts (groups) per GRPO step; global sequences per SFT step (R1V3: 32)")
+    group_size: int = arg(32, "GRPO samples per prompt (R1V3: 32, so 1,024 rollouts per step)")
     micro_batch: int = arg(16, "sequences per forward/backward on each process (when --micro_batch_tokens is unset)")
     micro_batch_tokens: int | None = arg(None, "padded tokens (count x longest prompt + response) per forward/backward "
                                          "on each process: length-sorted micro-batches that fill this budget, a "
@@ -68,7 +70,7 @@ class TrainConfig:
     max_len: int = arg(4096, "prompt + response tokens: the sampler's static KV-cache length")
     max_tiles: int | None = arg(None, "tile cap per image (default: the checkpoint's max_dynamic_patch)")
     temperature: float = arg(1.0, "rollout temperature; log-probs are taken at the same temperature")
-    lr: float = arg(1e-6, "peak learning rate (AdamW, betas 0.9/0.95)")
+    lr: float = arg(1e-5, "peak learning rate (AdamW, betas 0.9/0.95; R1V3: 1e-5, with 1e-6 the safer low end)")
     schedule: str = arg("constant", "constant or cosine (down to min_lr_ratio x lr), after linear warmup",
                         ("constant", "cosine"))
     warmup_steps: int = arg(0, "linear warmup steps")
@@ -76,14 +78,16 @@ class TrainConfig:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "max global gradient norm (0: no clipping, the norm is still logged)")
     clip_low: float = arg(0.2, "PPO clip below: ratio >= 1 - clip_low")
-    clip_high: float = arg(0.28, "PPO clip above: ratio <= 1 + clip_high (DAPO's clip-higher)")
+    clip_high: float = arg(0.2, "PPO clip above: ratio <= 1 + clip_high (R1V3: 0.2, symmetric; DAPO's clip-higher: "
+                           "0.28)")
     dual_clip: float = arg(3.0, "cap a negative-advantage token's loss at dual_clip x |A| (0: off)")
     kl_beta: float = arg(0.0, "weight of the k3 KL to a frozen reference (0: no reference is built)")
     entropy_coef: float = arg(0.0, "entropy bonus weight")
     tis_cap: float = arg(2.0, "truncated importance weight min(p_trainer / p_sampler, cap) (0: off)")
     adv_std: bool = arg(True, "divide advantages by the group's reward std (--no-adv_std: Dr. GRPO)")
     updates_per_rollout: int = arg(1, "optimizer steps per rollout (> 1 recomputes old log-probs first)")
-    dynamic_sampling: bool = arg(True, "drop groups whose rewards are all equal and roll out more prompts")
+    dynamic_sampling: bool = arg(False, "DAPO: drop groups whose rewards are all equal and roll out more prompts "
+                                 "(R1V3 found it stabilised training but did not improve validation)")
     max_rounds: int = arg(4, "rollout rounds per step at most, when dynamic sampling keeps too few groups")
     mask_truncated: bool = arg(False, "leave responses cut at max_new_tokens out of the loss")
     accuracy_weight: float = arg(0.8, "reward weight of accuracy (R1V3: 0.8)")
@@ -243,6 +247,7 @@ class TrainData:
     stream: PromptStream
     stop_ids: list[int]
     critical_ids: dict
+    template: ChatTemplate | None = None  # the checkpoint's chat template (None: plain ChatML)
     skipped: set = field(default_factory=set)  # rows that could not be encoded, each reported once
 
     def example(self, i: int, cfg: TrainConfig, config, rank: int) -> Example | None:
@@ -252,7 +257,7 @@ class TrainData:
         if i in self.skipped:
             return None
         try:
-            ex = encode(self.rows[i], self.tokenizer, config, cfg.max_tiles)
+            ex = encode(self.rows[i], self.tokenizer, config, cfg.max_tiles, cfg.system, self.template)
             room = cfg.max_len - len(ex.prompt_ids) - (len(ex.response_ids) if cfg.stage == "sft" else 1)
             if room < 0:
                 raise ValueError(f"prompt of {len(ex.prompt_ids)} tokens (+ response) does not fit --max_len "
@@ -264,7 +269,7 @@ class TrainData:
             return None
 
 
-def check_rows(rows: list[dict], tokenizer, config, cfg: TrainConfig, proc: Dist) -> dict[int, str]:
+def check_rows(rows: list[dict], tokenizer, template, config, cfg: TrainConfig, proc: Dist) -> dict[int, str]:
     """Every training row encoded once before step 0 (each rank its share of the rows, images loaded, the results
     gathered): {row index: why it cannot train} for the rows that cannot encode or leave no room in --max_len
     (GRPO: prompt + 1 token; SFT: prompt + response). Raises InputError, naming counts and the first rows, when no
@@ -278,7 +283,7 @@ def check_rows(rows: list[dict], tokenizer, config, cfg: TrainConfig, proc: Dist
     mine = {}
     for i in range(proc.rank, n, proc.world):
         try:
-            ex = encode(rows[i], tokenizer, config, cfg.max_tiles)
+            ex = encode(rows[i], tokenizer, config, cfg.max_tiles, cfg.system, template)
             need = len(ex.prompt_ids) + (len(ex.response_ids) if cfg.stage == "sft" else 1)
             if need > cfg.max_len:
                 mine[i] = f"needs {need} tokens (prompt + {extra}) > --max_len {cfg.max_len}"
@@ -371,7 +376,10 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     if cfg.stage == "sft" and (missing := [r["id"] for r in rows if not r.get("response")]):
         raise InputError(f"{cfg.data}: --stage sft needs a `response` in every row; {len(missing)} rows have none "
                          f"(first: id {missing[0]!r})")
-    skipped = check_rows(rows, tokenizer, config, cfg, proc)
+    template = load_chat_template(cfg.init_from)
+    skipped = check_rows(rows, tokenizer, template, config, cfg, proc)
+    if cfg.verifier:  # loaded now, so that a bad checkpoint stops the run before step 0
+        verifier.cached(cfg.verifier, proc.device)
     model, units, config = build_sharded(cfg.init_from, cfg.train, proc, cfg.activation_checkpointing,
                                          cfg.compile_blocks)
     reference = build_sharded(cfg.init_from, "", proc, cfg.activation_checkpointing)[0] if cfg.kl_beta > 0 else None
@@ -391,7 +399,7 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     get_state_dict(model, optimizer)  # gives every trainable parameter its optimizer state now: saves are complete
     policy = Policy(model, units, optimizer, scheduler, reference, rollout_model)
     data = TrainData(rows, eval_rows, tokenizer, PromptStream(len(rows), cfg.seed, cfg.curriculum), stop_ids,
-                     critical_token_ids(tokenizer), set(skipped))
+                     critical_token_ids(tokenizer), template, set(skipped))
     return Run(cfg, proc, policy, sampler, data)
 
 
@@ -442,8 +450,9 @@ def heldout(run: Run, step: int) -> dict:
     run.policy.sync_rollout_model()
     t0 = time.perf_counter()
     eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, samples=cfg.eval_samples,
-                          temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed)
-    result = evaluate(run.policy.rollout_model, run.data.tokenizer, run.data.eval_rows, eval_cfg, sampler=run.sampler)
+                          temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed, system=cfg.system)
+    result = evaluate(run.policy.rollout_model, run.data.tokenizer, run.data.eval_rows, eval_cfg, sampler=run.sampler,
+                      template=run.data.template)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     summary |= dict(step=step, t_eval=time.perf_counter() - t0)
     value = summary["greedy_accuracy"] if cfg.select == "accuracy" else summary["critical_entropy"]
