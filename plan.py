@@ -184,9 +184,10 @@ def _gpu_attention():
         F.scaled_dot_product_attention = original
 
 
-def _unchecked_embed(self: VLM, input_ids, pixel_values=None):
+def _unchecked_embed(self: VLM, input_ids, pixel_values=None, image_index=None):
     """VLM.embed without its host-side checks (id range, image-token count), which read tensor values. The same
-    tensors are allocated: token embeddings, the ViT and connector on the tiles (or on one blank tile), the scatter."""
+    tensors are allocated: token embeddings, the ViT and connector on the tiles (or on one blank tile), the scatter
+    (the plan's micro-batch has one image per row, so `image_index`, which only selects rows, changes nothing)."""
     x = self.language_model.embed_tokens(input_ids)
     if pixel_values is not None:
         feats = self.image_features(pixel_values).to(x.dtype)

@@ -58,7 +58,7 @@ def loss_and_grads(model, batches, tokens: float):
     total = 0.0
     for mb in batches:
         logprobs, _ = model(mb.input_ids, mb.pixel_values, targets=mb.targets, image_index=mb.image_index)
-        loss, _ = T.grpo_loss(logprobs, logprobs.detach(), mb.advantages, mb.mask, T.LossConfig(),
+        loss, _ = T.grpo_loss(logprobs, logprobs.detach(), mb.advantages, mb.mask, T.TrainConfig().loss,
                               mb.sampler_logprobs)
         (loss / tokens).backward()
         total += loss.item() / tokens

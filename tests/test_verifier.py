@@ -125,13 +125,13 @@ def test_trainer_score_asks_the_verifier_and_reads_opened_think(yes_ckpt):
     from rollout import Completion
     tok = D.word_tokenizer(WORDS + ["<think>", "</think>", "\\boxed{half}", "\\boxed{4}"])
     rows = [R.validate_row(r) for r in ROWS[:2]]
-    cfg = T.TrainConfig(group_size=1, verifier=yes_ckpt, overlong_buffer=0, reward_workers=1)
+    cfg = T.TrainConfig(group_size=2, verifier=yes_ckpt, overlong_buffer=0, reward_workers=1)
     run = SimpleNamespace(cfg=cfg, proc=SimpleNamespace(device=torch.device("cpu")),
                           data=SimpleNamespace(tokenizer=tok, stop_ids=[], rows=rows))
     prompts = [SimpleNamespace(row=i, example=SimpleNamespace(opens_think=True)) for i in range(2)]
-    groups = [[Completion(tok.encode(text, add_special_tokens=False).ids, [0.0], "stop")]
+    groups = [[Completion(tok.encode(text, add_special_tokens=False).ids, [0.0], "stop")] * 2  # two samples each
               for text in ("the answer </think> \\boxed{half}", "the answer </think> \\boxed{4}")]
     scores = T.score(run, prompts, groups)
-    assert scores.accuracy.flatten().tolist() == [1.0, 1.0] and scores.format.flatten().tolist() == [1.0, 1.0]
-    assert scores.reward.flatten().tolist() == pytest.approx([1.0, 1.0]) and scores.errors == 0
-    assert V.cached(yes_ckpt, torch.device("cpu")).stats["asked"] == 1  # only the rule-wrong one
+    assert scores.accuracy.flatten().tolist() == [1.0] * 4 and scores.format.flatten().tolist() == [1.0] * 4
+    assert scores.reward.flatten().tolist() == pytest.approx([1.0] * 4) and scores.errors == 0
+    assert V.cached(yes_ckpt, torch.device("cpu")).stats["asked"] == 2  # only the rule-wrong ones: row 0's samples
