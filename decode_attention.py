@@ -78,21 +78,25 @@ def decode_buffers(q: torch.Tensor, block_table: torch.Tensor, page_size: int,
 
 def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                                      block_table: torch.Tensor, lengths: torch.Tensor,
-                                     scale: float | None = None) -> torch.Tensor:
+                                     scale: float | None = None, num_pages: int | None = None) -> torch.Tensor:
     """Plain torch, also the CPU decode path: gather every slot's live pages up to the longest length into
     contiguous (slots, L, kv_heads, D) keys and values, mask positions past each slot's length, softmax in fp32
-    (fp64 inputs stay fp64). Reads lengths on the host (one sync), so it does not belong in a CUDA graph."""
+    (fp64 inputs stay fp64). num_pages None reads the longest length on the host (one sync), so it does not belong
+    in a CUDA graph; a caller that knows a bound passes num_pages (>= every slot's ceil(length / page_size), not
+    checked) and the function reads that many block-table columns without a sync (torch.compile: no graph break)."""
     slots, heads, head_dim = q.shape
     _, page_size, kv_heads, _ = k_pages.shape
     group = heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     dtype = torch.promote_types(q.dtype, torch.float32)
     lengths = lengths.long()
-    longest = int(lengths.max()) if slots else 0
-    if longest > block_table.shape[1] * page_size:
-        raise ValueError(f"a length of {longest} exceeds the block table's {block_table.shape[1]} pages of "
-                         f"{page_size} tokens")
-    num_pages = max(1, math.ceil(longest / page_size))  # one page even when all slots are idle: masked out below
+    if num_pages is None:
+        longest = int(lengths.max()) if slots else 0
+        if longest > block_table.shape[1] * page_size:
+            raise ValueError(f"a length of {longest} exceeds the block table's {block_table.shape[1]} pages of "
+                             f"{page_size} tokens")
+        num_pages = math.ceil(longest / page_size)
+    num_pages = max(1, num_pages)  # one page even when all slots are idle: masked out below
     cols = torch.arange(num_pages, device=q.device)
     own = cols < (lengths[:, None] + page_size - 1) // page_size  # (slots, num_pages): columns holding the slot's pages
     pages = torch.where(own, block_table[:, :num_pages], 0).long()  # stale columns -> page 0, never attended
@@ -236,8 +240,8 @@ def _check(q, k_pages, v_pages, block_table, lengths, split_tokens: int, buffers
 
 def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
                            lengths: torch.Tensor, scale: float | None = None, impl: str = "auto",
-                           split_tokens: int = DEFAULT_SPLIT_TOKENS,
-                           buffers: DecodeBuffers | None = None) -> torch.Tensor:
+                           split_tokens: int = DEFAULT_SPLIT_TOKENS, buffers: DecodeBuffers | None = None,
+                           num_pages: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query per slot over its `lengths[slot]` paged keys; returns (slots, H, D) in
     q's dtype (buffers.out when buffers are given), computed in fp32.
 
@@ -245,7 +249,8 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     h // (H / kv_heads); block_table (slots, max_pages) int32; lengths (slots,) int32. scale defaults to D ** -0.5.
     impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the reference), "auto" (triton on CUDA).
     On the Triton path the dot products take the pool's dtype (q is rounded to a bf16 pool's dtype, as flash
-    attention does) with fp32 accumulation; softmax and merging are fp32."""
+    attention does) with fp32 accumulation; softmax and merging are fp32. num_pages: see the reference (the Triton
+    path reads each slot's own length and ignores it)."""
     _check(q, k_pages, v_pages, block_table, lengths, split_tokens, buffers)
     scale = q.shape[2] ** -0.5 if scale is None else scale
     if impl == "auto":
@@ -253,7 +258,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     if impl not in ("torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "torch":
-        out = paged_decode_attention_reference(q, k_pages, v_pages, block_table, lengths, scale)
+        out = paged_decode_attention_reference(q, k_pages, v_pages, block_table, lengths, scale, num_pages)
         return out if buffers is None else buffers.out.copy_(out)
     if triton is None:
         raise RuntimeError("impl='triton' needs the triton package (no wheels for macOS / Windows): use impl='torch'")

@@ -265,9 +265,9 @@ def test_bf16_cache_under_fp32_weights(internvl, tok):
     are within bf16 rounding of the recompute's, yet not equal to them (the decode steps did read bf16 keys)."""
     _, model = internvl
     assert model.language_model.embed_tokens.weight.dtype == torch.float32
-    assert Sampler(model, max_slots=1, max_len=8).cache.k[0].dtype == torch.float32  # default: the parameters'
+    assert Sampler(model, max_slots=1, max_len=8).pool.k[0].dtype == torch.float32  # default: the parameters'
     sampler = Sampler(model, max_slots=4, max_len=64, cache_dtype=torch.bfloat16)
-    assert {t.dtype for t in sampler.cache.k + sampler.cache.v + sampler.stage.k + sampler.stage.v} == {torch.bfloat16}
+    assert {t.dtype for t in sampler.pool.k + sampler.pool.v} == {torch.bfloat16}
     reqs = mixed_requests(tok, model.config)
     banned = [model.config.image_token_id]  # the Sampler's default ban
     worst_lp, worst_gap = 0.0, 0.0
