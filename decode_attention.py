@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -100,15 +101,16 @@ def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_p
     cols = torch.arange(num_pages, device=q.device)
     own = cols < (lengths[:, None] + page_size - 1) // page_size  # (slots, num_pages): columns holding the slot's pages
     pages = torch.where(own, block_table[:, :num_pages], 0).long()  # stale columns -> page 0, never attended
-    k = k_pages[pages].flatten(1, 2).to(dtype)  # (slots, L, kv_heads, D), L = num_pages * page_size
-    v = v_pages[pages].flatten(1, 2).to(dtype)
-    scores = q.to(dtype).reshape(slots, kv_heads, group, head_dim) @ k.permute(0, 2, 3, 1) * scale  # (slots, kv, G, L)
-    live = torch.arange(k.shape[1], device=q.device) < lengths[:, None]  # (slots, L)
-    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
-    m = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)  # an idle slot's max is -inf: exp(-inf - 0) = 0
-    p = (scores - m).exp()
-    # l >= 1 wherever a key is live (the max scores exp(0) = 1); l = 0 only for an idle slot, whose p @ v is 0.
-    out = (p @ v.transpose(1, 2)) / p.sum(-1, keepdim=True).clamp(min=1.0)  # (slots, kv, G, D)
+    k = k_pages[pages].permute(0, 3, 1, 2, 4).flatten(2, 3).to(dtype)  # (slots, kv_heads, L, D), L = pages x size
+    v = v_pages[pages].permute(0, 3, 1, 2, 4).flatten(2, 3).to(dtype)
+    L = k.shape[2]
+    # The G query heads of a kv head attend as G queries of it; an idle slot sees key 0 (no row without a visible
+    # key, which would be nan) and its output is zeroed after.
+    keys = torch.arange(L, device=q.device)
+    visible = (keys < lengths[:, None]) | (keys == 0)  # (slots, L)
+    out = F.scaled_dot_product_attention(q.to(dtype).reshape(slots, kv_heads, group, head_dim), k, v,
+                                         attn_mask=visible[:, None, None, :], scale=scale)  # (slots, kv, G, D)
+    out = torch.where(lengths[:, None, None, None] > 0, out, 0.0)
     return out.reshape(slots, heads, head_dim).to(q.dtype)
 
 

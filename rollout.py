@@ -26,11 +26,12 @@ Decode attention reads only live tokens in every mode (decode_attention.py). CUD
 slot's block table up to its length; under CUDA graphs the table, the lengths and the kernel's `decode_buffers`
 are preallocated, fixed-shape inputs. CPU: the plain-torch reference over the first `num_pages` block-table
 columns, the most any running slot holds by the end of the next host-check interval, gathered and masked to each
-slot's length. Compiled, `num_pages` is rounded up to a power of two and left to dynamo's automatic dynamic shapes:
-the first bucket compiles a static graph, the second a symbolic one that serves every later bucket, so a long
-max_len costs neither compiles nor masked keys. (A static graph per bucket ran no faster and recompiles ~log2 of the
-table width times; attending over the whole table is what made a long max_len slow.) Idle and finished slots have
-length 0 and write to page 0, a scratch page no sequence owns.
+slot's length. Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8, 12, ... pages: at most 1.5x the
+pages needed) and each bucket gets its own static graph, compiled the first time a sequence grows into it; the
+number of compiles grows with the log of the longest sequence, not with max_len. Measured on the tiny model, this
+beat one symbolic-length graph (dynamic shapes lose inductor's fused SDPA on a CPU) and power-of-two buckets
+(up to 2x masked keys); attending over the whole table, as the static cache did, made a long max_len slow. Idle and
+finished slots have length 0 and write to page 0, a scratch page no sequence owns.
 References: vLLM's PagedAttention (Kwon et al. 2023) and nano-vllm `engine/block_manager.py`, `scheduler.py`,
 `model_runner.py` (block pool with reference counts, preempt-the-newest by recompute, decode CUDA graphs over
 fixed-shape block tables), gpt-fast `generate.py` (compiled one-token decode, sampling without host syncs),
@@ -158,6 +159,15 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: flo
 CPU_KV_BYTES = 128 * 2**20  # default pool on a CPU: a modest fixed size, whatever slots x max_len would be
 CUDA_KV_FRACTION = 0.5  # default pool on CUDA: this share of the memory free once the model is built (the trainer
 #                         needs the rest: verl/EasyR1 give vLLM 0.5-0.7 of the whole device)
+
+
+RECOMPILE_LIMIT = 64  # graphs of the compiled CPU decode step: 2 buckets per doubling of the pages read
+
+
+def _bucket(n: int) -> int:
+    """The smallest 2^k or 3 x 2^k >= n (n >= 1): reading at most 1.5x the pages needed, in few distinct sizes."""
+    p = 1 << (n - 1).bit_length()
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
 class PagePool:
@@ -344,14 +354,14 @@ class Sampler:
             self.buffers = [decode_buffers(q, self.table, page_size) for _ in range(cfg.num_hidden_layers)]
         self.sync_every = sync_every or (8 if dev.type == "cuda" else 1)
         self.stats: dict = {}
-        self._step = self._decode_step
+        self._step, self._graphs = self._decode_step, set()  # (sampling, bucket) of the graphs compiled so far
         if compile:
             buffers = [getattr(b, f) for b in self.buffers or () for f in ("out", "partial_out", "partial_lse")]
             for t in (*self.pool.k, *self.pool.v, self.table, *buffers, self.stop, self.banned, self.tok, self.pos,
                       self.step, self.limit, self.seed, self.sample_idx, self.done, self.out_tok, self.out_lp):
                 torch._dynamo.mark_static_address(t)  # mutated in place: CUDA graphs must not copy them
             mode = "reduce-overhead" if dev.type == "cuda" else None
-            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
 
     def _decode_step(self, temperature: float, top_p: float, top_k: int, num_pages: int | None):
         """Every slot advances one token in one batched call; idle and finished slots attend over nothing, write
@@ -482,10 +492,16 @@ class Sampler:
             num_pages = None
             if self.buffers is None:  # CPU: read only the columns the longest running sequence reaches
                 num_pages = max(len(q.pages) for q in running)
-                if self.compiled:  # a few buckets, so that the compiled step sees few distinct sizes
-                    num_pages = min(1 << (num_pages - 1).bit_length(), self.max_pages)
+                if self.compiled:  # one static graph per bucket: 1, 2, 3, 4, 6, 8, 12, ... pages
+                    num_pages = min(_bucket(num_pages), self.max_pages)
             for _ in range(n):
-                self._step(temperature, top_p, top_k, num_pages)
+                graph = (temperature, top_p, top_k, num_pages)
+                if self.compiled and graph not in self._graphs:  # a new graph compiles: past dynamo's usual limit
+                    self._graphs.add(graph)
+                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                        self._step(temperature, top_p, top_k, num_pages)
+                else:
+                    self._step(temperature, top_p, top_k, num_pages)
                 run.steps += 1
         seconds = time.perf_counter() - t_start  # the last harvest synchronised the device
         self.stats = dict(tokens=generated, seconds=seconds, tokens_per_s=generated / seconds, decode_steps=run.steps,
@@ -511,6 +527,8 @@ class Sampler:
         each slot's state. No host sync but the prefill's."""
         slots, queue, pool, k = run.slots, run.queue, self.pool, self.sync_every
         free = [s for s, q in enumerate(slots) if q is None]
+        if not free or not queue:
+            return
         running = [q for q in slots if q is not None]
         budget = len(pool.free) - sum(max(0, pool.pages_for(q.tokens_after(run.steps + k)) - len(q.pages))
                                       for q in running)
