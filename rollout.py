@@ -14,9 +14,9 @@ host check, so one long response never idles the batch.
 
 Scheduling (host side, at each check): finished slots are harvested and their pages released; waiting work is
 admitted while the pool can hold it together with the next `sync_every` steps of everything already running; then
-every running sequence gets the pages its next steps write. When a page is missing, the most recently admitted
-other sequence is preempted (pages freed, tokens kept on the host), then prompts still waiting for slots give their
-pages back, and last the sequence itself. A preempted sequence is recomputed later: prompt + what it had generated
+every running sequence gets the pages its next steps write, oldest first. When a page is missing, prompts still
+waiting for slots give their pages back (they are prefilled again when their turn comes), then the most recently
+admitted other sequence is preempted (pages freed, tokens kept on the host), and last the sequence itself. A preempted sequence is recomputed later: prompt + what it had generated
 is prefilled as a new sequence, whose last logits draw its next token with the step counter it had reached (it is
 never taken for a decode). Because draws are counter-based per (seed, sample, step), the result equals a run with
 an ample pool, token for token (up to float-rounding near-ties, as with any batch composition). A request that
@@ -482,6 +482,8 @@ class Sampler:
             self._admit(run)
             running = [q for q in slots if q is not None]
             if not running:
+                if run.queue:  # _check admits nothing the empty pool cannot hold
+                    raise RuntimeError(f"KV pool: {len(run.queue)} samples wait but none fits the empty pool")
                 break
             # Run until the next check, but not past the last step any slot could still need.
             n = min(self.sync_every, max(q.steps_left - (run.steps - q.admitted_at) for q in running))
@@ -607,7 +609,8 @@ class Sampler:
             state.append((s, tok, lp, start, step, L, run.seeds[i], w.sample))
             slots[s] = _Seq(i, w.sample, pages, start, run.steps, L - step, run.admissions)
             run.admissions += 1
-        pool.copy(*zip(*copies)) if copies else None
+        if copies:
+            pool.copy(*zip(*copies))
         self._set_cells(cells)
         dev = self.tok.device
         s, tok, lp, pos, step, limit, seed, sample_idx = zip(*state)
@@ -633,20 +636,27 @@ class Sampler:
         still short (never: _check), the sequence itself."""
         slots, pool = run.slots, self.pool
         order = sorted((s for s, q in enumerate(slots) if q is not None), key=lambda s: slots[s].order)
-        cells, at = [], 0
+        cells, at, done = [], 0, None
         while at < len(order):
-            seq = slots[order[at]]
+            s = order[at]
+            seq = slots[s]
             need = pool.pages_for(seq.tokens_after(until)) - len(seq.pages)
-            while need > len(pool.free) and run.groups:
-                pool.release(run.groups.pop(next(iter(run.groups))).pages)
-            while need > len(pool.free) and len(order) > at + 1:
-                self._preempt(run, order.pop())
             if need > len(pool.free):
-                self._preempt(run, order.pop(at))
-                continue
+                done = self.done.tolist() if done is None else done  # one sync, and only when pages run short
+                if done[s]:  # ended on its first token: it writes nothing, the next check harvests it
+                    at += 1
+                    continue
+                while need > len(pool.free) and run.groups:
+                    pool.release(run.groups.pop(next(iter(run.groups))).pages)
+                while need > len(pool.free) and (victims := [v for v in order[at + 1:] if not done[v]]):
+                    order.remove(victims[-1])
+                    self._preempt(run, victims[-1])
+                if need > len(pool.free):
+                    self._preempt(run, order.pop(at))
+                    continue
             if need > 0:
                 pages = pool.take(need)
-                cells += [(order[at], len(seq.pages) + c, p) for c, p in enumerate(pages)]
+                cells += [(s, len(seq.pages) + c, p) for c, p in enumerate(pages)]
                 seq.pages += pages
             at += 1
         self._set_cells(cells)
