@@ -375,8 +375,9 @@ class Sampler:
         h = lm(lm.embed_tokens(self.tok[:, None]), self.pos[:, None], kv)  # (S, 1, C)
         u = uniform(self.seed, self.sample_idx, self.step)
         tok, lp = sample(lm.logits(h[:, 0]), u, temperature, top_p, top_k, self.banned)
-        self.out_tok.scatter_(1, self.step[:, None], tok[:, None])
-        self.out_lp.scatter_(1, self.step[:, None], lp[:, None])
+        rows = torch.arange(tok.shape[0], device=tok.device)
+        self.out_tok.index_put_((rows, self.step), tok)  # index_put_, not scatter_: compiled, inductor writes it in
+        self.out_lp.index_put_((rows, self.step), lp)  # place, where it copies the whole (S, max_len) around a scatter
         live = live.long()
         self.pos += live
         self.step += live
