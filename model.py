@@ -281,7 +281,7 @@ class KVCache:
     """Preallocated keys/values, one (slots, kv_heads, max_len, head_dim) tensor per layer, written by index.
     Shapes never change while decoding, so a decode step can be compiled (CUDA graphs). One tensor per layer rather
     than a single block: a compiled step writes a separate input in place, but copies a whole layer every step
-    when the layer is a view into a shared block. The sampler's paged pool (rollout.PagePool) speaks the same
+    when the layer is a view into a shared block. The sampler's views of its paged pool (rollout.py) speak the same
     `attend` protocol: a cache writes a call's keys and values and attends over what it holds."""
 
     def __init__(self, cfg: LLMConfig, slots: int, max_len: int, dtype=torch.float32, device=None):
@@ -407,9 +407,10 @@ class LLM(nn.Module):
 
     def forward(self, x, positions=None, cache=None, slots=None):
         """x (B, T, C) input embeddings; positions (B, T) absolute positions, None for a new sequence (0..T-1, which
-        attends only to itself, causally). `cache` (a KVCache, or the sampler's paged pool) stores each layer's keys
-        and values and attends over them; with a KVCache, batch row b lives in cache slot `slots[b]` (default b) and
-        its keys/values are written at `positions[b]`; given positions read the cache up to each query's position."""
+        attends only to itself, causally). `cache` (a KVCache, or a view of rollout.py's page pool) stores each
+        layer's keys and values and attends over them; with a KVCache, batch row b lives in cache slot `slots[b]`
+        (default b) and its keys/values are written at `positions[b]`; given positions read the cache up to each
+        query's position."""
         B, T, _ = x.shape
         new = positions is None
         if new:

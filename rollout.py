@@ -16,9 +16,9 @@ Scheduling (host side, at each check): finished slots are harvested and their pa
 admitted while the pool can hold it together with the next `sync_every` steps of everything already running; then
 every running sequence gets the pages its next steps write, oldest first. When a page is missing, prompts still
 waiting for slots give their pages back (they are prefilled again when their turn comes), then the most recently
-admitted other sequence is preempted (pages freed, tokens kept on the host), and last the sequence itself. A preempted sequence is recomputed later: prompt + what it had generated
-is prefilled as a new sequence, whose last logits draw its next token with the step counter it had reached (it is
-never taken for a decode). Because draws are counter-based per (seed, sample, step), the result equals a run with
+admitted other sequence is preempted (pages freed, tokens kept on the host), and last the sequence itself. A
+preempted sequence is recomputed later: prompt + what it had generated is prefilled as a new sequence, whose last
+logits draw its next token with the step counter it had reached (it is never taken for a decode). Because draws are counter-based per (seed, sample, step), the result equals a run with
 an ample pool, token for token (up to float-rounding near-ties, as with any batch composition). A request that
 could never fit the pool alone is refused at `generate`'s door, naming it.
 
