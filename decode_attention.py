@@ -77,41 +77,54 @@ def decode_buffers(q: torch.Tensor, block_table: torch.Tensor, page_size: int,
                             for name, (shape, dtype) in specs.items()})
 
 
-def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                                     block_table: torch.Tensor, lengths: torch.Tensor,
-                                     scale: float | None = None, num_pages: int | None = None) -> torch.Tensor:
-    """Plain torch, also the CPU decode path: gather every slot's live pages up to the longest length into
-    contiguous (slots, L, kv_heads, D) keys and values, mask positions past each slot's length, softmax in fp32
-    (fp64 inputs stay fp64). num_pages None reads the longest length on the host (one sync), so it does not belong
-    in a CUDA graph; a caller that knows a bound passes num_pages (>= every slot's ceil(length / page_size), not
-    checked) and the function reads that many block-table columns without a sync (torch.compile: no graph break)."""
-    slots, heads, head_dim = q.shape
-    _, page_size, kv_heads, _ = k_pages.shape
-    group = heads // kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
-    dtype = torch.promote_types(q.dtype, torch.float32)
+def live_pages(block_table: torch.Tensor, lengths: torch.Tensor, page_size: int,
+               num_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the reference reads, shared by every layer of a decode step: the first num_pages block-table columns
+    (slots, num_pages) int64, stale columns past a slot's length replaced by page 0, and which of their
+    L = num_pages x page_size keys each slot sees (slots, 1, 1, L) bool: positions below its length, and key 0 for
+    an idle slot (a row without a visible key would be nan), whose output the caller drops. num_pages None reads
+    the longest length on the host (one sync), so it does not belong in a CUDA graph; a caller that knows a bound
+    passes num_pages (>= every slot's ceil(length / page_size), not checked): no sync, no graph break."""
     lengths = lengths.long()
     if num_pages is None:
-        longest = int(lengths.max()) if slots else 0
+        longest = int(lengths.max()) if lengths.numel() else 0
         if longest > block_table.shape[1] * page_size:
             raise ValueError(f"a length of {longest} exceeds the block table's {block_table.shape[1]} pages of "
                              f"{page_size} tokens")
         num_pages = math.ceil(longest / page_size)
-    num_pages = max(1, num_pages)  # one page even when all slots are idle: masked out below
-    cols = torch.arange(num_pages, device=q.device)
+    num_pages = max(1, num_pages)  # one page even when all slots are idle: masked out
+    cols = torch.arange(num_pages, device=lengths.device)
     own = cols < (lengths[:, None] + page_size - 1) // page_size  # (slots, num_pages): columns holding the slot's pages
     pages = torch.where(own, block_table[:, :num_pages], 0).long()  # stale columns -> page 0, never attended
-    k = k_pages[pages].permute(0, 3, 1, 2, 4).flatten(2, 3).to(dtype)  # (slots, kv_heads, L, D), L = pages x size
-    v = v_pages[pages].permute(0, 3, 1, 2, 4).flatten(2, 3).to(dtype)
-    L = k.shape[2]
-    # The G query heads of a kv head attend as G queries of it; an idle slot sees key 0 (no row without a visible
-    # key, which would be nan) and its output is zeroed after.
-    keys = torch.arange(L, device=q.device)
+    keys = torch.arange(num_pages * page_size, device=lengths.device)
     visible = (keys < lengths[:, None]) | (keys == 0)  # (slots, L)
-    out = F.scaled_dot_product_attention(q.to(dtype).reshape(slots, kv_heads, group, head_dim), k, v,
-                                         attn_mask=visible[:, None, None, :], scale=scale)  # (slots, kv, G, D)
-    out = torch.where(lengths[:, None, None, None] > 0, out, 0.0)
+    return pages, visible[:, None, None, :]
+
+
+def attend_pages(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, pages: torch.Tensor,
+                 visible: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """q (slots, H, D) against the keys of `pages` (from live_pages) where `visible`: gathers them into
+    (slots, kv_heads, L, D) and runs SDPA in fp32 (fp64 inputs stay fp64), the G = H / kv_heads query heads of a
+    kv head as G queries of it (K and V never repeated per head). Returns (slots, H, D) in q's dtype."""
+    slots, heads, head_dim = q.shape
+    kv_heads = k_pages.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k = k_pages[pages].flatten(1, 2).transpose(1, 2).to(dtype)  # (slots, kv_heads, L, D) view, L = pages x size
+    v = v_pages[pages].flatten(1, 2).transpose(1, 2).to(dtype)
+    out = F.scaled_dot_product_attention(q.to(dtype).reshape(slots, kv_heads, heads // kv_heads, head_dim), k, v,
+                                         attn_mask=visible, scale=scale)  # (slots, kv, G, D)
     return out.reshape(slots, heads, head_dim).to(q.dtype)
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                                     block_table: torch.Tensor, lengths: torch.Tensor,
+                                     scale: float | None = None, num_pages: int | None = None) -> torch.Tensor:
+    """Plain torch, also the CPU decode path (rollout.py calls its two halves, sharing live_pages across layers):
+    gather every slot's live pages up to the longest length (or num_pages: see live_pages), mask positions past
+    each slot's length, softmax in fp32. An idle slot's output is zeros."""
+    pages, visible = live_pages(block_table, lengths, k_pages.shape[1], num_pages)
+    out = attend_pages(q, k_pages, v_pages, pages, visible, q.shape[2] ** -0.5 if scale is None else scale)
+    return torch.where(lengths[:, None, None] > 0, out, 0.0)
 
 
 if triton is not None:

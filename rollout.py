@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 import torch
 
 from data import pad_id, token_batches
-from decode_attention import decode_buffers, paged_decode_attention
+from decode_attention import attend_pages, decode_buffers, live_pages, paged_decode_attention, triton
 from model import VLM, LLMConfig, causal_attention
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -245,7 +245,9 @@ class _PrefillKV:
 @dataclass
 class _DecodeKV:
     """LLM.forward's cache for one decode step of every slot: the step's K/V go to (page, offset); attention reads
-    each slot's `lengths[s]` tokens through the block table (decode_attention.paged_decode_attention)."""
+    each slot's `lengths[s]` tokens through the block table: on CUDA the Triton kernel
+    (decode_attention.paged_decode_attention, preallocated buffers), elsewhere the reference's two halves, the
+    pages and mask computed once for all layers."""
     pool: PagePool
     page: torch.Tensor  # (S,)
     offset: torch.Tensor  # (S,)
@@ -254,12 +256,19 @@ class _DecodeKV:
     num_pages: int | None  # CPU: block-table columns to read; None: the Triton kernel reads the lengths
     buffers: list | None  # CUDA: one decode_buffers per layer (fixed addresses for CUDA graphs)
 
+    def __post_init__(self):
+        if self.buffers is None:
+            self.live = live_pages(self.table, self.lengths, self.pool.page_size, self.num_pages)
+
     def attend(self, layer: int, q, k, v, positions, slots=None):
         S, _, H, D = q.shape
         self.pool.write(layer, self.page, self.offset, k[:, 0], v[:, 0])
-        y = paged_decode_attention(q[:, 0], self.pool.k[layer], self.pool.v[layer], self.table, self.lengths,
-                                   buffers=None if self.buffers is None else self.buffers[layer],
-                                   num_pages=self.num_pages)  # (S, H, D)
+        k_pages, v_pages = self.pool.k[layer], self.pool.v[layer]
+        if self.buffers is None:  # idle slots' outputs are garbage nobody reads
+            y = attend_pages(q[:, 0], k_pages, v_pages, *self.live)
+        else:
+            y = paged_decode_attention(q[:, 0], k_pages, v_pages, self.table, self.lengths, impl="triton",
+                                       buffers=self.buffers[layer])  # (S, H, D)
         return y.reshape(S, 1, H * D)
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -349,7 +358,8 @@ class Sampler:
         self.out_tok = torch.zeros(S, max_len, dtype=torch.long, device=dev)  # completions, written at `step`
         self.out_lp = torch.zeros(S, max_len, dtype=torch.float32, device=dev)
         self.buffers = None
-        if dev.type == "cuda":  # the Triton kernel's outputs and partials, one set per layer, at fixed addresses
+        if dev.type == "cuda" and triton is not None:  # the Triton kernel's outputs and partials, one set per layer,
+            # at fixed addresses (without Triton, CUDA takes the CPU path: the reference over bucketed pages)
             q = torch.empty(S, cfg.num_attention_heads, cfg.head_dim, dtype=param.dtype, device=dev)
             self.buffers = [decode_buffers(q, self.table, page_size) for _ in range(cfg.num_hidden_layers)]
         self.sync_every = sync_every or (8 if dev.type == "cuda" else 1)
