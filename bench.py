@@ -4,12 +4,14 @@
     python bench.py rollout    # the sampler vs transformers' generate, the LM-head ceiling, batch-1 bandwidth (CUDA)
     python bench.py reward     # responses/s on GRPO-shaped responses, serial and with score_batch's process pool
     python bench.py train      # GRPO steps of the tiny grid task from its random init, 1 vs 2 processes (torchrun)
+    python bench.py trl        # whole GRPO steps vs TRL's GRPOTrainer (pip install trl==1.16.0), same tiny Qwen2
 
 `python bench.py COMMAND --help` lists a command's flags, generated from its config dataclass. Timings are the best
 (or median) of several runs, interleaved where two engines are compared, since other processes on a shared machine
 only ever slow a run down.
 """
 import dataclasses
+import json
 import multiprocessing
 import os
 import random
@@ -374,42 +376,246 @@ class TrainBench:
     steps: int = arg(8, "GRPO steps per run (the first one warms up and is left out of the medians)")
     seed: int = arg(0, "seed of the grid task's data and initial weights")
     out: str = arg("runs/bench", "directory of the task (task/) and of each run (nproc1/, nproc2/)")
-    init_from: str | None = arg(None, "checkpoint to start from; unset: the task's random init")
+    init_from: str | None = arg(None, "checkpoint to start from; unset: the task's random init (see --size)")
+    size: str = arg("tiny", "tiny: the grid task's random init; internvl3-1b: a random model of InternVL3-1B's "
+                    "shape (InternViT-300M + Qwen2.5-0.5B, one 448px tile), saved with checkpoint.save_model",
+                    ("tiny", "internvl3-1b"))
+    nproc: str = arg("1,2", "process counts to run, a comma list (torchrun for > 1)")
     compile: bool | None = arg(None, "passed to the trainer as --compile / --no-compile; unset: the trainer's default")
+    micro_batch_tokens: int | None = arg(None, "passed to the trainer; unset: --micro_batch 64")
+    max_new_tokens: int = arg(64, "response cap (random models rarely stop early)")
+
+
+def internvl3_1b(out: Path, tokenizer_dir: Path) -> Path:
+    """A random VLM of InternVL3-1B's shape on the grid task's tokenizer (the vocabulary padded to Qwen2.5's),
+    one 448px tile per image (256 image tokens), bf16 on disk. Cached in `out`."""
+    from checkpoint import save_model
+    from data import load_tokenizer
+    from model import LLMConfig, ViTConfig, VLMConfig
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(tokenizer_dir)
+    config = VLMConfig(llm=LLMConfig(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                     num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+                       vision=ViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                        intermediate_size=4096, image_size=448, patch_size=14),
+                       image_token_id=tok.token_to_id("<IMG_CONTEXT>"), max_dynamic_patch=1, use_thumbnail=False,
+                       layout="native")
+    save_model(VLM.from_config(config, dtype=torch.bfloat16, device=default_device()).cpu(), out)
+    tok.save(str(out / "tokenizer.json"))
+    return out
 
 
 def bench_train(cfg: TrainBench) -> None:
-    """GRPO steps of the tiny task from its random init, one process then two (torchrun), every group kept (no
-    dynamic sampling: a random model's rewards are all 0), median step of the last runs printed as a table."""
+    """GRPO steps of the grid task (a VLM task with an image per prompt) from a random init, on each process count
+    (torchrun), every group kept (no dynamic sampling: a random model's rewards are all 0); the median step and its
+    split (rollout / old log-probs / update), tokens/s, the padding fraction, peak memory and MFU (CUDA)."""
     out = Path(cfg.out)
     task = prepare(out / "task", GridTaskConfig(seed=cfg.seed))
-    args = ["--init_from", str(cfg.init_from or task.init_checkpoint), "--data", str(task.train_jsonl),
-            "--stage", "grpo", "--steps", str(cfg.steps), "--prompts_per_step", "8", "--group_size", "8",
-            "--micro_batch", "64", "--max_new_tokens", "64", "--max_len", "96", "--no-dynamic_sampling",
+    init = cfg.init_from or (internvl3_1b(out / "internvl3-1b", task.init_checkpoint) if cfg.size != "tiny"
+                             else task.init_checkpoint)
+    max_len = 96 if cfg.size == "tiny" else 512
+    args = ["--init_from", str(init), "--data", str(task.train_jsonl), "--stage", "grpo", "--steps", str(cfg.steps),
+            "--prompts_per_step", "8", "--group_size", "8", "--max_new_tokens", str(cfg.max_new_tokens),
+            "--max_len", str(max(max_len, cfg.max_new_tokens + 64)), "--no-dynamic_sampling",
             "--overlong_buffer", "0", "--reward_workers", "1", "--lr", "1e-4"]
+    args += ["--micro_batch_tokens", str(cfg.micro_batch_tokens)] if cfg.micro_batch_tokens else ["--micro_batch", "64"]
     if cfg.compile is not None:
         args.append("--compile" if cfg.compile else "--no-compile")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     results = {}
-    for n in (1, 2):
+    keys = ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s", "padding", "peak_mem_mb", "mfu")
+    for n in map(int, cfg.nproc.split(",")):
         run = out / f"nproc{n}"
         subprocess.run(["rm", "-rf", str(run)], check=True)
         head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                 f"--nproc_per_node={n}"]
-        print(f"bench: {n} process(es), {cfg.steps} GRPO steps ...", flush=True)
+        print(f"bench: {n} process(es), {cfg.steps} GRPO steps, {cfg.size} model ...", flush=True)
         subprocess.run([*head, str(Path(__file__).with_name("train_rl.py")), *args, "--out", str(run)], check=True,
                        env=env, stdout=subprocess.DEVNULL)
         metrics = cli.read_jsonl(run / "metrics.jsonl")[1:]  # the first step warms up
-        med = lambda k: sorted(m[k] for m in metrics)[len(metrics) // 2]
-        results[n] = {k: med(k) for k in ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s",
-                                          "peak_mem_mb")}
+        med = lambda k: sorted(m.get(k, float("nan")) for m in metrics)[len(metrics) // 2]
+        results[n] = {k: med(k) for k in keys}
     print(f"{'processes':>10s}{'step s':>10s}{'rollout':>10s}{'logprob':>10s}{'update':>10s}{'tokens/s':>10s}"
-          f"{'peak MB':>10s}")
+          f"{'padding':>10s}{'peak MB':>10s}{'MFU':>8s}")
     for n, r in results.items():
         print(f"{n:>10d}{r['t_step']:>10.3f}{r['t_rollout']:>10.3f}{r['t_logprob']:>10.3f}{r['t_update']:>10.3f}"
-              f"{r['tokens_per_s']:>10.0f}{r['peak_mem_mb']:>10.0f}")
-    print(f"(medians over steps 2..{cfg.steps}; 64 samples of up to 64 tokens per step; tokens/s = generated tokens "
-          f"per second of step time)")
+              f"{r['tokens_per_s']:>10.0f}{r['padding']:>10.2f}{r['peak_mem_mb']:>10.0f}{r['mfu']:>8.1%}")
+    print(f"(medians over steps 2..{cfg.steps}; 8 prompts x 8 samples of up to {cfg.max_new_tokens} tokens per step; "
+          f"tokens/s = generated tokens per second of step time; padding = padded tokens in no sequence / padded "
+          f"tokens of the update; MFU of the update, CUDA only)")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# trl: whole GRPO steps of train_rl.py vs TRL's GRPOTrainer (HF generate, no vLLM) on the same tiny Qwen2 and prompts
+
+
+@dataclass
+class TrlBench:
+    steps: int = arg(6, "GRPO steps per run; the first is warm-up, the medians are over steps 2..steps")
+    repeats: int = arg(2, "runs of each engine, alternated (TRL, ours, TRL, ours, ...); the best median is reported")
+    out: str = arg("runs/bench_trl", "directory of the checkpoint, tokenizer, prompts and each run")
+    compile: bool | None = arg(None, "passed to train_rl.py as --compile / --no-compile; unset: its default")
+    engine: str = arg("both", "both (the comparison), or one run of trl / ours (what `both` launches)",
+                      ("both", "trl", "ours"))
+
+
+TRL_MODEL = dict(vocab_size=1000, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512, rope_theta=1e4)
+TRL_SHAPES = dict(prompts=8, group=8, new_tokens=64, rows=48, words=16)
+
+
+def trl_task(out: Path) -> Path:
+    """The user's setup: a byte-level BPE of 1000 tokens (tokenizers' trainer) with the ChatML specials, a random
+    1.1M-parameter Qwen2 (tied) saved by transformers, 48 prompts of 16 random words as TRL conversations and as
+    train_rl.py rows. Cached in `out`."""
+    ckpt = out / "qwen2-tiny"
+    if (ckpt / "model.safetensors").is_file() and (out / "rows.jsonl").is_file():
+        return ckpt
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=TRL_MODEL["vocab_size"], special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ckpt.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(**TRL_MODEL, bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"),
+                                      pad_token_id=tok.token_to_id("<|endoftext|>")))
+    hf.save_pretrained(ckpt)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(ckpt)  # tokenizer.json (what train_rl.py reads) + the HF files TRL reads
+    questions = [" ".join(rng.choice(words) for _ in range(TRL_SHAPES["words"])) for _ in range(TRL_SHAPES["rows"])]
+    rows = [dict(id=f"q{i}", question=q, answer="0", answer_type="numeric") for i, q in enumerate(questions)]
+    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ckpt
+
+
+def _trl_run(cfg: TrlBench, ckpt: Path, run: Path) -> dict:
+    """One TRL run in this process (1 thread): per-step wall time and the time inside model.generate."""
+    torch.set_num_threads(1)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    rows = cli.read_jsonl(Path(cfg.out) / "rows.jsonl")
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}]} for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    S = TRL_SHAPES
+    n = S["prompts"] * S["group"]
+    args = GRPOConfig(output_dir=str(run), use_cpu=True, use_vllm=False, beta=0.0, num_generations=S["group"],
+                      per_device_train_batch_size=n, generation_batch_size=n, gradient_accumulation_steps=1,
+                      num_iterations=1, max_completion_length=S["new_tokens"],
+                      generation_kwargs={"min_new_tokens": S["new_tokens"]}, gradient_checkpointing=False,
+                      max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to="none",
+                      dataloader_num_workers=0, seed=0)
+    reward = lambda completions, **kw: [float(len(c[0]["content"]) % 5) for c in completions]
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
+    times = dict(step=[], generate=[], tokens=[])
+    generate = model.generate
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def timed_generate(*a, **kw):
+        t = time.perf_counter()
+        out = generate(*a, **kw)
+        times["generate"].append(time.perf_counter() - t)
+        completion = out[:, kw["input_ids"].shape[1]:]
+        ends = (completion == eos).int()
+        lengths = torch.where(ends.any(1), ends.argmax(1) + 1, completion.shape[1])
+        times["tokens"].append(int(lengths.sum()))
+        return out
+
+    model.generate = timed_generate
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times["step"].append(time.perf_counter() - self.t)
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return times
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def bench_trl(cfg: TrlBench) -> None:
+    """TRL and train_rl.py alternately on the same checkpoint, prompts and shapes (8 prompts x 8 samples x 64 new
+    tokens, one update per rollout, fp32, 1 thread each); medians over steps 2..steps, the best run of each."""
+    out = Path(cfg.out)
+    if cfg.engine == "trl":
+        print("TRL_TIMES " + json.dumps(_trl_run(cfg, out / "qwen2-tiny", out / "trl")), flush=True)
+        return
+    try:
+        import trl  # noqa: F401 - the reference engine: a test-only dependency
+    except ImportError:
+        print("bench trl: skipped, TRL is not installed (pip install trl==1.16.0)")
+        return
+    ckpt = trl_task(out)
+    S = TRL_SHAPES
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env |= dict(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    ours_args = ["--init_from", str(ckpt), "--data", str(out / "rows.jsonl"), "--stage", "grpo",
+                 "--steps", str(cfg.steps), "--prompts_per_step", str(S["prompts"]), "--group_size", str(S["group"]),
+                 "--max_new_tokens", str(S["new_tokens"]), "--max_len", "128", "--no-dynamic_sampling",
+                 "--micro_batch", str(S["prompts"] * S["group"]), "--threads", "1", "--overlong_buffer", "0",
+                 "--reward_workers", "1", "--lr", "1e-5"]
+    if cfg.compile is not None:
+        ours_args.append("--compile" if cfg.compile else "--no-compile")
+    trl_runs, our_runs = [], []
+    for r in range(cfg.repeats):  # alternated: a burst of outside load hits both engines alike
+        print(f"bench trl: run {r + 1}/{cfg.repeats}: TRL ...", flush=True)
+        p = subprocess.run([sys.executable, __file__, "trl", "--engine", "trl", "--out", str(out),
+                            "--steps", str(cfg.steps)], env=env, capture_output=True, text=True)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("TRL_TIMES ")), None)
+        if p.returncode or line is None:
+            raise RuntimeError(f"the TRL run failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+        t = json.loads(line.split(" ", 1)[1])
+        skip = lambda xs: xs[1:]  # the first step warms up
+        trl_runs.append(dict(step=_median(skip(t["step"])), rollout=_median(skip(t["generate"])),
+                             tokens=_median(skip(t["tokens"]))))
+        print(f"bench trl: run {r + 1}/{cfg.repeats}: ours ...", flush=True)
+        run = out / "ours"
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+        p = subprocess.run([sys.executable, str(Path(__file__).with_name("train_rl.py")), *ours_args, "--out", str(run)],
+                           env=env, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"train_rl.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+        m = cli.read_jsonl(run / "metrics.jsonl")[1:]
+        med = lambda k: _median([x[k] for x in m])
+        our_runs.append(dict(step=med("t_step"), rollout=med("t_rollout"), update=med("t_update"),
+                             logprob=med("t_logprob"), tokens=med("rollout_tokens"), padding=med("padding")
+                             if "padding" in m[0] else float("nan")))
+    best = lambda runs: min(runs, key=lambda x: x["step"] / x["tokens"])
+    a, b = best(trl_runs), best(our_runs)
+    print(f"device: {device_name(torch.device('cpu'))} x 1 process, torch {torch.__version__}, trl {trl.__version__}; "
+          f"Qwen2 {TRL_MODEL['hidden_size']}d x {TRL_MODEL['num_hidden_layers']} layers, vocab "
+          f"{TRL_MODEL['vocab_size']}; {S['prompts']} prompts x {S['group']} samples x {S['new_tokens']} new tokens; "
+          f"medians over steps 2..{cfg.steps}, best of {cfg.repeats} runs")
+    print(f"{'engine':>8s}{'step s':>9s}{'rollout':>9s}{'update':>9s}{'tokens':>8s}{'step tok/s':>12s}"
+          f"{'gen tok/s':>11s}")
+    print(f"{'TRL':>8s}{a['step']:>9.3f}{a['rollout']:>9.3f}{a['step'] - a['rollout']:>9.3f}{a['tokens']:>8.0f}"
+          f"{a['tokens'] / a['step']:>12.0f}{a['tokens'] / a['rollout']:>11.0f}")
+    print(f"{'ours':>8s}{b['step']:>9.3f}{b['rollout']:>9.3f}{b['update']:>9.3f}{b['tokens']:>8.0f}"
+          f"{b['tokens'] / b['step']:>12.0f}{b['tokens'] / b['rollout']:>11.0f}")
+    print(f"ratios (ours / TRL, tokens per second): whole step {b['tokens'] / b['step'] / (a['tokens'] / a['step']):.2f}x"
+          f", rollout vs generate {b['tokens'] / b['rollout'] / (a['tokens'] / a['rollout']):.2f}x, update "
+          f"{(a['step'] - a['rollout']) / b['update']:.2f}x; our padding fraction {b['padding']:.2f}")
+    for name, runs in (("TRL", trl_runs), ("ours", our_runs)):
+        print(f"  every {name} run (step s): " + ", ".join(f"{x['step']:.3f}" for x in runs))
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # Command line
@@ -420,6 +626,7 @@ COMMANDS = {  # name: (config, function, help)
     "rollout": (RolloutBench, bench_rollout, "the sampler vs transformers' generate on a random Qwen2 model"),
     "reward": (RewardBench, bench_reward, "responses/s, serial and with score_batch's process pool"),
     "train": (TrainBench, bench_train, "GRPO steps of the tiny grid task, 1 vs 2 processes"),
+    "trl": (TrlBench, bench_trl, "whole GRPO steps and rollout vs TRL's GRPOTrainer on a tiny Qwen2"),
 }
 
 

@@ -1,10 +1,12 @@
 """Checkpoint I/O for model.py's VLM: config.json in three dialects, key maps, sharded safetensors, atomic saves.
 
 Layouts: "remote" is OpenGVLab InternVL's remote-code `InternVLChatModel` (`modeling_internvl_chat.py`,
-`configuration_internvl_chat.py`: `llm_config` / `vision_config`, what Skywork-R1V3-38B ships in); "native" is
-transformers' `InternVLForConditionalGeneration` (`text_config`, split q/k/v in the ViT); "qwen2" is a text-only
-transformers `Qwen2ForCausalLM`. Any of them loads; saving writes any of them, with the source's tokenizer beside it.
-The command line validates a checkpoint and, with --save, converts it to another layout or dtype.
+`configuration_internvl_chat.py`: `llm_config` / `vision_config`, what Skywork-R1V3-38B and InternVL3.5 ship in);
+"native" is transformers' `InternVLForConditionalGeneration` (`text_config`, split q/k/v in the ViT); "qwen2" and
+"qwen3" are a text-only transformers `Qwen2ForCausalLM` / `Qwen3ForCausalLM`. The LLM inside "remote" and "native"
+is a Qwen2 or a Qwen3 (`LLM_ARCHS`); any other (InternLM2, Llama, a MoE) is refused by name. Any layout loads;
+saving writes any of them, with the source's tokenizer beside it. The command line validates a checkpoint and, with
+--save, converts it to another layout or dtype.
 
     python checkpoint.py /path/to/InternVL3-1B   # config summary and parameter counts per module
 """
@@ -24,7 +26,10 @@ from tokenizers import Tokenizer
 from model import VLM, LLMConfig, ViTConfig, VLMConfig
 
 IMG_CONTEXT = "<IMG_CONTEXT>"  # the token whose embeddings the connector's outputs replace (config.image_token_id)
-LAYOUTS = ("remote", "native", "qwen2")
+LAYOUTS = ("remote", "native", "qwen2", "qwen3")  # the last two: text only, named by the LLM they hold
+# The LLMs model.py implements: `architectures` name -> model_type (also the text-only layout's name).
+LLM_ARCHS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+MODEL_TYPES = {"qwen2": "qwen2", "qwen2_5": "qwen2", "qwen3": "qwen3"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # for --dtype flags
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -38,6 +43,25 @@ def _pick(d: dict, *names, default=None):
     return default
 
 
+def _llm_arch(d: dict) -> str:
+    """"qwen2" or "qwen3": the LLM config `d` names by `architectures` (remote llm_config, text-only configs) and/or
+    `model_type` (native text_config). Another architecture has other weights (InternLM2's fused wqkv, a MoE's
+    experts): refused here by name rather than loaded as a Qwen2 whose keys then fail to match. A config naming
+    neither is a Qwen2, as every such config read before Qwen3 support was."""
+    archs = d.get("architectures") or []
+    names = [*(archs if isinstance(archs, list) else [archs]), *([d["model_type"]] if d.get("model_type") else [])]
+    kinds = set()
+    for name in names:
+        kind = LLM_ARCHS.get(name) or MODEL_TYPES.get(name)
+        if kind is None:
+            raise ValueError(f"LLM architecture {name!r} is not supported (only {', '.join(LLM_ARCHS)}: "
+                             f"model_type {', '.join(sorted(set(MODEL_TYPES.values())))})")
+        kinds.add(kind)
+    if len(kinds) > 1:
+        raise ValueError(f"the LLM config names both a Qwen2 and a Qwen3 ({names})")
+    return kinds.pop() if kinds else "qwen2"
+
+
 def _llm_config(d: dict, tie: bool | None) -> LLMConfig:
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     # "dynamic" NTK scaling (some InternVL llm_configs) only changes positions past max_position_embeddings, which
@@ -47,13 +71,18 @@ def _llm_config(d: dict, tie: bool | None) -> LLMConfig:
     if d.get("use_sliding_window"):
         raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
     tie = d.get("tie_word_embeddings") if tie is None else tie  # native configs keep it at the top level
+    qwen3 = _llm_arch(d) == "qwen3"
+    bias = d.get("attention_bias", False) if qwen3 else None  # Qwen3Config's default; Qwen2 hard-codes its biases
     return LLMConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
         num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=_pick(d, "num_key_value_heads", default=d["num_attention_heads"]),
-        head_dim=d.get("head_dim"), rope_theta=_pick(rope, "rope_theta", default=d.get("rope_theta", 1e4)),
+        # Qwen3Config's head_dim defaults to 128 whatever the width; Qwen2's to hidden_size / heads (None here)
+        head_dim=_pick(d, "head_dim", default=128 if qwen3 else None),
+        rope_theta=_pick(rope, "rope_theta", default=d.get("rope_theta", 1e4)),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6), max_position_embeddings=d.get("max_position_embeddings", 32768),
-        tie_word_embeddings=False if tie is None else tie)
+        tie_word_embeddings=False if tie is None else tie,
+        **(dict(qkv_bias=bias, o_bias=bias, qk_norm=True) if qwen3 else {}))
 
 
 def _size(v) -> int:
@@ -61,8 +90,9 @@ def _size(v) -> int:
 
 
 def config_from_dict(d: dict, image_token_id: int | None = None) -> VLMConfig:
-    """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or Qwen2 layout;
-    `image_token_id` (<IMG_CONTEXT>'s id, from the tokenizer) applies where the config.json does not store it."""
+    """Reads a config.json in the remote-code (`llm_config`), transformers-native (`text_config`) or text-only
+    (Qwen2 / Qwen3) layout; `image_token_id` (<IMG_CONTEXT>'s id, from the tokenizer) applies where the config.json
+    does not store it."""
     image_token_id = _pick(d, "image_token_id", default=image_token_id)
     for name in ("llm_config", "text_config", "vision_config"):
         if name in d and not isinstance(d[name], dict):
@@ -99,10 +129,20 @@ def config_from_dict(d: dict, image_token_id: int | None = None) -> VLMConfig:
             llm=_llm_config(d["text_config"], d.get("tie_word_embeddings")), vision=vision,
             downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
             image_token_id=image_token_id, layout="native", source=d)
-    if d.get("model_type") in ("qwen2", "qwen2_5") or "Qwen2ForCausalLM" in d.get("architectures", []):
-        return VLMConfig(llm=_llm_config(d, None), vision=None, image_token_id=image_token_id, layout="qwen2",
-                         source=d)
-    raise ValueError(f"unrecognised config.json: no llm_config/text_config and model_type {d.get('model_type')!r}")
+    if d.get("model_type") is None and not d.get("architectures"):
+        raise ValueError("unrecognised config.json: no llm_config/text_config, architectures or model_type")
+    return VLMConfig(llm=_llm_config(d, None), vision=None, image_token_id=image_token_id, layout=_llm_arch(d),
+                     source=d)
+
+
+def llm_arch(m: LLMConfig) -> str:
+    """The LLM an LLMConfig's attention switches describe, "qwen2" or "qwen3" (what saving names it)."""
+    if m.qk_norm and m.qkv_bias == m.o_bias:
+        return "qwen3"
+    if not m.qk_norm and m.qkv_bias and not m.o_bias:
+        return "qwen2"
+    raise ValueError(f"no supported LLM has qkv_bias={m.qkv_bias}, o_bias={m.o_bias}, qk_norm={m.qk_norm} "
+                     f"(Qwen2: True, False, False; Qwen3: attention_bias twice, True)")
 
 
 def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
@@ -112,17 +152,22 @@ def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
     keep = dict(cfg.source) if cfg.layout == layout else {}
     sub = lambda name: dict(keep.get(name, {}))
     m = cfg.llm
+    arch = llm_arch(m)
+    architectures = [next(name for name, kind in LLM_ARCHS.items() if kind == arch)]
     llm = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
                num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
                rms_norm_eps=m.rms_norm_eps, max_position_embeddings=m.max_position_embeddings,
-               tie_word_embeddings=m.tie_word_embeddings, hidden_act="silu", model_type="qwen2")
-    if layout == "qwen2":
+               tie_word_embeddings=m.tie_word_embeddings, hidden_act="silu", model_type=arch,
+               **(dict(attention_bias=m.qkv_bias) if arch == "qwen3" else {}))
+    if layout in ("qwen2", "qwen3"):
         if cfg.vision is not None:
-            raise ValueError("a model with a vision tower cannot be saved in the text-only qwen2 layout")
-        return {**keep, **llm, "architectures": ["Qwen2ForCausalLM"]}
+            raise ValueError(f"a model with a vision tower cannot be saved in the text-only {layout} layout")
+        if layout != arch:
+            raise ValueError(f"a {architectures[0]} cannot be saved in the {layout} layout (use {arch!r})")
+        return {**keep, **llm, "architectures": architectures}
     if cfg.vision is None:
-        raise ValueError(f"a text-only model can only be saved in the qwen2 layout, not {layout!r}")
+        raise ValueError(f"a text-only model can only be saved in the {arch} layout, not {layout!r}")
     v = cfg.vision
     if layout == "remote":
         vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
@@ -134,7 +179,7 @@ def config_to_dict(cfg: VLMConfig, layout: str) -> dict:
         out = {**keep, "architectures": keep.get("architectures", ["InternVLChatModel"]),
                "model_type": keep.get("model_type", "internvl_chat"),
                "vision_config": {**sub("vision_config"), **vision},
-               "llm_config": {**sub("llm_config"), **llm, "architectures": ["Qwen2ForCausalLM"]},
+               "llm_config": {**sub("llm_config"), **llm, "architectures": architectures},
                "downsample_ratio": cfg.downsample_ratio, "select_layer": cfg.select_layer,
                "force_image_size": v.image_size, "min_dynamic_patch": cfg.min_dynamic_patch,
                "max_dynamic_patch": cfg.max_dynamic_patch, "use_thumbnail": cfg.use_thumbnail,
@@ -194,6 +239,7 @@ KEY_MAPS = {
     "remote": [("language_model.lm_head.", "language_model.lm_head."), ("language_model.", "language_model.model."),
                ("vision_model.", "vision_model."), ("mlp1.", "mlp1.")],
     "qwen2": [("language_model.lm_head.", "lm_head."), ("language_model.", "model.")],
+    "qwen3": [("language_model.lm_head.", "lm_head."), ("language_model.", "model.")],
     "native": [
         ("language_model.lm_head.", "language_model.lm_head."), ("language_model.", "language_model.model."),
         ("vision_model.embeddings.class_embedding", "vision_tower.embeddings.cls_token"),
@@ -337,7 +383,7 @@ def write_safetensors(state: dict, path: Path, max_shard_bytes: int):
 
 
 def load_model(path, dtype: torch.dtype | None = torch.float32, device="cpu") -> VLM:
-    """Loads a checkpoint directory in any of the three layouts (see `LAYOUTS`); builds on meta, then assigns.
+    """Loads a checkpoint directory in any of the layouts (see `LAYOUTS`); builds on meta, then assigns.
     dtype None keeps the dtypes the file stores."""
     path = Path(path)
     config = read_config(path)

@@ -1,5 +1,7 @@
 """What every script of the project shares at its edges: command-line flags generated from a config dataclass, and
-the files it writes for people and tools (strict JSON, atomic replacement, appended JSONL).
+the files it writes for people and tools (strict JSON, atomic replacement, appended JSONL), and how a script stops
+on an error it expected (`run`: one line, exit 2 for a bad flag value, 1 otherwise; unexpected errors keep their
+traceback).
 
 One flag per dataclass field, spelt like the field (`--max_new_tokens`, nanoGPT's style), its help from the
 field's metadata, its default shown; booleans take `--name` / `--no-name`, optional numbers take a value or keep
@@ -13,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import sys
+import time
 import typing
 from pathlib import Path
 
@@ -48,10 +52,17 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
                                 choices=f.metadata.get("choices"))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """argparse's one-line error (without the usage block: --help shows it), exit 2; under torchrun from rank 0
+        only (every rank exits)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if int(os.environ.get("RANK", 0)) == 0 else None)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser that shows each flag's default; `description` is usually the script's first docstring
     paragraph."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def config_from(args: argparse.Namespace, cls, **override):
@@ -101,3 +112,58 @@ def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file written by `append_jsonl`, with the nulls of non-finite numbers back as nan."""
     return [{k: math.nan if v is None else v for k, v in json.loads(line).items()}
             for line in Path(path).read_text().splitlines() if line.strip()]
+
+# -----------------------------------------------------------------------------------------------------------------
+# Errors a script expects: one line and an exit code, no traceback
+
+
+class UsageError(ValueError):
+    """A flag's value refused at the door (`--lr must be finite and > 0, got inf`): exit 2, as argparse's own."""
+
+
+class InputError(ValueError):
+    """Inputs that cannot make a run (a data file, a checkpoint, a tokenizer, settings that disagree with them); the
+    message names the file, row or setting: exit 1."""
+
+
+class Stopped(RuntimeError):
+    """A run that stopped itself on purpose (non-finite weights, nothing to train on, SIGTERM); the message says why
+    and what to do: exit `exit_code`."""
+    exit_code = 1
+
+
+def _expected() -> tuple[type, ...]:
+    """Exceptions whose message is the whole story. Imported here, not at the top: data.py and rundir.py import
+    this file."""
+    from data import DataError
+    from rundir import CheckpointError, RunDirLocked
+    return (UsageError, InputError, Stopped, DataError, RunDirLocked, CheckpointError, FileNotFoundError,
+            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def exit_code(e: BaseException) -> int:
+    return 2 if isinstance(e, UsageError) else getattr(e, "exit_code", 1)
+
+
+def run(main, prog: str, argv: list[str] | None = None):
+    """`main(argv)` as a script's entry point: an expected error (see `_expected`) is printed once as
+    `PROG: error: MESSAGE` (by rank 0 only under torchrun) and exits with `exit_code`; anything else keeps its
+    traceback. Under torchrun each rank also writes the message to its error file (TORCHELASTIC_ERROR_FILE), and
+    unexpected errors are recorded by torch's `@record`, so torchrun's summary names the root cause."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    def guarded():
+        try:
+            main(argv)
+        except _expected() as e:
+            message = f"{prog}: error: {e}"
+            if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's summary shows the one line
+                with open(error_file, "w") as f:  # as ErrorHandler.record_exception writes it, the line as traceback
+                    json.dump({"message": {"message": message, "extraInfo": {
+                        "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(message, file=sys.stderr, flush=True)
+            else:  # torchrun ends the other ranks as soon as one exits: let rank 0 print first
+                time.sleep(1.0)
+            sys.exit(exit_code(e))
+    record(guarded)()

@@ -11,19 +11,25 @@ needed for cold-start SFT; `answer_type` is one of reward.ANSWER_TYPES (inferred
 every row before anything runs and reports every problem as `FILE:LINE: what is wrong`; `encode` turns one row into
 prompt ids + image tiles (+ response ids for SFT).
 Follows InternVL's `dynamic_preprocess` / `build_transform` (tiling, ImageNet normalisation) and its chat template
-(`internvl2_5`: Qwen ChatML, `<img><IMG_CONTEXT>...</img>` per image).
+(`internvl2_5`: Qwen ChatML, `<img><IMG_CONTEXT>...</img>` per image); a checkpoint's own Jinja chat template
+(`chat_template.jinja`, or tokenizer_config.json's) is rendered as transformers' apply_chat_template renders it.
 
     python data.py rows.jsonl --ckpt /path/to/InternVL3-1B     # validate a data file, print the first prompt
 """
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
 import numpy as np
 import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import cli
 from checkpoint import IMG_CONTEXT, read_config
@@ -49,9 +55,20 @@ def load_tokenizer(path) -> Tokenizer:
         raise ValueError(f"{f}: cannot read tokenizer: {e}") from None
 
 
+def check_tokenizer(tokenizer: Tokenizer, config: VLMConfig, where) -> None:
+    """Refuse a tokenizer whose ids go past the checkpoint's embedding (an id >= vocab_size would index past it:
+    an error on CPU, garbage or a device assert on a GPU), naming both sizes; `where` names the checkpoint. A
+    vocab_size larger than the tokenizer is normal (Qwen pads its embedding)."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1) + 1
+    if top > config.llm.vocab_size:
+        raise cli.InputError(f"{where}: the tokenizer has ids up to {top - 1} ({top} tokens) but the model's embedding "
+                             f"has vocab_size {config.llm.vocab_size}: the tokenizer does not belong to this "
+                             f"checkpoint")
+
+
 def word_tokenizer(words) -> Tokenizer:
     """A whitespace word-level tokenizer with the ChatML and image special tokens: tiny tasks and tests."""
-    from tokenizers import decoders, models, pre_tokenizers
     words = ["<unk>", *SPECIAL_TOKENS, "system", "user", "assistant", *words]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -69,7 +86,8 @@ def special_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 
 
 def chat_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Qwen ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the assistant's opening."""
+    """Qwen ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the assistant's opening. The
+    fallback for checkpoints without a chat template of their own (see `ChatTemplate`)."""
     out = []
     for m in messages:
         if m["role"] not in ("system", "user", "assistant"):
@@ -78,6 +96,115 @@ def chat_template(messages: list[dict], add_generation_prompt: bool = True) -> s
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+THINK_OPEN = "<think>"
+R1V3_SYSTEM = "You are a helpful assistant."  # R1V3's system prompt (its slow-thinking inference mode)
+# The special tokens transformers passes to a template by name (its special_tokens_map), from tokenizer_config.json.
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot be used: malformed, or reaching for Python internals."""
+
+
+@dataclass
+class ChatTemplate:
+    """A checkpoint's own Jinja chat template, rendered as transformers' `apply_chat_template` renders it: jinja2's
+    ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the helpers transformers defines
+    (raise_exception, strftime_now, a tojson that does not escape HTML, loop controls), `messages`,
+    `add_generation_prompt` and the special tokens of tokenizer_config.json by name (bos_token, eos_token, ...).
+    A template that touches underscore attributes (`''.__class__`) is refused when loaded, naming its file."""
+    source: str
+    path: str  # where it was read from, for errors
+    special_tokens: dict = field(default_factory=dict)  # name -> token text, e.g. {"eos_token": "<|im_end|>"}
+
+    def __post_init__(self):
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        try:
+            tree = env.parse(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{self.path}: chat template does not parse: {e} (line {e.lineno})") from None
+        # The sandbox would only turn `''.__class__` into an empty string (and fail on the next attribute): refuse
+        # any underscore attribute up front, with the file's name.
+        for node in tree.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
+            name = node.attr if isinstance(node, jinja2.nodes.Getattr) else \
+                getattr(node.arg, "value", None) if isinstance(node.arg, jinja2.nodes.Const) else None
+            if isinstance(name, str) and name.startswith("_"):
+                raise TemplateError(f"{self.path}: chat template refused: it reaches for the Python internal "
+                                    f"{name!r} (line {node.lineno}); templates may only read messages and strings")
+        self._compiled = env.from_string(self.source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The template's text for `messages`; `kwargs` (e.g. enable_thinking=False) go to the template."""
+        try:
+            return self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **{**self.special_tokens, **kwargs})
+        except jinja2.exceptions.SecurityError as e:
+            raise TemplateError(f"{self.path}: chat template refused by the sandbox: {e}") from None
+        except jinja2.exceptions.TemplateError as e:  # raise_exception(...) in the template, an undefined call
+            raise TemplateError(f"{self.path}: chat template failed: {e}") from None
+
+
+def _token_text(value) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an AddedToken dict {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
+
+
+def load_chat_template(path) -> ChatTemplate | None:
+    """A checkpoint directory's chat template, as transformers finds it: `chat_template.jinja`, else the
+    `chat_template` of tokenizer_config.json (a string, or a list of named templates: "default"); None when it has
+    none (prompts then use the plain ChatML of `chat_template`). Special tokens come from tokenizer_config.json."""
+    path = Path(path)
+    config_file, jinja_file = path / "tokenizer_config.json", path / "chat_template.jinja"
+    config = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TemplateError(f"{config_file}: not JSON: {e}") from None
+    special = {k: t for k in TEMPLATE_TOKENS if (t := _token_text(config.get(k))) is not None}
+    if jinja_file.is_file():
+        return ChatTemplate(jinja_file.read_text(encoding="utf-8"), str(jinja_file), special)
+    source = config.get("chat_template")
+    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise TemplateError(f"{config_file}: chat_template must be a string, got {type(source).__name__}")
+    return ChatTemplate(source, f"{config_file} (chat_template)", special)
+
+
+def render_chat(messages: list[dict], template: ChatTemplate | None = None, think: bool = True) -> str:
+    """The prompt text of `messages` ready for the assistant's turn: the checkpoint's template, else ChatML.
+    `think=False` (R1V3's NoThink mode) passes enable_thinking=False (Qwen3 templates then close an empty think
+    block) and drops a `<think>` the generation prefix would still open."""
+    if template is None:
+        return chat_template(messages)
+    text = template.render(messages, add_generation_prompt=True, **({} if think else {"enable_thinking": False}))
+    if not think and text.rstrip().endswith(THINK_OPEN):
+        text = text[:text.rstrip().rindex(THINK_OPEN)]
+    return text
+
+
+def opens_think(tokenizer: Tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether a prompt ends inside an opened think block (`...assistant\\n<think>\\n`): its response then starts
+    inside the reasoning, and `decode_response(..., opens_think=True)` gives it its `<think>` back."""
+    tail = tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)  # <think> is at most a few pieces
+    return tail.rstrip().endswith(THINK_OPEN)
 
 
 def expand_image_placeholders(text: str, tiles_per_image: list[int], tokens_per_tile: int) -> str:
@@ -168,14 +295,19 @@ def load_image(image, config: VLMConfig, max_tiles: int | None = None) -> torch.
 
 
 def build_prompt(tokenizer: Tokenizer, config: VLMConfig, question: str, images=(), system: str | None = None,
-                 max_tiles: int | None = None) -> tuple[list[int], torch.Tensor | None]:
-    """Token ids of a one-turn chat prompt (ready for generation) and the images' tiles (or None).
-    Without `<image>` placeholders in the question, InternVL's convention puts one per image in front."""
+                 max_tiles: int | None = None, template: ChatTemplate | None = None, think: bool = True
+                 ) -> tuple[list[int], torch.Tensor | None]:
+    """Token ids of a one-turn chat prompt (ready for generation) and the images' tiles (or None): rendered with the
+    checkpoint's `template` (see `load_chat_template`) or plain ChatML, `think=False` for NoThink (`render_chat`).
+    Without `<image>` placeholders in the question, InternVL's convention puts one per image in front; each is
+    expanded after rendering, so a template never sees the image tokens. The special tokens the template writes are
+    encoded as special tokens, as transformers does (add_special_tokens=False: the template adds a bos itself)."""
     pixels = [load_image(im, config, max_tiles) for im in images]
     if images and IMAGE_PLACEHOLDER not in question:
         question = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + question
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    text = expand_image_placeholders(chat_template(messages), [p.shape[0] for p in pixels], config.tokens_per_tile)
+    text = expand_image_placeholders(render_chat(messages, template, think), [p.shape[0] for p in pixels],
+                                     config.tokens_per_tile)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return ids, (torch.cat(pixels) if pixels else None)
 
@@ -286,6 +418,7 @@ class Example:
     prompt_ids: list[int]  # the chat prompt, ending with the assistant's opening
     pixel_values: torch.Tensor | None  # (tiles, 3, S, S) for the prompt's <IMG_CONTEXT> tokens
     response_ids: list[int]  # SFT target: the row's response then <|im_end|>; [] for rows without a response
+    opens_think: bool = False  # the prompt ends inside <think>: responses start in the reasoning (see opens_think)
 
     @property
     def ids(self) -> list[int]:
@@ -303,17 +436,23 @@ def question_text(row: dict) -> str:
 
 
 def encode(row: dict, tokenizer: Tokenizer, config: VLMConfig, max_tiles: int | None = None,
-           system: str | None = None) -> Example:
-    """A validated row (see `load_rows`) -> prompt ids, image tiles (at most `max_tiles` grid tiles per image) and,
-    when the row has a `response`, the response ids ending with <|im_end|>."""
-    ids, pixels = build_prompt(tokenizer, config, question_text(row), row.get("image") or [], system, max_tiles)
+           system: str | None = None, template: ChatTemplate | None = None, think: bool = True) -> Example:
+    """A validated row (see `load_rows`) -> prompt ids (`build_prompt`: the checkpoint's `template` or ChatML), image
+    tiles (at most `max_tiles` grid tiles per image) and, when the row has a `response`, the response ids ending with
+    <|im_end|>. When the prompt opens <think>, an SFT response's own leading `<think>` is dropped: the prompt has it."""
+    ids, pixels = build_prompt(tokenizer, config, question_text(row), row.get("image") or [], system, max_tiles,
+                               template, think)
+    opened = opens_think(tokenizer, ids)
     response = []
     if row.get("response") is not None:
         end = tokenizer.token_to_id("<|im_end|>")
         if end is None:
             raise ValueError("the tokenizer has no <|im_end|> token: SFT responses cannot be terminated")
-        response = tokenizer.encode(row["response"], add_special_tokens=False).ids + [end]
-    return Example(ids, pixels, response)
+        text = row["response"]
+        if opened and text.lstrip().startswith(THINK_OPEN):
+            text = text.lstrip()[len(THINK_OPEN):].lstrip("\n")
+        response = tokenizer.encode(text, add_special_tokens=False).ids + [end]
+    return Example(ids, pixels, response, opened)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -373,10 +512,168 @@ def token_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-def decode_response(tokenizer: Tokenizer, ids: list[int], stop_ids) -> str:
+def decode_response(tokenizer: Tokenizer, ids: list[int], stop_ids, opens_think: bool = False) -> str:
     """A completion's text for rewards and verdicts: the stop token that ended it dropped, other special tokens
-    (Qwen's <think> is one) kept."""
-    return tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=False)
+    (Qwen's <think> is one) kept. `opens_think` (the prompt ended inside `<think>`, see `opens_think`): the
+    `<think>` the prompt opened is put back in front, so that format checks and answer extraction read the response
+    as the model wrote it, reasoning then `</think>` then the answer."""
+    text = tokenizer.decode(ids[:-1] if ids and ids[-1] in stop_ids else ids, skip_special_tokens=False)
+    return THINK_OPEN + "\n" + text if opens_think else text
+
+
+def mix_seed(*parts: int) -> int:
+    """One 62-bit seed from integers (run seed, step, round, row; run seed, question; ...): every caller derives its
+    seeds here, from what identifies a draw and never from the process that makes it."""
+    h = 0
+    for x in parts:
+        h = (h * 1_000_003 + int(x)) % 2**62
+    return h
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The order rows are taken in: one global prompt order, the same on every rank, each rank taking its share
+
+
+@dataclass
+class PromptStream:
+    """Epochs of a seeded permutation of the rows; `position` counts prompts taken in the current epoch (the same on
+    every rank). With the pass-rate curriculum each epoch is ordered easy -> hard and always-solved rows are left out
+    (R1V3 saw curriculum shift hurt generalisation, so it is an option to measure, not the default)."""
+    n: int
+    seed: int
+    curriculum: str = "uniform"
+    epoch: int = 0
+    position: int = 0
+    correct: dict = field(default_factory=dict)  # row index -> [right, total] over every sampled response
+    order: list = field(default_factory=list)
+
+    def _new_epoch(self):
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.curriculum == "pass_rate":
+            rate = {i: self.correct[i][0] / self.correct[i][1] for i in self.correct if self.correct[i][1]}
+            order = [i for i in order if rate.get(i, 0.5) < 1.0] or order
+            order.sort(key=lambda i: -rate.get(i, 0.5))  # stable: ties keep the permutation's order
+        self.order = order
+
+    def take(self, k: int) -> list[int]:
+        """The next k prompts of the global order."""
+        out = []
+        while len(out) < k:
+            if not self.order or self.position >= len(self.order):
+                if self.order:
+                    self.epoch, self.position = self.epoch + 1, 0
+                self._new_epoch()
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def record(self, results: list[tuple[int, int, int]]):
+        """(row, right, total) per sampled group."""
+        for i, right, total in results:
+            c = self.correct.setdefault(i, [0, 0])
+            c[0] += right
+            c[1] += total
+
+    def state(self) -> dict:
+        """Everything `take` depends on; the epoch's order too, since the curriculum sorted it by the pass rates
+        of its start, which are not the pass rates now."""
+        return {"epoch": self.epoch, "position": self.position, "order": list(self.order),
+                "correct": {str(k): v for k, v in sorted(self.correct.items())}}
+
+    def load(self, state: dict):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = [int(i) for i in state["order"]]
+        self.correct = {int(k): list(v) for k, v in state["correct"].items()}
+
+# -----------------------------------------------------------------------------------------------------------------
+# What the trainer learns from: sequences, packed into micro-batches
+
+
+@dataclass
+class Sequence:
+    """One prompt + response the trainer learns from."""
+    row: int  # index into the data rows
+    prompt: list[int]
+    response: list[int]
+    pixel_values: torch.Tensor | None
+    advantage: float = 0.0
+    sampler_logprobs: list[float] | None = None  # per response token (GRPO)
+    old_logprobs: torch.Tensor | None = None  # per response token, the trainer's before the update (GRPO, mu > 1)
+    weight: float = 1.0  # 0 for a dummy sequence that only keeps collectives in step
+    truncated: bool = False
+    order: int = 0  # position in the step's global order: what splits a rollout into mini-batches on any world size
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # (B, T)
+    pixel_values: torch.Tensor | None  # (tiles, 3, S, S): each distinct image of the batch once (a group shares one)
+    image_index: torch.Tensor | None  # (<IMG_CONTEXT> tokens,): the feature row of pixel_values each one takes
+    targets: torch.Tensor  # (B, T): the response token each position predicts, IGNORE_INDEX elsewhere
+    mask: torch.Tensor  # (B, T) float: 1 on the response tokens that count in the loss
+    advantages: torch.Tensor  # (B,)
+    sampler_logprobs: torch.Tensor  # (B, T), aligned with targets
+    old_logprobs: torch.Tensor | None  # (B, T)
+    seqs: list[Sequence]
+    padded: Padded  # where each sequence's response sits
+
+
+def shared_images(seqs: list[Sequence], tokens_per_tile: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(tiles, index): each distinct image tensor of `seqs` once (a group's samples share their prompt's), and for
+    every <IMG_CONTEXT> token of the batch in row-major order the row of the tiles' features it takes. The vision
+    tower then runs once per prompt; autograd sums the gradient of a prompt's G uses into its one forward."""
+    unique, offsets, index = [], {}, []
+    for s in seqs:
+        if s.pixel_values is None:
+            continue
+        key = id(s.pixel_values)
+        if key not in offsets:
+            offsets[key] = sum(u.shape[0] for u in unique) * tokens_per_tile
+            unique.append(s.pixel_values)
+        index.append(torch.arange(s.pixel_values.shape[0] * tokens_per_tile) + offsets[key])
+    if not unique:
+        return None, None
+    return torch.cat(unique), torch.cat(index)
+
+
+def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, pad: int, mask_truncated: bool,
+         tokens_per_tile: int = 0) -> MicroBatch:
+    """Right-padded rows (data.right_pad), each sequence's per-token values placed on its response positions, the
+    distinct images once with the index that places their features (`shared_images`; `tokens_per_tile` 0: every
+    sequence's tiles, in order, as the model's default placement)."""
+    padded = right_pad([s.prompt for s in seqs], [s.response for s in seqs], pad)
+    mask = padded.place([s.weight * (0.0 if mask_truncated and s.truncated else 1.0) for s in seqs])
+    sampler = padded.place([s.sampler_logprobs if s.sampler_logprobs is not None else 0.0 for s in seqs])
+    old = padded.place([s.old_logprobs if s.old_logprobs is not None else 0.0 for s in seqs]) \
+        if any(s.old_logprobs is not None for s in seqs) else None
+    if tokens_per_tile:
+        pixels, index = shared_images(seqs, tokens_per_tile)
+    else:
+        tiles = [s.pixel_values for s in seqs if s.pixel_values is not None]
+        pixels, index = (torch.cat(tiles) if tiles else None), None
+    to = lambda t: None if t is None else t.to(device, non_blocking=True)
+    return MicroBatch(to(padded.input_ids), None if pixels is None else pixels.to(device, dtype), to(index),
+                      to(padded.targets), to(mask), to(torch.tensor([s.advantage for s in seqs])), to(sampler),
+                      to(old), seqs, padded)
+
+
+def micro_batch_plan(seqs: list[Sequence], size: int, max_tokens: int | None = None) -> list[list[Sequence]]:
+    """This rank's micro-batches. `max_tokens` unset: runs of `size` sequences in the given order (a group's
+    samples are consecutive). Set: sequences ordered by length and cut into runs whose padded size (count x
+    longest) fills the budget (`token_batches`); with images, a prompt's samples stay together (ordered by the
+    group's longest, then their own length), so its tiles go through the tower once where the budget allows.
+    The loss is a token-level mean over the whole step, so the grouping changes the cost, never the result."""
+    if max_tokens is None:
+        return [seqs[i:i + size] for i in range(0, len(seqs), size)]
+    n = lambda s: len(s.prompt) + len(s.response)
+    first: dict[int, int] = {}  # a group's key -> where it first appears: a deterministic tie-break
+    group = lambda s: first.setdefault(id(s.pixel_values) if s.pixel_values is not None else id(s), len(first))
+    longest: dict[int, int] = {}
+    for s in seqs:
+        longest[group(s)] = max(longest.get(group(s), 0), n(s))
+    ordered = sorted(seqs, key=lambda s: (-longest[group(s)], group(s), -n(s), s.order))
+    return [[ordered[i] for i in run] for run in token_batches([n(s) for s in ordered], max_tokens)]
 
 
 def tokenizer_preview(tok: Tokenizer, ids: list[int]) -> str:
@@ -404,6 +701,7 @@ def main(argv: list[str] | None = None):
           f"{ {t: sum(r['answer_type'] == t for r in rows) for t in sorted({r['answer_type'] for r in rows})} }")
     if cfg.ckpt:
         config, tok = read_config(cfg.ckpt), load_tokenizer(cfg.ckpt)
+        check_tokenizer(tok, config, cfg.ckpt)
         ex = encode(rows[0], tok, config, cfg.max_tiles)
         tiles = 0 if ex.pixel_values is None else ex.pixel_values.shape[0]
         print(f"row {rows[0]['id']}: {len(ex.prompt_ids)} prompt tokens, {tiles} tiles, "
@@ -411,4 +709,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "data.py")

@@ -267,10 +267,13 @@ def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 # ---- critical-token entropy (R1V3 checkpoint selection) --------------------------------------------------------
-# Reflective words; the paper does not publish its list. Matching is on tokens: a word-initial piece of a longer
-# word ("Ġcheck" in " checkpoint" if the tokenizer splits it so) counts too.
-CRITICAL_WORDS: tuple[str, ...] = ("wait", "hmm", "alternatively", "however", "but", "actually", "perhaps", "maybe",
-                                   "check", "verify", "recheck", "double-check", "reconsider", "mistake")
+# Reflective words. The default is the paper's: the tokens where reasoning turns ("Wait...", "Alternatively...", §5.1)
+# and the three NoWait bans (§6.2); the paper publishes no longer list. The broad list is our own, an option
+# (--critical_words). Matching is on tokens: a word-initial piece of a longer word ("Ġcheck" in " checkpoint" if the
+# tokenizer splits it so) counts too.
+CRITICAL_WORDS: tuple[str, ...] = ("wait", "alternatively", "hmm")
+CRITICAL_WORDS_BROAD: tuple[str, ...] = (*CRITICAL_WORDS, "however", "but", "actually", "perhaps", "maybe", "check",
+                                         "verify", "recheck", "double-check", "reconsider", "mistake")
 
 
 def critical_token_ids(tokenizer: "Tokenizer", words: Sequence[str] = CRITICAL_WORDS) -> dict[int, str]:

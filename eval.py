@@ -2,38 +2,28 @@
 with each image where the question places it, greedy and sampled answers judged by MMMU's official rules, accuracy per
 subject / discipline / overall, response length, truncation and critical-token entropy; one process or torchrun.
 
-What it follows:
-- MMMU's official eval (github.com/MMMU-Benchmark/MMMU, mmmu/utils): `parse_multi_choice_response` +
-  `eval_multi_choice` for multiple choice (re-implemented here as `mmmu_multiple_choice`), `parse_open_response` +
-  `eval_open` for open questions (reward.parse_open / reward.match_open, which follow them exactly), quirks included
-  (2-decimal rounding, substring matches, any number in the key phrase, option text only past 5 words, end
-  punctuation stripped one character at a time in a fixed order). Where the official script picks a random letter, the
-  verdict here is "no answer" (wrong, counted as such). The rules read the final answer only: the content of the last
-  \\boxed{} after </think>, else the text after </think> (the whole response without a think block), stripped of
-  surrounding whitespace; a think block that never closes has none. Subjects and disciplines: its DOMAIN_CAT2SUB_CAT;
-  accuracy is per question (its calculate_ins_level_acc).
-- Skywork-R1V3's MMMU protocol: greedy decoding, the final answer in \\boxed{} after the reasoning.
+What it follows (MMMU's own definitions and answer rules live in mmmu.py):
+- Skywork-R1V3's MMMU protocol: the checkpoint's own chat template with system "You are a helpful assistant."
+  (`--system`), the final answer in \\boxed{} after the reasoning, judged by its released rule (`--scoring r1v3`: the
+  last \\boxed{} matches after normalisation) or an LLM judge (`--judge CKPT`); Table 1 reports Avg@5 at temperature
+  1.0 (`--samples 5 --temperature 1.0 --headline avg`), its released config greedy. Inference modes (Table 4):
+  NoThink (`--no_think`), NoWait (`--no_wait`: the critical words' tokens never sampled).
 - R1V3's checkpoint-selection metric: critical-token entropy over the sampled responses (entropy.py).
-
-How this differs from reward.py, deliberately: rewards are lenient so that training does not punish a right answer
-for its spelling (an explicit answer naming an option by letter, "B.", "**B**", lower case or its text wins; numbers
-and expressions are compared by math-verify; Unicode is normalised; only the answer's last 16K characters are read).
-Evaluation applies MMMU's rules as written, so that numbers compare with published ones. Rows of the project's JSONL
-files (no `question_type`) are judged by MMMU's rules too: multiple_choice rows as multiple choice, numeric and text
-rows as open questions; expression rows by math-verify (reward.is_equivalent), since MMMU's substring rule would
-accept "x^2+1" inside "x^2+10" and cannot see that (x+1)^2 is x^2+2x+1.
 
     python eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --split validation --max_new_tokens 16384 --max_len 20480
     torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data MMMU/ --samples 8 --temperature 0.6 --top_p 0.95
+    torchrun --nproc_per_node=8 eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --no-greedy --samples 5 \
+        --temperature 1.0 --headline avg --scoring r1v3 --judge Qwen2.5-32B-Instruct \
+        --system "You are a helpful assistant." --max_new_tokens 16384 --max_len 20480      # R1V3's Table 1
 
 One question instead of a benchmark (its greedy answer, and --samples k sampled ones, with the speed):
 
     python eval.py --ckpt CKPT --question "Describe the image." --image cat.jpg --max_new_tokens 512
 """
-import ast
 import io
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -46,216 +36,16 @@ from PIL import Image
 
 import cli
 import reward
-from checkpoint import DTYPES, load_model
-from data import (IMAGE_PLACEHOLDER, build_prompt, decode_response, load_rows, load_tokenizer, open_image, pad_id,
-                  question_text, right_pad, special_ids, to_rgb, token_batches, tokenizer_preview)
-from entropy import CRITICAL_WORDS, critical_entropy, critical_token_ids
+import verifier
+from checkpoint import DTYPES, load_model, read_config
+from data import (IMAGE_PLACEHOLDER, ChatTemplate, build_prompt, check_tokenizer, decode_response, load_chat_template,
+                  load_tokenizer, mix_seed, open_image, opens_think, pad_id, question_text, right_pad,
+                  special_ids, to_rgb, token_batches, tokenizer_preview)
+from entropy import CRITICAL_WORDS, CRITICAL_WORDS_BROAD, critical_entropy, critical_token_ids
+from mmmu import DISCIPLINE_OF, DISCIPLINES, OTHER, SCORINGS, Verdict, load_eval_rows, verdict
 from model import VLM
 from parallel import Dist, init_distributed
-from rollout import Request, Sampler, mix_seed
-
-# -----------------------------------------------------------------------------------------------------------------
-# MMMU's 30 subjects under its 6 disciplines (DOMAIN_CAT2SUB_CAT of the official data_utils.py)
-
-DISCIPLINES = {
-    "Art & Design": ["Art", "Art_Theory", "Design", "Music"],
-    "Business": ["Accounting", "Economics", "Finance", "Manage", "Marketing"],
-    "Science": ["Biology", "Chemistry", "Geography", "Math", "Physics"],
-    "Health & Medicine": ["Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
-                          "Pharmacy", "Public_Health"],
-    "Humanities & Social Science": ["History", "Literature", "Sociology", "Psychology"],
-    "Tech & Engineering": ["Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
-                           "Energy_and_Power", "Materials", "Mechanical_Engineering"],
-}
-DISCIPLINE_OF = {s: d for d, subjects in DISCIPLINES.items() for s in subjects}
-OTHER = "Other"  # the discipline of subjects MMMU does not have (the project's own data)
-
-# -----------------------------------------------------------------------------------------------------------------
-# Judging: the final answer, MMMU's rules, the verdict
-
-
-def final_answer_text(response: str) -> str | None:
-    """What the rules read: the content of the last \\boxed{} after </think>, else the text after </think> (the whole
-    response without a think block), stripped; None if <think> opens and never closes (cut off while thinking)."""
-    region = reward.answer_region(response)
-    if region is None:
-        return None
-    boxed = reward.last_boxed(region)
-    return (boxed if boxed is not None else region).strip()
-
-
-def as_list(value) -> list | None:
-    """A list, or a string holding a Python list literal ("['24', '24.0']", how MMMU's files store lists); else
-    None."""
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            parsed = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            return None
-        return list(parsed) if isinstance(parsed, (list, tuple)) else None
-    return None
-
-
-def gold_answers(answer) -> str | list[str]:
-    """A row's answer as MMMU's eval takes it: one string, or a list of strings meaning "any of these"."""
-    golds = as_list(answer)
-    return [str(a) for a in golds] if golds is not None else str(answer)
-
-
-# The official parser strips these one after another (str.strip(c) per character), not as one set: "B.'" keeps its
-# period, because the quote is stripped after the periods.
-_MMMU_STRIP = (",", ".", "!", "?", ";", ":", "'")
-
-
-def mmmu_multiple_choice(response: str, options: list) -> tuple[str | None, str]:
-    """(letter, rule) by MMMU's parse_multi_choice_response, option i having letter chr(65 + i). Candidates: letters
-    written "(B)" (rule "bracketed"); failing those, letters between spaces, " B " ("spaced"); failing those, and only
-    in responses of more than 5 words, options whose text appears, case-insensitively ("option text"). Several
-    candidates: the one whose last mention comes last, a tie going to the earlier letter. None ("none") where the
-    official script picks a random letter."""
-    for c in _MMMU_STRIP:
-        response = response.strip(c)
-    response = f" {response} "
-    letters = [chr(65 + i) for i in range(len(options))]
-    candidates = {c: response.rfind(f"({c})") for c in letters if f"({c})" in response}
-    rule = "bracketed"
-    if not candidates:
-        candidates, rule = {c: response.rfind(f" {c} ") for c in letters if f" {c} " in response}, "spaced"
-    if not candidates and len(response.split()) > 5:
-        low = response.lower()
-        texts = [str(o).lower() for o in options]
-        candidates, rule = {c: low.rfind(t) for c, t in zip(letters, texts) if t in low}, "option text"
-    if not candidates:
-        return None, "none"
-    return max(candidates, key=candidates.get), rule  # max keeps the first of equal keys, as np.argmax does
-
-
-def rules_of(row: dict) -> str:
-    """Which rules judge a row: "multiple-choice" or "open" (MMMU's), or "math" (math-verify, the project's expression
-    rows). MMMU rows say so in `question_type`; the project's rows by `answer_type`."""
-    if "question_type" in row:
-        return "multiple-choice" if row["question_type"] == "multiple-choice" else "open"
-    kind = row.get("answer_type") or ("multiple_choice" if row.get("options") else "numeric")
-    return {"multiple_choice": "multiple-choice", "expression": "math"}.get(kind, "open")
-
-
-@dataclass
-class Verdict:
-    answer: str | None  # the final answer the rules read (see final_answer_text); None: the response gives none
-    parsed: str | list | None  # multiple choice: the letter chosen; open: MMMU's normalised candidates
-    rule: str  # what decided: bracketed / spaced / option text / none; number / substring / no match; math-verify /
-    #            timeout; no final answer
-    correct: bool
-
-    @property
-    def label(self) -> str:
-        if self.correct:
-            return "correct"
-        return "no answer" if not self.answer or self.parsed is None else "wrong"
-
-
-def verdict(response: str, row: dict, time_limit_s: float = reward.DEFAULT_TIME_LIMIT_S) -> Verdict:
-    """The verdict on one response to `row` (keys: answer, and question_type + options for MMMU rows, answer_type +
-    options for the project's rows; see `rules_of`). Never raises for a response."""
-    answer = final_answer_text(response)
-    if not answer:
-        return Verdict(answer, None, "no final answer", False)
-    kind, gold = rules_of(row), gold_answers(row["answer"])
-    if kind == "multiple-choice":
-        options = as_list(row.get("options")) or []
-        letter, rule = mmmu_multiple_choice(answer, options)
-        golds = [gold] if isinstance(gold, str) else gold
-        return Verdict(answer, letter, rule, letter is not None and letter in golds)
-    if kind == "math":
-        try:
-            right = reward.is_equivalent(answer, gold if isinstance(gold, str) else gold[0], "expression", time_limit_s)
-        except reward.AnswerTimeout:
-            return Verdict(answer, answer, "timeout", False)
-        return Verdict(answer, answer, "math-verify", right)
-    candidates = reward.parse_open(answer)
-    golds = [g for a in ([gold] if isinstance(gold, str) else gold) for g in reward.mmmu_normalize(a)]
-    if any(not isinstance(c, str) and c in golds for c in candidates):
-        return Verdict(answer, candidates, "number", True)
-    right = reward.match_open(gold, candidates)
-    return Verdict(answer, candidates, "substring" if right else "no match", right)
-
-
-def judge(response: str, row: dict) -> bool:
-    """Whether `response` answers `row` correctly by MMMU's official rules (see `verdict`)."""
-    return verdict(response, row).correct
-
-# -----------------------------------------------------------------------------------------------------------------
-# Data: MMMU's parquet files, the project's JSONL rows
-
-MMMU_IMAGES = 7  # image_1 ... image_7
-
-
-def subject_of(mmmu_id: str, folder: str) -> str:
-    """An MMMU id is split_Subject_Name_number ("validation_Art_Theory_12"); the official eval groups by the middle.
-    Files whose ids say nothing known fall back to their folder's name (the release has one folder per subject)."""
-    middle = "_".join(mmmu_id.split("_")[1:-1])
-    return middle if middle in DISCIPLINE_OF else folder
-
-
-def _image_bytes(cell) -> bytes | None:
-    """An image column's cell: a struct {bytes, path} in the release, or plain bytes; None when absent."""
-    if isinstance(cell, dict):
-        cell = cell.get("bytes")
-    return bytes(cell) if cell else None
-
-
-def load_mmmu(path, split: str = "validation") -> list[dict]:
-    """MMMU rows from a parquet file or a folder of them (only files whose name starts with `split`, as in the
-    release's Subject/validation-00000-of-00001.parquet), in the row shape `evaluate` takes: id, question, options (a
-    list), answer, question_type, image (a list of 7 entries: the image's encoded bytes, or None), subject, and
-    subfield / topic_difficulty / img_type as given. Needs pyarrow."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading MMMU's parquet files needs pyarrow: pip install pyarrow "
-                          "(or convert the data to the JSONL rows of data.py)") from None
-    path = Path(path)
-    files = sorted(f for f in path.rglob("*.parquet") if f.name.startswith(split)) if path.is_dir() else [path]
-    if not files or not files[0].is_file():
-        raise FileNotFoundError(f"no parquet files for split {split!r} in {path}" if path.is_dir() else
-                                f"data file not found: {path}")
-    rows = []
-    for f in files:
-        for rec in pq.read_table(f).to_pylist():
-            options = as_list(rec.get("options") or "[]")
-            if options is None:
-                raise ValueError(f"{f}: row {rec.get('id')!r}: options {rec.get('options')!r} is not a list literal")
-            rows.append({
-                "id": str(rec["id"]), "question": rec["question"], "options": [str(o) for o in options],
-                "answer": rec["answer"], "question_type": rec.get("question_type") or "multiple-choice",
-                "answer_type": "multiple_choice" if rec.get("question_type", "multiple-choice") == "multiple-choice"
-                else "text",  # judged by question_type; this only keeps the project's row shape
-                "image": [_image_bytes(rec.get(f"image_{i}")) for i in range(1, MMMU_IMAGES + 1)],
-                "subject": subject_of(str(rec["id"]), f.parent.name if path.is_dir() else ""),
-                **{k: rec.get(k) for k in ("subfield", "topic_difficulty", "img_type")}})
-    return rows
-
-
-def load_eval_rows(path, split: str = "validation", subjects=None, limit: int | None = None) -> list[dict]:
-    """Rows from MMMU parquet (a .parquet file or a folder) or a project JSONL file (data.load_rows), then only
-    `subjects` (case-insensitive; None: all) and at most `limit` questions per subject, in file order."""
-    path = Path(path)
-    rows = load_mmmu(path, split) if path.is_dir() or path.suffix == ".parquet" else load_rows(path)
-    if subjects:
-        wanted = {s.lower() for s in subjects}
-        rows = [r for r in rows if r.get("subject", "").lower() in wanted]
-    if limit:
-        kept, seen = [], {}
-        for r in rows:
-            seen[r.get("subject", "")] = seen.get(r.get("subject", ""), 0) + 1
-            if seen[r.get("subject", "")] <= limit:
-                kept.append(r)
-        rows = kept
-    if not rows:
-        raise ValueError(f"{path}: no rows left for split {split!r}, subjects {subjects}, limit {limit}")
-    return rows
+from rollout import Request, Sampler
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
@@ -283,8 +73,18 @@ class EvalConfig:
     entropy: bool = cli.arg(True, "critical-token entropy: one teacher-forced pass over the sampled (else greedy) "
                             "responses")
     critical_words: tuple[str, ...] = cli.arg(CRITICAL_WORDS, "words whose tokens' entropy is the critical-token "
-                                              "entropy")
-    system: str | None = cli.arg(None, "system message of every prompt")
+                                              "entropy (default R1V3's; a broader list: "
+                                              f"{','.join(CRITICAL_WORDS_BROAD)})")
+    system: str | None = cli.arg(None, "system message of every prompt (R1V3: \"You are a helpful assistant.\")")
+    scoring: str = cli.arg("mmmu", "mmmu: MMMU's official parser; r1v3: R1V3's released rule (the last \\boxed{} "
+                           "matches the answer after normalisation)", SCORINGS)
+    judge: str | None = cli.arg(None, "text checkpoint (e.g. Qwen2.5-Instruct) asked about every answer the rules "
+                                "call wrong: correct if the rule or the judge says so (R1V3's MMMU judge)")
+    headline: str = cli.arg("greedy", "the `accuracy` reported first: greedy, or avg (avg@k over --samples; R1V3's "
+                            "Table 1: --samples 5 --temperature 1.0 --headline avg)", ("greedy", "avg"))
+    no_wait: bool = cli.arg(False, "NoWait (R1V3 §6.2): never sample the critical words' tokens (--critical_words, "
+                            "single-token spellings)")
+    no_think: bool = cli.arg(False, "NoThink: no <think> opened in the prompt where the chat template would open it")
     mc_instruction: str = cli.arg(MC_INSTRUCTION, "appended to MMMU multiple-choice questions")
     open_instruction: str = cli.arg(OPEN_INSTRUCTION, "appended to MMMU open questions (the project's rows keep "
                                     "their own prompt)")
@@ -298,16 +98,26 @@ class EvalConfig:
     progress: bool = cli.arg(False, "a progress line on stderr (rank 0)")
 
     def __post_init__(self):
+        """Each flag's range, one message per flag naming it and its value (cli.UsageError)."""
         for name in ("max_new_tokens", "max_len", "chunk", "max_slots", "entropy_batch_tokens"):
             if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise cli.UsageError(f"--{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.max_tiles is not None and self.max_tiles < 1:
-            raise ValueError(f"max_tiles must be >= 1 or None, got {self.max_tiles}")
-        if self.samples < 0 or not (self.greedy or self.samples):
-            raise ValueError(f"need greedy or samples >= 1 (samples {self.samples}, greedy {self.greedy})")
-        if self.samples and not (0 < self.temperature < math.inf and 0 < self.top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
-                             f"{self.top_p}")
+            raise cli.UsageError(f"--max_tiles must be >= 1 (or unset), got {self.max_tiles}")
+        if self.samples < 0:
+            raise cli.UsageError(f"--samples must be >= 0, got {self.samples}")
+        if not (self.greedy or self.samples):
+            raise cli.UsageError("--no-greedy needs --samples >= 1: otherwise no question gets an answer")
+        if not math.isfinite(self.temperature) or self.temperature < 0 or (self.samples and self.temperature == 0):
+            raise cli.UsageError(f"--temperature must be finite and > 0 for --samples, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise cli.UsageError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if not self.time_limit_s > 0:
+            raise cli.UsageError(f"--time_limit_s must be > 0, got {self.time_limit_s}")
+        if self.headline == "avg" and not self.samples:
+            raise cli.UsageError("--headline avg needs --samples k >= 1 (R1V3: --samples 5 --temperature 1.0)")
+        if self.scoring not in SCORINGS:
+            raise cli.UsageError(f"--scoring must be one of {SCORINGS}, got {self.scoring!r}")
         self.critical_words = tuple(self.critical_words)
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -369,9 +179,11 @@ class Prompt:
     ids: list[int]
     pixels: torch.Tensor | None  # (tiles, 3, S, S), images in placeholder order
     max_tiles: int | None  # the tile cap per image that made it fit (None: no images)
+    opens_think: bool = False  # the prompt ends inside <think> (data.opens_think): responses start in the reasoning
 
 
-def build_eval_prompt(row: dict, tokenizer, config, cfg: EvalConfig, max_len: int) -> Prompt:
+def build_eval_prompt(row: dict, tokenizer, config, cfg: EvalConfig, max_len: int,
+                      template: ChatTemplate | None = None) -> Prompt:
     """The prompt of one question with the largest tile cap per image (from cfg.max_tiles down to the config's
     min_dynamic_patch) that leaves max_new_tokens of room in max_len; failing that, the smallest cap if the prompt
     leaves any room (the response gets what is left). Unanswerable otherwise, or when an image cannot be read."""
@@ -381,7 +193,7 @@ def build_eval_prompt(row: dict, tokenizer, config, cfg: EvalConfig, max_len: in
     caps = list(range(top, config.min_dynamic_patch - 1, -1)) if images else [None]
     for cap in caps:
         try:
-            ids, pixels = build_prompt(tokenizer, config, text, images, cfg.system, cap)
+            ids, pixels = build_prompt(tokenizer, config, text, images, cfg.system, cap, template, not cfg.no_think)
         except ValueError as e:  # placeholders and images disagree, a text-only model shown images
             raise Unanswerable(str(e)) from None
         if len(ids) + cfg.max_new_tokens <= max_len:
@@ -389,7 +201,7 @@ def build_eval_prompt(row: dict, tokenizer, config, cfg: EvalConfig, max_len: in
     if len(ids) >= max_len:
         raise Unanswerable(f"prompt of {len(ids)} tokens (at {cap} tile(s) per image) leaves no room in max_len "
                            f"{max_len}")
-    return Prompt(ids, pixels, cap)
+    return Prompt(ids, pixels, cap, opens_think(tokenizer, ids))
 
 # -----------------------------------------------------------------------------------------------------------------
 # Teacher-forced entropy of generated responses
@@ -432,11 +244,17 @@ def answer_modes(cfg: EvalConfig) -> list[tuple[str, int, float]]:
                                                             if cfg.samples else [])
 
 
+def banned_ids(tokenizer, cfg: EvalConfig) -> list[int]:
+    """Ids never sampled: the image tokens, and with --no_wait the critical words' tokens (NoWait)."""
+    ids = special_ids(tokenizer)[1]
+    return ids + sorted(critical_token_ids(tokenizer, cfg.critical_words)) if cfg.no_wait else ids
+
+
 def build_sampler(model: VLM, tokenizer, cfg: EvalConfig, max_slots: int, max_len: int) -> Sampler:
-    """A sampler that stops at the tokenizer's end-of-turn tokens and never draws image tokens."""
-    stop_ids, banned_ids = special_ids(tokenizer)
-    return Sampler(model, max_slots, min(max_len, model.config.llm.max_position_embeddings), stop_ids, banned_ids,
-                   compile=cfg.compile)
+    """A sampler that stops at the tokenizer's end-of-turn tokens and never draws image tokens (nor, with
+    --no_wait, the critical words)."""
+    return Sampler(model, max_slots, min(max_len, model.config.llm.max_position_embeddings),
+                   special_ids(tokenizer)[0], banned_ids(tokenizer, cfg), compile=cfg.compile)
 
 
 def generate(sampler: Sampler, prompts: list[tuple[int, Prompt]], n: int, temperature: float, cfg: EvalConfig):
@@ -452,15 +270,29 @@ def _record(index: int, row: dict, mode: str, sample: int, prompt: str | None, *
                 prompt=prompt, gold=row["answer"], **fields)
 
 
+def judged(judge, verdicts: list["Verdict"], rows: list[dict]) -> list["Verdict"]:
+    """The verdicts with those the rules call wrong but that give an answer put to `judge` (a verifier.Verifier):
+    correct (rule "judge") where it says yes; a judge that fails leaves the rules' verdict (counted in its stats)."""
+    ask = [i for i, v in enumerate(verdicts) if not v.correct and v.answer]
+    items = [(question_text(rows[i]), verifier.reference_text(rows[i]), verdicts[i].answer) for i in ask]
+    out = list(verdicts)
+    for i, yes in zip(ask, judge.judge(items) if items else []):
+        if yes:
+            out[i] = Verdict(out[i].answer, out[i].parsed, "judge", True)
+    return out
+
+
 def _run_chunk(model: VLM, tokenizer, sampler: Sampler, chunk: list[tuple[int, dict]], cfg: EvalConfig,
-               critical_ids: dict, stats: dict) -> list[dict]:
-    """Records of one chunk of (index, row): every greedy and sampled answer, judged; questions that cannot be asked
-    get one "unanswered" record per answer they would have had."""
+               critical_ids: dict, stats: dict, template: ChatTemplate | None = None, judge=None) -> list[dict]:
+    """Records of one chunk of (index, row): every greedy and sampled answer, judged (by cfg.scoring's rules, then
+    `judge` where they say wrong); questions that cannot be asked get one "unanswered" record per answer they would
+    have had."""
     modes = answer_modes(cfg)
     records, asked = [], []  # asked: (index, row, prompt) of the questions that fit
     for index, row in chunk:
         try:
-            asked.append((index, row, build_eval_prompt(row, tokenizer, model.config, cfg, sampler.max_len)))
+            asked.append((index, row, build_eval_prompt(row, tokenizer, model.config, cfg, sampler.max_len,
+                                                        template)))
         except Unanswerable as e:
             records += [_record(index, row, mode, j, None, response=None, answer=None, parsed=None,
                                 verdict="unanswered", rule=None, error=str(e), num_tokens=0, finish_reason=None,
@@ -477,11 +309,17 @@ def _run_chunk(model: VLM, tokenizer, sampler: Sampler, chunk: list[tuple[int, d
             seqs = [(prompt.ids, prompt.pixels, c.ids) for (_, _, prompt), group in zip(asked, groups) for c in group]
             flat = response_entropies(model, seqs, temperature or 1.0, cfg.entropy_batch_tokens)
             entropies = [flat[q * n:(q + 1) * n] for q in range(len(asked))]
+        responses = [[decode_response(tokenizer, c.ids, sampler.stop_ids, prompt.opens_think) for c in group]
+                     for (_, _, prompt), group in zip(asked, groups)]
+        verdicts = [verdict(text, row, cfg.time_limit_s, cfg.scoring)
+                    for (_, row, _), texts in zip(asked, responses) for text in texts]
+        if judge is not None:
+            verdicts = judged(judge, verdicts, [row for (_, row, _), texts in zip(asked, responses) for _ in texts])
+        verdicts = iter(verdicts)
         for q, ((index, row, prompt), group) in enumerate(zip(asked, groups)):
             preview = tokenizer_preview(tokenizer, prompt.ids)
             for j, c in enumerate(group):
-                response = decode_response(tokenizer, c.ids, sampler.stop_ids)
-                v = verdict(response, row, cfg.time_limit_s)
+                response, v = responses[q][j], next(verdicts)
                 records.append(_record(index, row, mode, j, preview, response=response, answer=v.answer,
                                        parsed=v.parsed, verdict=v.label, rule=v.rule, error=None,
                                        num_tokens=len(c.ids), finish_reason=c.finish_reason,
@@ -497,9 +335,10 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def metrics(records: list[dict]) -> dict:
+def metrics(records: list[dict], headline: str = "greedy") -> dict:
     """Numbers of a set of records (one subject, one discipline, or all). Accuracies count every question, an
-    unanswered one as wrong; lengths, truncation, format and entropy are over the responses generated."""
+    unanswered one as wrong; lengths, truncation, format and entropy are over the responses generated. `accuracy` is
+    the headline: greedy_accuracy, or with `headline` "avg" sampled_accuracy (avg@k)."""
     greedy = [r for r in records if r["mode"] == "greedy"]
     sampled = [r for r in records if r["mode"] == "sample"]
     answered = [r for r in records if r["verdict"] != "unanswered"]
@@ -508,11 +347,14 @@ def metrics(records: list[dict]) -> dict:
         by_question.setdefault(r["index"], []).append(r["verdict"] == "correct")
     ent = [r["entropy"] for r in answered if r["entropy"] is not None]
     n_crit, n_tok = sum(e["num_critical"] for e in ent), sum(e["num_tokens"] for e in ent)
+    greedy_accuracy = _mean(r["verdict"] == "correct" for r in greedy)
+    sampled_accuracy = _mean(r["verdict"] == "correct" for r in sampled)
     return dict(
+        accuracy=sampled_accuracy if headline == "avg" else greedy_accuracy,
         questions=len({r["index"] for r in records}),
         unanswered=len({r["index"] for r in records if r["verdict"] == "unanswered"}),
-        greedy_accuracy=_mean(r["verdict"] == "correct" for r in greedy),
-        sampled_accuracy=_mean(r["verdict"] == "correct" for r in sampled),
+        greedy_accuracy=greedy_accuracy,
+        sampled_accuracy=sampled_accuracy,
         pass_at_k=_mean(any(v) for v in by_question.values()),
         format_rate=_mean(r["format"] for r in answered),
         response_length=_mean(r["num_tokens"] for r in answered),
@@ -522,7 +364,8 @@ def metrics(records: list[dict]) -> dict:
         num_critical_tokens=n_crit)
 
 
-def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: Sampler | None = None) -> dict:
+def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: Sampler | None = None,
+             template: ChatTemplate | None = None, judge=None) -> dict:
     """Evaluate `model` on `rows` (data.load_rows rows or load_mmmu rows): the numbers of `metrics` over all rows,
     `k` (samples per question), generated_tokens / generation_s / tokens_per_s, "subjects" and "disciplines" (the
     same numbers per group) and "records" (one per answer: prompt, response, final answer, parsed answer, verdict,
@@ -532,19 +375,30 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
     rows), chunk c of cfg.chunk questions runs on rank c % world_size, and the records are all-gathered, so every
     rank returns the same result; with the same chunk size it equals a one-process run's. `sampler` (e.g. the
     trainer's) is used as it is, its max_len bounding the prompts; without one, a Sampler of cfg.max_slots x
-    cfg.max_len is built."""
+    cfg.max_len is built (with --no_wait's bans; a given sampler must already ban them). `template`: the checkpoint's
+    chat template (data.load_chat_template; None: ChatML). `judge`: a verifier.Verifier asked about the answers the
+    rules call wrong; without one, cfg.judge names a checkpoint to load one from. `accuracy` is cfg.headline's, and
+    "judge" holds the judge's counts when there is one."""
     if not rows:
         raise ValueError("no rows to evaluate")
     if sampler is None:
         sampler = build_sampler(model, tokenizer, cfg, cfg.max_slots, cfg.max_len)
+    elif cfg.no_wait and not set(banned_ids(tokenizer, cfg)) <= set(getattr(sampler, "banned", torch.tensor([])
+                                                                              ).tolist()):
+        raise ValueError("no_wait: the given sampler does not ban the critical words' tokens (build it with "
+                         "eval.build_sampler, or pass eval.banned_ids as its banned_ids)")
+    if judge is None and cfg.judge:
+        judge = verifier.cached(cfg.judge, model.language_model.embed_tokens.weight.device)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     chunks = [list(enumerate(rows))[c:c + cfg.chunk] for c in range(0, len(rows), cfg.chunk)]
     my_chunks = chunks[rank::world]
     critical_ids = critical_token_ids(tokenizer, cfg.critical_words)
     stats, records, t0 = dict(tokens=0, seconds=0.0), [], time.perf_counter()
+    JUDGE_COUNTS = ("asked", "yes", "errors", "failed")
+    judged_before = {k: judge.stats[k] for k in JUDGE_COUNTS} if judge is not None else None
     for done, chunk in enumerate(my_chunks, 1):
-        records += _run_chunk(model, tokenizer, sampler, chunk, cfg, critical_ids, stats)
+        records += _run_chunk(model, tokenizer, sampler, chunk, cfg, critical_ids, stats, template, judge)
         if cfg.progress and rank == 0:
             greedy = [r["verdict"] == "correct" for r in records if r["mode"] == "greedy"]
             print(f"\reval{f' rank 0 of {world}' if world > 1 else ''}: {sum(map(len, my_chunks[:done]))}/"
@@ -553,11 +407,14 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
                   f"{_mean(greedy):.3f} | {time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
     if cfg.progress and rank == 0:
         print(file=sys.stderr)
+    judge_counts = None if judge is None else {k: judge.stats[k] - judged_before[k] for k in JUDGE_COUNTS}
     if distributed:
         parts = [None] * world
-        dist.all_gather_object(parts, (records, stats))
-        records = [r for part, _ in parts for r in part]
-        stats = dict(tokens=sum(s["tokens"] for _, s in parts), seconds=max(s["seconds"] for _, s in parts))
+        dist.all_gather_object(parts, (records, stats, judge_counts))
+        records = [r for part, _, _ in parts for r in part]
+        stats = dict(tokens=sum(s["tokens"] for _, s, _ in parts), seconds=max(s["seconds"] for _, s, _ in parts))
+        if judge_counts is not None:
+            judge_counts = {k: sum(c[k] for _, _, c in parts) for k in JUDGE_COUNTS}
     records.sort(key=lambda r: (r["index"], MODES.index(r["mode"]), r["sample"]))
     subjects: dict[str, list[dict]] = {}
     for r in records:
@@ -566,10 +423,13 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
     for subject, recs in subjects.items():
         disciplines.setdefault(DISCIPLINE_OF.get(subject, OTHER), []).extend(recs)
     order = list(DISCIPLINES) + [OTHER]
-    return dict(metrics(records), k=cfg.samples, generated_tokens=stats["tokens"], generation_s=stats["seconds"],
+    headline = "greedy" if cfg.headline == "greedy" else f"avg@{cfg.samples}"
+    return dict(metrics(records, cfg.headline), headline=headline, k=cfg.samples, generated_tokens=stats["tokens"],
+                generation_s=stats["seconds"],
                 tokens_per_s=stats["tokens"] / stats["seconds"] if stats["seconds"] else math.nan,
-                subjects={s: metrics(subjects[s]) for s in sorted(subjects)},
-                disciplines={d: metrics(disciplines[d]) for d in order if d in disciplines},
+                judge=judge_counts,
+                subjects={s: metrics(subjects[s], cfg.headline) for s in sorted(subjects)},
+                disciplines={d: metrics(disciplines[d], cfg.headline) for d in order if d in disciplines},
                 records=records)
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -596,6 +456,12 @@ def format_table(result: dict) -> str:
         members = DISCIPLINES.get(d) or sorted(s for s in result["subjects"] if s not in DISCIPLINE_OF)
         out += [line(f"  {s or '-'}", result["subjects"][s]) for s in members if s in result["subjects"]]
     out.append(line("Overall", result))
+    if "headline" in result:
+        out.append(f"accuracy ({result['headline']}): {result['accuracy']:.3f}")
+    if result.get("judge"):
+        j = result["judge"]
+        out.append(f"judge: asked about {j['asked']} answers the rules call wrong, {j['yes']} accepted, "
+                   f"{j['errors']} failed batches ({j['failed']} answers left to the rules)")
     out.append(f"{result['generated_tokens']} tokens generated at {result['tokens_per_s']:.1f} tokens/s")
     return "\n".join(out)
 
@@ -627,32 +493,55 @@ class EvalCommand:
     question: str | None = cli.arg(None, "ask this one question instead of evaluating --data, and print the answers")
     image: str | None = cli.arg(None, "the image shown with --question")
 
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise cli.UsageError(f"--limit must be >= 1 (or unset: all), got {self.limit}")
+        if not self.out:
+            raise cli.UsageError("--out must name a file")
 
-def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig):
+
+def check_out_file(out) -> Path:
+    """--out before anything is loaded: a file path (not a directory) whose nearest existing folder is writable and
+    not under a regular file."""
+    out = Path(out)
+    if out.is_dir():
+        raise cli.UsageError(f"--out {out} is a directory; name the results file (e.g. {out / 'eval.json'})")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise cli.UsageError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise PermissionError(f"--out {out}: {out if out.exists() else folder} is not writable")
+    return out
+
+
+def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig, template: ChatTemplate | None = None):
     """Print the answers to one question as `evaluate` asks it (greedy, then cfg.samples sampled), each generate
     call's followed by its prompt length, tokens generated, finish reasons and speed."""
     max_len = min(cfg.max_len, model.config.llm.max_position_embeddings)
     row = {"question": question, "image": [image] if image else []}
-    prompt = build_eval_prompt(row, tokenizer, model.config, cfg, max_len)
+    prompt = build_eval_prompt(row, tokenizer, model.config, cfg, max_len, template)
     # A cache just long enough for this prompt and its answers: one question needs no room for longer ones.
     sampler = build_sampler(model, tokenizer, cfg, min(cfg.max_slots, max(1, cfg.samples)),
                             min(len(prompt.ids) + cfg.max_new_tokens, max_len))
     for _, n, temperature in answer_modes(cfg):
         [group] = generate(sampler, [(0, prompt)], n, temperature, cfg)
         for c in group:
-            print(decode_response(tokenizer, c.ids, sampler.stop_ids))
+            print(decode_response(tokenizer, c.ids, sampler.stop_ids, prompt.opens_think))
         st = sampler.stats
         reasons = ", ".join(c.finish_reason for c in group)
         print(f"[{len(prompt.ids)} prompt tokens, {st['tokens']} generated ({reasons}) in {st['seconds']:.2f}s: "
               f"{st['tokens_per_s']:.1f} tokens/s]", flush=True)
 
 
-def run_benchmark(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, cmd: EvalCommand, d: Dist):
+def run_benchmark(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, cmd: EvalCommand, d: Dist,
+                  template: ChatTemplate | None = None):
     """Evaluate on every rank; rank 0 prints the table and writes the results file."""
     if d.rank == 0:
         print(f"eval: {len(rows)} questions from {cmd.data} on {d.device} x {d.world} | {json.dumps(asdict(cfg))}",
               flush=True)
-    result = evaluate(model, tokenizer, rows, cfg)
+    result = evaluate(model, tokenizer, rows, cfg, template=template)
     if d.rank != 0:
         return
     print(format_table(result))
@@ -668,6 +557,8 @@ def run_benchmark(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, cmd:
 
 
 def main(argv=None):
+    """Every check before the weights load: flags, --out, the data's rows and columns, the tokenizer against the
+    checkpoint's config."""
     p = cli.parser(__doc__.split("\n\n")[0])
     cli.add_flags(p, EvalCommand)
     cli.add_flags(p, EvalConfig, skip=("progress",))  # EvalCommand's --progress: on at the command line
@@ -675,21 +566,29 @@ def main(argv=None):
     cmd, cfg = cli.config_from(args, EvalCommand), cli.config_from(args, EvalConfig)
     if cmd.ckpt is None or (cmd.data is None) == (cmd.question is None):
         p.error("give --ckpt, and --data (a benchmark) or --question (one question)")
+    if cmd.data:
+        check_out_file(cmd.out)
     rows = load_eval_rows(cmd.data, cmd.split, cmd.subjects, cmd.limit) if cmd.data else None  # before the weights
+    try:
+        config = read_config(cmd.ckpt)
+    except ValueError as e:  # its message names the file and the field
+        raise cli.InputError(str(e)) from None
+    tokenizer = load_tokenizer(cmd.ckpt)
+    check_tokenizer(tokenizer, config, cmd.ckpt)
     d = init_distributed()
     try:
         dtype = DTYPES[cmd.dtype or ("bfloat16" if d.device.type == "cuda" else "float32")]
         model = load_model(cmd.ckpt, dtype=dtype, device=d.device)
-        tokenizer = load_tokenizer(cmd.ckpt)
+        template = load_chat_template(cmd.ckpt)
         if rows is None:
             if d.rank == 0:
-                ask(model, tokenizer, cmd.question, cmd.image, cfg)
+                ask(model, tokenizer, cmd.question, cmd.image, cfg, template)
         else:
-            run_benchmark(model, tokenizer, rows, cfg, cmd, d)
+            run_benchmark(model, tokenizer, rows, cfg, cmd, d, template)
         dist.barrier()  # no rank tears down its connections while another still uses them
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "eval.py")

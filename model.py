@@ -1,9 +1,11 @@
 """The InternVL / Skywork-R1V3 vision-language model in plain PyTorch: the network alone.
 
 InternViT (patch 14, 448px tiles, LayerNorm or RMSNorm, optional qk-norm, layer scale) -> connector `mlp1`
-(pixel shuffle 0.5 -> LayerNorm -> Linear -> GELU -> Linear) -> Qwen2 LLM (GQA, RoPE, RMSNorm, SwiGLU, qkv bias).
-Follows OpenGVLab/InternVL `modeling_intern_vit.py` + `modeling_internvl_chat.py` (the layout Skywork-R1V3-38B
-ships in) and transformers' `InternVLForConditionalGeneration` / `Qwen2ForCausalLM` (the parity oracle in tests).
+(pixel shuffle 0.5 -> LayerNorm -> Linear -> GELU -> Linear) -> Qwen2 or Qwen3 LLM (GQA, RoPE, RMSNorm, SwiGLU;
+Qwen2 with qkv bias, Qwen3 (InternVL3.5) with a per-head RMSNorm on q and k and an explicit head_dim). Follows
+OpenGVLab/InternVL `modeling_intern_vit.py` + `modeling_internvl_chat.py` (the layout Skywork-R1V3-38B and
+InternVL3.5 ship in) and transformers' `InternVLForConditionalGeneration` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM`
+(the parity oracles in tests).
 checkpoint.py reads and writes checkpoints; prompts, images and data rows live in data.py.
 
     python -m pytest -q tests/test_model.py   # bit-exact with transformers
@@ -82,11 +84,16 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    # The two attention switches between the supported LLMs: Qwen2 has q/k/v bias, no o bias, no qk-norm; Qwen3 has
+    # an RMSNorm of width head_dim on every query and key head (before RoPE) and `attention_bias` on all four.
+    qkv_bias: bool = True
+    o_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
         _check(self, "llm_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
-               ("rope_theta", "rms_norm_eps"), ("tie_word_embeddings",))
+               ("rope_theta", "rms_norm_eps"), ("tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         _check(self, "llm_config", ("head_dim",))
@@ -101,14 +108,14 @@ class LLMConfig:
 @dataclass
 class VLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
-    vision: ViTConfig | None = field(default_factory=ViTConfig)  # None: a text-only Qwen2 checkpoint
+    vision: ViTConfig | None = field(default_factory=ViTConfig)  # None: a text-only Qwen2/Qwen3 checkpoint
     downsample_ratio: float = 0.5
     select_layer: int = -1  # the ViT layer feeding the connector: -1 the last, -2 the one before, k >= 1 the k-th
     image_token_id: int | None = None  # id of <IMG_CONTEXT>; remote-code configs leave it to the tokenizer
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     use_thumbnail: bool = True
-    layout: str = "remote"  # checkpoint key/config layout (checkpoint.LAYOUTS): "remote", "native" or "qwen2"
+    layout: str = "remote"  # checkpoint key/config layout (checkpoint.LAYOUTS): "remote", "native", "qwen2", "qwen3"
     source: dict = field(default_factory=dict, repr=False)  # the config.json this came from, kept for saving
     # the directory it was read from: saving copies its tokenizer, generation config, ... (not part of the network)
     source_dir: str | None = field(default=None, repr=False, compare=False)
@@ -274,7 +281,7 @@ class Connector(nn.Sequential):
         return super().forward(x.reshape(B, -1, x.shape[-1]))  # (B, tokens_per_tile, llm_hidden)
 
 # -----------------------------------------------------------------------------------------------------------------
-# Language model: Qwen2, with a static KV cache written by index
+# Language model: Qwen2 / Qwen3, with a static KV cache written by index
 
 
 class KVCache:
@@ -349,17 +356,23 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, KV * D, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, KV * D, bias=True)
-        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, KV * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, KV * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:  # one RMSNorm per head (width D, shared by the heads), unlike InternViT's over all heads
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, positions=None, cache=None, layer: int = 0, slots=None):
         B, T, _ = h.shape
         H, KV, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q = apply_rope(self.q_proj(h).view(B, T, H, D), cos, sin)  # (B, T, H, D)
-        k = apply_rope(self.k_proj(h).view(B, T, KV, D), cos, sin)  # (B, T, KV, D)
+        q = self.q_proj(h).view(B, T, H, D)  # (B, T, H, D)
+        k = self.k_proj(h).view(B, T, KV, D)  # (B, T, KV, D)
         v = self.v_proj(h).view(B, T, KV, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # With a cache, the cache writes this call's keys and values and attends over what it holds (KVCache.attend);
         # positions None is a new sequence: causal over its own keys.
         y = causal_attention(q, k, v) if cache is None else cache.attend(layer, q, k, v, positions, slots)
@@ -391,7 +404,8 @@ class Block(nn.Module):
 
 
 class LLM(nn.Module):
-    """Qwen2 decoder. `forward` maps input embeddings to final (normed) hidden states; `logits` applies the head."""
+    """Qwen2 / Qwen3 decoder. `forward` maps input embeddings to final (normed) hidden states; `logits` applies the
+    head."""
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -443,8 +457,9 @@ class VLM(nn.Module):
         patches = self.vision_model(pixel_values, num_layers=self.config.vision_layers)[:, 1:]  # (tiles, P, C), no CLS
         return self.mlp1(patches).flatten(0, 1)
 
-    def image_input_error(self, n_tokens: int, pixel_values) -> str | None:
-        """Why `n_tokens` <IMG_CONTEXT> tokens and these image tiles cannot go together, or None if they can."""
+    def image_input_error(self, n_tokens: int, pixel_values, image_index=None) -> str | None:
+        """Why `n_tokens` <IMG_CONTEXT> tokens and these image tiles (placed by `image_index`, see `embed`) cannot
+        go together, or None if they can."""
         tok, per_tile = self.config.image_token_id, self.config.tokens_per_tile
         if pixel_values is not None:
             if self.vision_model is None:
@@ -459,24 +474,34 @@ class VLM(nn.Module):
             if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
                 return f"pixel_values must be finite floats ({pixel_values.dtype}; NaN or inf found, or not float)"
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_index is not None and pixel_values is not None:
+            if image_index.shape != (n_tokens,) or (n_tokens and not 0 <= int(image_index.min()) <=
+                                                    int(image_index.max()) < n_tiles * per_tile):
+                return (f"image_index of shape {tuple(image_index.shape)} must give each of the {n_tokens} "
+                        f"image-context tokens a feature row in [0, {n_tiles * per_tile})")
+            return None
         if n_tokens != n_tiles * per_tile:
             return (f"{n_tokens} image-context tokens (id {tok}) in the prompt but {n_tiles} image tiles give "
                     f"{n_tiles * per_tile} connector features ({per_tile} per tile): prompt and images disagree")
         return None
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with the connector's outputs in place of the <IMG_CONTEXT> tokens, in order."""
+    def embed(self, input_ids, pixel_values=None, image_index=None):
+        """Token embeddings with the connector's outputs in place of the <IMG_CONTEXT> tokens: in order, or, with
+        `image_index` (one entry per <IMG_CONTEXT> token, row-major), token i takes feature row image_index[i], so a
+        prompt's tiles shared by its G samples go through the tower once (data.shared_images)."""
         V = self.config.llm.vocab_size
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
             raise ValueError(f"token ids must lie in [0, {V}): got {int(input_ids.min())}..{int(input_ids.max())}")
         x = self.language_model.embed_tokens(input_ids)  # (B, T, C)
         tok = self.config.image_token_id
         n_tokens = 0 if tok is None else int((input_ids == tok).sum())
-        error = self.image_input_error(n_tokens, pixel_values)
+        error = self.image_input_error(n_tokens, pixel_values, image_index)
         if error:
             raise ValueError(error)
         if pixel_values is not None:
-            feats = self.image_features(pixel_values).to(x.dtype)
+            feats = self.image_features(pixel_values).to(x.dtype)  # (tiles * tokens_per_tile, C)
+            if image_index is not None:
+                feats = feats.index_select(0, image_index)  # backward sums each row's uses
             return x.masked_scatter((input_ids == tok)[..., None], feats)
         if self.vision_model is not None and self.training:
             # In training mode a batch without images still runs the vision tower on one blank tile, weighted 0:
@@ -493,14 +518,14 @@ class VLM(nn.Module):
         return self.language_model(self.embed(input_ids, pixel_values), positions, cache, slots)
 
     def forward(self, input_ids, pixel_values=None, targets=None, temperature: float = 1.0, positions=None,
-                cache=None, slots=None):
+                cache=None, slots=None, image_index=None):
         """Without `targets`: logits (B, T, V) in fp32 (fp64 for an fp64 model). With `targets` (B, T), the token
         each position predicts (entropy.IGNORE_INDEX where none): per-token (logprobs, entropy) of
         softmax(logits / temperature), each (B, T) fp32, from the fused kernel on the final hidden states and the
         head weight, never the full logits. They are computed here rather than by the caller because a
         data-parallel wrapper (FSDP2) gathers a module's weights only while its forward runs: outside it the head
-        weight is a shard."""
-        h = self.hidden(input_ids, pixel_values, positions, cache, slots)
+        weight is a shard. `image_index`: see `embed`."""
+        h = self.language_model(self.embed(input_ids, pixel_values, image_index), positions, cache, slots)
         if targets is None:
             return self.language_model.logits(h)
         B, T, C = h.shape

@@ -1,5 +1,5 @@
-"""The distributed plumbing of train_rl.py: processes, FSDP2 sharding, the plain copy the sampler reads, and
-checkpoints through torch.distributed.checkpoint. model.py never imports torch.distributed; this file does.
+"""The distributed plumbing of train_rl.py: processes, FSDP2 sharding and the plain copy the sampler reads.
+model.py never imports torch.distributed; this file does (and rundir.py, for checkpoints).
 
 One code path for `python train_rl.py` (a world of one on a free local port) and `torchrun`: NCCL on CUDA, gloo on
 CPU. Sharding follows torchtitan's parallelize (build on meta -> per-block activation checkpointing and compile ->
@@ -12,20 +12,17 @@ parameter addresses never change, so a compiled decode step and its CUDA graphs 
 import copy
 import dataclasses
 import os
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from checkpoint import load_model, read_config, save_model
+from checkpoint import load_model, read_config
 from model import VLM
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -193,72 +190,3 @@ def refresh(copy: VLM, units: list):
             if not isinstance(p, DTensor):
                 targets[prefix[id(unit)] + name].copy_(p)
         unit.reshard()
-
-# -----------------------------------------------------------------------------------------------------------------
-# Checkpoints: OUT/step_NNNNNN/{model/, state/, config.json}, written under a temporary name and renamed when
-# complete; OUT/latest names the newest complete one and is replaced last.
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    f = Path(out) / "latest"
-    if not f.is_file():
-        return None
-    path = Path(out) / f.read_text().strip()
-    return path if (path / "state" / ".metadata").is_file() else None
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _rank_state(d: Dist) -> dict:
-    state = {"cpu_rng": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(d.device)
-    return state
-
-
-def save_checkpoint(out: Path, step: int, d: Dist, model, optimizer, state: dict, copy: VLM, config_json: str,
-                    keep: int = 0) -> Path:
-    """OUT/step_NNNNNN: the model via checkpoint.save_model in the source's layout with its tokenizer (loadable by
-    checkpoint.load_model, and for the native layout by transformers), from `copy`, which must equal the trained
-    weights (refreshed); the training state through torch.distributed.checkpoint, each rank writing its own shards:
-    model and optimizer, `state` (scheduler, step, data position, ... identical on every rank) and each rank's RNG
-    under its own key (DCP keeps one copy of identical keys). `keep` > 0 prunes all but the newest `keep`."""
-    name = f"step_{step:06d}"
-    final, tmp = out / name, out / f"{name}.tmp"
-    if d.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd, **state, f"rank{d.rank}": _rank_state(d)},
-             checkpoint_id=str(tmp / "state"))
-    if d.rank == 0:
-        save_model(copy, tmp / "model")
-        (tmp / "config.json").write_text(config_json)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_atomic(out / "latest", name)
-        if keep > 0:
-            steps = sorted(p for p in out.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in steps[:-keep]:
-                shutil.rmtree(old)
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(path: Path, d: Dist, model, optimizer, state: dict) -> dict:
-    """Restores what save_checkpoint wrote into the model, the optimizer and this rank's RNG; `state` gives the
-    structure of the rest (templates, as returned by the objects' state_dict()), which is returned filled."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    full = {"model": model_sd, "optim": optim_sd, **state, f"rank{d.rank}": _rank_state(d)}
-    dcp.load(full, checkpoint_id=str(path / "state"))
-    set_state_dict(model, optimizer, model_state_dict=full["model"], optim_state_dict=full["optim"])
-    torch.set_rng_state(full[f"rank{d.rank}"]["cpu_rng"])
-    if d.device.type == "cuda":
-        torch.cuda.set_rng_state(full[f"rank{d.rank}"]["cuda_rng"], d.device)
-    return {k: full[k] for k in state}

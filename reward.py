@@ -505,8 +505,11 @@ def overlong_penalty(num_tokens: int, max_len: int, cache_len: int) -> float:
 
 @dataclass
 class RewardConfig:
-    accuracy_weight: float = 1.0
-    format_weight: float = 0.1  # small: format only has to be learnt once, accuracy is the signal
+    """reward = accuracy_weight x accuracy + format_weight x format + overlong_weight x overlong penalty. The default
+    weights are Skywork-R1V3's (§3.1: R = 0.8 accuracy + 0.2 format); the overlong penalty is DAPO's, an option (the
+    trainer turns it off with --overlong_buffer 0)."""
+    accuracy_weight: float = 0.8
+    format_weight: float = 0.2
     overlong_weight: float = 1.0
     max_len: int = 16384  # L_max, response tokens (R1V3 evaluates with 16K-64K)
     cache_len: int = 4096  # L_cache, the soft-penalty band below L_max (DAPO: 4096 of 20480)
@@ -574,12 +577,18 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 def score_batch(responses: list[str], rows: list[dict], cfg: RewardConfig | None = None,
-                num_tokens: list[int] | None = None, workers: int | None = None) -> list[dict]:
+                num_tokens: list[int] | None = None, workers: int | None = None, verifier=None) -> list[dict]:
     """`score` for each (response, row[, num_tokens]) pair, in order; a process pool on all cores (or `workers`) when
     there are at least SERIAL_BELOW responses. A failing item gets zero rewards and an "error" string, the rest are
     scored. Items of a worker that dies are rescored in this process; those of a worker stuck past a generous deadline
     (only possible outside Python code) get errors. Rows are validated first (ValueError); `responses` and `rows` must
-    be lists of strings and dicts (TypeError)."""
+    be lists of strings and dicts (TypeError). `verifier` (a verifier.Verifier, R1V3's "rule OR LLM" accuracy):
+    the items the rules score 0 are asked about, in this process, and those it accepts get accuracy 1."""
+    results = _score_batch(responses, rows, cfg, num_tokens, workers)
+    return results if verifier is None else verifier.rescore(responses, rows, results, cfg or RewardConfig())
+
+
+def _score_batch(responses, rows, cfg, num_tokens, workers) -> list[dict]:
     # A string is a sequence too: scoring "abc" against three rows would score its characters.
     for name, items, kind in (("responses", responses, str), ("rows", rows, dict)):
         if not isinstance(items, (list, tuple)):

@@ -18,9 +18,10 @@ every running sequence gets the pages its next steps write, oldest first. When a
 waiting for slots give their pages back (they are prefilled again when their turn comes), then the most recently
 admitted other sequence is preempted (pages freed, tokens kept on the host), and last the sequence itself. A
 preempted sequence is recomputed later: prompt + what it had generated is prefilled as a new sequence, whose last
-logits draw its next token with the step counter it had reached (it is never taken for a decode). Because draws are counter-based per (seed, sample, step), the result equals a run with
-an ample pool, token for token (up to float-rounding near-ties, as with any batch composition). A request that
-could never fit the pool alone is refused at `generate`'s door, naming it.
+logits draw its next token with the step counter it had reached (it is never taken for a decode). Because draws
+are counter-based per (seed, sample, step), the result equals a run with an ample pool, token for token (up to
+float-rounding near-ties, as with any batch composition). A request that could never fit the pool alone is refused
+at `generate`'s door, naming it.
 
 Decode attention reads only live tokens in every mode (decode_attention.py). CUDA: the Triton kernel walks each
 slot's block table up to its length; under CUDA graphs the table, the lengths and the kernel's `decode_buffers`
@@ -65,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import pad_id, token_batches
+from data import mix_seed, pad_id, token_batches
 from decode_attention import attend_pages, decode_buffers, live_pages, paged_decode_attention, triton
 from model import VLM, LLMConfig, causal_attention
 
@@ -111,15 +112,6 @@ def uniform(seed: torch.Tensor, sample: torch.Tensor, step: torch.Tensor) -> tor
     """One uniform in [0, 1 - 2^-24] per row from int64 (seed, sample index, step), all (B,): fp32, same device."""
     h = _mix(_mix(_mix(seed + _GOLDEN) + sample) + step)
     return ((h >> 40) & ((1 << 24) - 1)).float() * 2.0 ** -24  # top 24 bits: exact in fp32
-
-
-def mix_seed(*parts: int) -> int:
-    """One 62-bit seed from integers (run seed, step, round, row; run seed, question; ...): every caller derives its
-    seeds here, from what identifies a draw and never from the process that makes it."""
-    h = 0
-    for x in parts:
-        h = (h * 1_000_003 + int(x)) % 2**62
-    return h
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float, top_k: int,

@@ -9,22 +9,26 @@ and OUT/step_000001/model.
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402 - after the repository is on the path
-import train_rl as T  # noqa: E402
+import train_rl as T
+import trainer as TR  # noqa: E402
+from data import Sequence  # noqa: E402
 from checkpoint import save_model  # noqa: E402
 from parallel import init_distributed, set_threads  # noqa: E402
 
 
-def fixed_sequences(run: T.Run) -> list[T.Sequence]:
+def fixed_sequences(run: TR.Run) -> list[Sequence]:
     """This rank's share of the first prompts_per_step rows of the global order, their traces as responses."""
     mine = list(enumerate(run.data.stream.take(run.cfg.prompts_per_step)))[run.proc.rank::run.proc.world]
     seqs = []
     for pos, i in mine:
         ex = run.data.example(i, run.cfg, run.policy.rollout_model.config, run.proc.rank)
         response = run.data.tokenizer.encode(run.data.rows[i]["response"], add_special_tokens=False).ids
-        seqs.append(T.Sequence(i, ex.prompt_ids, response, ex.pixel_values, 1.0 if i % 2 else -0.5, order=pos))
+        seqs.append(Sequence(i, ex.prompt_ids, response, ex.pixel_values, 1.0 if i % 2 else -0.5, order=pos))
     return seqs
 
 
@@ -34,7 +38,7 @@ def main():
     cfg = cli.config_from(p.parse_args(), T.TrainConfig)
     proc = init_distributed()
     set_threads(cfg.threads, proc.world)
-    run = T.setup(cfg, proc)
+    run = TR.setup(cfg, proc)
     seqs = fixed_sequences(run)
     T.old_logprobs(run, seqs)
     mu = cfg.updates_per_rollout
@@ -47,6 +51,8 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         cli.append_jsonl(out / "metrics.jsonl", dict(step=1, **result))
         save_model(run.policy.rollout_model, out / "step_000001" / "model")
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts a process that exits mid-use)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from entropy import (CRITICAL_WORDS, IGNORE_INDEX, Chunks, EntropySums, critical_entropy, critical_token_ids,
+from entropy import (CRITICAL_WORDS, CRITICAL_WORDS_BROAD, IGNORE_INDEX, Chunks, EntropySums, critical_entropy, critical_token_ids,
                      logprob_entropy, logprob_entropy_reference)
 
 # Odd shapes: V = 1000 is no multiple of the vocab split (384) nor of BLOCK_V (128), D = 40 is no power of two,
@@ -156,17 +156,20 @@ def bpe() -> Tokenizer:
 
 
 def test_critical_token_ids(bpe):
-    ids = critical_token_ids(bpe)
+    ids = critical_token_ids(bpe, CRITICAL_WORDS_BROAD)
     spellings = {"wait": "wait", "Ġwait": "wait", "Wait": "wait", "ĠHmm": "hmm", "Ġhowever": "however",
                  "Ġbut": "but", "Ġcheck": "check"}  # Ġ is the byte-level BPE's leading space
     assert ids == {bpe.token_to_id(token): word for token, word in spellings.items()}
-    assert set(CRITICAL_WORDS) - set(ids.values()) >= {"alternatively", "double-check"}
+    assert set(CRITICAL_WORDS_BROAD) - set(ids.values()) >= {"alternatively", "double-check"}
+    # the default is the paper's three words (R1V3 §5.1, §6.2), as this vocabulary spells them
+    assert CRITICAL_WORDS == ("wait", "alternatively", "hmm") and set(CRITICAL_WORDS) < set(CRITICAL_WORDS_BROAD)
+    assert critical_token_ids(bpe) == {bpe.token_to_id(t): w for t, w in spellings.items() if w in CRITICAL_WORDS}
     assert bpe.encode("Wait, but").ids[0] in ids and bpe.encode("Wait, but").ids[-1] in ids
     assert critical_token_ids(bpe, words=("hmm",)) == {bpe.token_to_id("ĠHmm"): "hmm"}
 
 
 def test_critical_entropy_by_hand(bpe):
-    ids = critical_token_ids(bpe)
+    ids = critical_token_ids(bpe, CRITICAL_WORDS_BROAD)
     wait, but, check = bpe.token_to_id("Ġwait"), bpe.token_to_id("Ġbut"), bpe.token_to_id("Ġcheck")
     other = bpe.token_to_id("Ġthe")
     token_ids = torch.tensor([[other, wait, other, but, other],

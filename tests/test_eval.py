@@ -19,6 +19,7 @@ from PIL import Image
 import checkpoint as C
 import data as D
 import eval as E
+import mmmu
 import model as M
 import reward
 from rollout import Completion, Request, Sampler
@@ -158,9 +159,9 @@ CASES = [
 
 @pytest.mark.parametrize("response,row,expected,rule", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_judge_table(response, row, expected, rule):
-    v = E.verdict(response, row)
+    v = mmmu.verdict(response, row)
     assert (v.label, v.rule) == (expected, rule)
-    assert E.judge(response, row) == (expected == "correct")
+    assert mmmu.judge(response, row) == (expected == "correct")
 
 
 def test_table_is_large_and_covers_every_rule():
@@ -172,9 +173,9 @@ def test_table_is_large_and_covers_every_rule():
 
 
 def test_verdict_reports_what_it_read():
-    v = E.verdict(think("\\boxed{(C) 18 cm}"), mc("B"))
+    v = mmmu.verdict(think("\\boxed{(C) 18 cm}"), mc("B"))
     assert (v.answer, v.parsed, v.correct) == ("(C) 18 cm", "C", False)
-    v = E.verdict(think("The final answer is 42 meters."), op("42"))
+    v = mmmu.verdict(think("The final answer is 42 meters."), op("42"))
     assert v.answer == "The final answer is 42 meters." and set(v.parsed) == {"42 meters", 42.0}
 
 
@@ -194,14 +195,14 @@ def test_reward_is_lenient_where_eval_is_exact(response, row, reward_accuracy):
     row_for_reward = {"answer": row["answer"], "options": row["options"],
                       "answer_type": "multiple_choice" if row["options"] else "numeric"}
     assert reward.accuracy_reward(response, row_for_reward) == reward_accuracy
-    assert not E.judge(response, row)
+    assert not mmmu.judge(response, row)
 
 
 def test_gold_answers_and_rules_of():
-    assert E.gold_answers("['24', '24.0']") == ["24", "24.0"] and E.gold_answers("B") == "B"
-    assert E.gold_answers("[not a literal") == "[not a literal" and E.gold_answers(12) == "12"
-    assert E.rules_of({"question_type": "open", "answer_type": "multiple_choice"}) == "open"
-    assert [E.rules_of(proj("1", t, ["a"] if t == "multiple_choice" else ())) for t in reward.ANSWER_TYPES] == \
+    assert mmmu.gold_answers("['24', '24.0']") == ["24", "24.0"] and mmmu.gold_answers("B") == "B"
+    assert mmmu.gold_answers("[not a literal") == "[not a literal" and mmmu.gold_answers(12) == "12"
+    assert mmmu.rules_of({"question_type": "open", "answer_type": "multiple_choice"}) == "open"
+    assert [mmmu.rules_of(proj("1", t, ["a"] if t == "multiple_choice" else ())) for t in reward.ANSWER_TYPES] == \
         ["multiple-choice", "open", "math", "open"]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ TILES = {SQUARE: 1, WIDE: 3, WIDER: 4}
 def mmmu_record(id_, question, options, answer, qtype="multiple-choice", **images):
     rec = {"id": id_, "question": question, "options": repr(options), "explanation": "", "answer": answer,
            "question_type": qtype, "subfield": "sub", "topic_difficulty": "Easy", "img_type": "['Photographs']"}
-    for i in range(1, E.MMMU_IMAGES + 1):
+    for i in range(1, mmmu.MMMU_IMAGES + 1):
         b = images.get(f"image_{i}")
         rec[f"image_{i}"] = None if b is None else {"bytes": b, "path": f"{id_}_{i}.png"}
     return rec
@@ -299,28 +300,28 @@ def image_runs(ids: list[int], image_id: int) -> list[int]:
 
 
 def test_load_mmmu_reads_the_release_format(mmmu_dir):
-    rows = E.load_mmmu(mmmu_dir, "validation")
+    rows = mmmu.load_mmmu(mmmu_dir, "validation")
     assert [r["id"] for r in rows] == [r["id"] for s in ("Art_Theory", "Math") for r in MMMU[s]]  # no dev row
     first = rows[0]
     assert first["options"] == ["<image 3>", "landscape", "portrait"] and first["subject"] == "Art_Theory"
     assert first["image"][:4] == [SQUARE, WIDE, WIDER, None] and len(first["image"]) == 7
     assert rows[3]["answer"] == "['24', '24.0']" and rows[3]["question_type"] == "open"
-    assert E.load_mmmu(mmmu_dir / "Math" / "dev-00000-of-00001.parquet")[0]["subject"] == "Math"
+    assert mmmu.load_mmmu(mmmu_dir / "Math" / "dev-00000-of-00001.parquet")[0]["subject"] == "Math"
     assert [r["id"] for r in E.load_eval_rows(mmmu_dir, subjects=["math"], limit=1)] == ["validation_Math_1"]
     with pytest.raises(FileNotFoundError, match="no parquet files for split 'test'"):
-        E.load_mmmu(mmmu_dir, "test")
+        mmmu.load_mmmu(mmmu_dir, "test")
 
 
 def test_missing_pyarrow_is_explained(mmmu_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now fails as if it were not installed
     with pytest.raises(ImportError, match="pip install pyarrow"):
-        E.load_mmmu(mmmu_dir)
+        mmmu.load_mmmu(mmmu_dir)
 
 
 def test_mmmu_prompt_puts_each_image_where_its_placeholder_is(mmmu_dir, tok):
     config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
     cfg = E.EvalConfig(max_new_tokens=8)
-    rows = {r["id"]: r for r in E.load_mmmu(mmmu_dir)}
+    rows = {r["id"]: r for r in mmmu.load_mmmu(mmmu_dir)}
     row = rows["validation_Art_Theory_1"]
     text, images = E.prompt_text(row, cfg)
     assert text == ("Which painting matches <image> ? Compare with <image> .\nA. <image>\nB. landscape\nC. portrait\n"
@@ -344,7 +345,7 @@ def test_mmmu_prompt_puts_each_image_where_its_placeholder_is(mmmu_dir, tok):
 
 def test_tile_cap_shrinks_until_the_prompt_fits(mmmu_dir, tok):
     config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
-    row = E.load_mmmu(mmmu_dir)[0]  # images of 1, 3 and 4 tiles at the full cap; 1 tile each at cap 1
+    row = mmmu.load_mmmu(mmmu_dir)[0]  # images of 1, 3 and 4 tiles at the full cap; 1 tile each at cap 1
     cfg = E.EvalConfig(max_new_tokens=8)
     full = E.build_eval_prompt(row, tok, config, cfg, max_len=1000)
     one = E.build_eval_prompt(row, tok, config, E.EvalConfig(max_new_tokens=8, max_tiles=1), max_len=1000)
@@ -362,7 +363,7 @@ def test_pipeline_on_mmmu_parquet_writes_complete_results(mmmu_dir, ckpt, tmp_pa
     E.main(["--ckpt", str(ckpt), "--data", str(mmmu_dir), "--out", str(out), "--samples", "2", "--max_new_tokens",
             "6", "--max_len", "256", "--chunk", "2", "--no-progress", "--temperature", "1.0"])
     res = json.loads(out.read_text())
-    rows = {r["id"]: r for r in E.load_mmmu(mmmu_dir)}
+    rows = {r["id"]: r for r in mmmu.load_mmmu(mmmu_dir)}
     recs = res["records"]
     assert [(r["id"], r["mode"], r["sample"]) for r in recs] == [
         (i, m, j) for i in rows for m, n in (("greedy", 1), ("sample", 2)) for j in range(n)]
@@ -374,7 +375,7 @@ def test_pipeline_on_mmmu_parquet_writes_complete_results(mmmu_dir, ckpt, tmp_pa
             continue
         assert r["prompt"].count("<img>") == r["prompt"].count(C.IMG_CONTEXT + "x") >= 1
         assert 1 <= r["num_tokens"] <= 6 and r["finish_reason"] in ("stop", "length")
-        v = E.verdict(r["response"], rows[r["id"]])  # the recorded verdict is the judge's
+        v = mmmu.verdict(r["response"], rows[r["id"]])  # the recorded verdict is the judge's
         assert (r["verdict"], r["rule"], r["answer"]) == (v.label, v.rule, v.answer)
         assert r["entropy"] is None if r["mode"] == "greedy" else r["entropy"]["num_tokens"] == r["num_tokens"]
     first = next(r["prompt"] for r in recs if r["id"] == "validation_Art_Theory_1")
@@ -606,3 +607,113 @@ def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tm
     assert response == D.decode_response(tok, want.ids, stop) and want.ids, (response, want)
     assert stats.startswith(f"[{len(ids)} prompt tokens, {len(want.ids)} generated ({want.finish_reason}) in ")
     assert stats.endswith(" tokens/s]")
+
+# ----------------------------------------------------------------------------------------------------------------
+# R1V3's protocol: its released rule (--scoring r1v3), the judge, Avg@k as the headline, NoWait, NoThink
+
+# (response, row, verdict, rule, MMMU's verdict): where the two rules differ, the last column says how MMMU's parser
+# judges the same response.
+R1V3_CASES = [
+    (think("\\boxed{B}"), mc("B"), "correct", "letter", "correct"),
+    (think("\\boxed{(B)}"), mc("B"), "correct", "letter", "correct"),
+    (think("\\boxed{B. 15 cm}"), mc("B"), "correct", "letter", "no answer"),  # MMMU: "B." is no spaced letter
+    (think("\\boxed{15 cm}"), mc("B"), "correct", "letter", "no answer"),  # the option's text
+    (think("\\boxed{C}"), mc("B"), "wrong", "letter", "wrong"),
+    (think("The answer is B."), mc("B"), "no answer", "no boxed answer", "correct"),  # R1V3 reads \boxed{} only
+    (think("\\boxed{24.0}"), op("24"), "correct", "number", "correct"),
+    (think("\\boxed{24 cm}"), op("['24', '24.0']"), "correct", "number", "correct"),
+    (think("\\boxed{1,000}"), op("1000"), "correct", "number", "correct"),
+    (think("\\boxed{\\text{Paris}.}"), op("paris"), "correct", "string", "correct"),
+    (think("\\boxed{the mitochondria}"), op("Mitochondria"), "correct", "string", "correct"),
+    (think("\\boxed{16}"), op("6"), "wrong", "no match", "wrong"),
+    (think("\\boxed{black cat}"), op("cat"), "wrong", "no match", "correct"),  # MMMU: "cat" is a substring
+    (think("\\boxed{(x+1)^2}"), proj("x^2+2x+1", "expression"), "correct", "math-verify", "correct"),
+    ("<think>\nso \\boxed{B}", mc("B"), "no answer", "no boxed answer", "no answer"),  # cut off while thinking
+    (think("\\boxed{}"), mc("B"), "no answer", "no boxed answer", "no answer"),
+]
+
+
+@pytest.mark.parametrize("response,row,expected,rule,mmmu_label", R1V3_CASES)
+def test_r1v3_scoring_by_hand(response, row, expected, rule, mmmu_label):
+    v = mmmu.verdict(response, row, scoring="r1v3")
+    assert (v.label, v.rule) == (expected, rule), v
+    assert mmmu.verdict(response, row).label == mmmu_label  # the default stays MMMU's parser
+
+
+def test_headline_avg_and_r1v3_scoring_in_evaluate(tok):
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=1).eval()
+    cfg = E.EvalConfig(max_new_tokens=16, samples=2, temperature=1.0, chunk=2, entropy=False, headline="avg",
+                       scoring="r1v3")
+    res = E.evaluate(model, tok, ROWS, cfg, sampler=ScriptedSampler(tok, SCRIPT))
+    assert res["headline"] == "avg@2" and res["accuracy"] == res["sampled_accuracy"] == pytest.approx(2 / 6)
+    assert res["subjects"]["colours"]["accuracy"] == 0.5 and res["judge"] is None
+    assert {r["rule"] for r in res["records"] if r["verdict"] != "no answer"} == {"number", "letter", "no match"}
+    assert "accuracy (avg@2): 0.333" in E.format_table(res)
+    greedy = E.evaluate(model, tok, ROWS, E.EvalConfig(max_new_tokens=16, samples=2, chunk=2, entropy=False),
+                        sampler=ScriptedSampler(tok, SCRIPT))
+    assert greedy["headline"] == "greedy" and greedy["accuracy"] == greedy["greedy_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="headline avg needs --samples"):
+        E.EvalConfig(headline="avg")
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        E.EvalConfig(scoring="gpt4o")
+
+
+def test_judge_accepts_what_the_rules_reject(tok, tmp_path):
+    import verifier
+    from test_verifier import certain
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=1).eval()
+    judge = verifier.Verifier(certain("yes", tmp_path))
+    cfg = E.EvalConfig(max_new_tokens=16, samples=2, chunk=2, entropy=False)
+    res = E.evaluate(model, tok, ROWS, cfg, sampler=ScriptedSampler(tok, SCRIPT), judge=judge)
+    # every answer the rules called wrong was asked about and accepted; the one cut off while thinking has none
+    assert [r["verdict"] for r in res["records"]] == ["correct"] * 2 + ["no answer"] + ["correct"] * 6
+    assert [r["rule"] for r in res["records"]].count("judge") == 3
+    assert res["judge"] == {"asked": 3, "yes": 3, "errors": 0, "failed": 0}
+    assert "judge: asked about 3 answers" in E.format_table(res)
+
+
+def test_no_wait_never_samples_the_critical_words():
+    tok = D.word_tokenizer("how many red cells ? wait Wait hmm alternatively one two three".split())
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=3).eval()
+    rows = [{"id": f"q{i}", "question": "how many red cells ?", "answer": "3", "answer_type": "numeric",
+             "options": [], "image": [], "subject": "s"} for i in range(2)]
+    critical = set(E.critical_token_ids(tok, E.CRITICAL_WORDS))
+    assert len(critical) == 4  # wait, Wait, hmm, alternatively (Hmm / Alternatively are not in this vocabulary)
+
+    def sampled_ids(no_wait):
+        cfg = E.EvalConfig(max_new_tokens=48, max_len=96, greedy=False, samples=8, temperature=1.5, entropy=False,
+                           no_wait=no_wait, max_slots=16)
+        res = E.evaluate(model, tok, rows, cfg)
+        return [i for r in res["records"] for i in tok.encode(r["response"], add_special_tokens=False).ids]
+
+    assert critical & set(sampled_ids(False))  # a random model says them...
+    assert not critical & set(sampled_ids(True))  # ...and NoWait never does
+    sampler = E.build_sampler(model, tok, E.EvalConfig(), 2, 96)  # a sampler without the bans is refused
+    with pytest.raises(ValueError, match="no_wait: the given sampler"):
+        E.evaluate(model, tok, rows, E.EvalConfig(samples=1, no_wait=True), sampler=sampler)
+
+
+def test_template_that_opens_think_and_no_think(tok):
+    """A template opening <think>: responses (which only close it) read with their <think> back, format 1; NoThink
+    leaves the prompt without it."""
+    words = D.word_tokenizer(["how", "many", "red", "cells", "?", "<think>", "</think>", "a1", "\\boxed{6}"])
+    template = D.ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+                              "think.jinja")
+    config = M.tiny_config(words.get_vocab_size(), words.token_to_id(C.IMG_CONTEXT))
+    model = M.VLM.from_config(config, seed=1).eval()
+    row = {"id": "q0", "question": "how many red cells ?", "answer": "6", "answer_type": "numeric", "options": [],
+           "image": [], "subject": "s"}
+    script = {(0, "greedy"): [("a1 red </think> \\boxed{6}", "stop")]}
+    for no_think, opened, fmt in [(False, True, 1.0), (True, False, 0.0)]:
+        cfg = E.EvalConfig(max_new_tokens=16, chunk=1, entropy=False, no_think=no_think,
+                           system="You are a helpful assistant.")
+        prompt = E.build_eval_prompt(row, words, config, cfg, 256, template)
+        assert prompt.opens_think == opened
+        res = E.evaluate(model, words, [row], cfg, sampler=ScriptedSampler(words, script), template=template)
+        assert res["greedy_accuracy"] == 1.0 and res["format_rate"] == fmt
+        assert res["records"][0]["prompt"].startswith("<|im_start|> system")  # the system message goes first
+        assert res["records"][0]["response"].startswith("<think>") == opened

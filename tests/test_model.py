@@ -520,6 +520,6 @@ def test_command_line_converts_layout_and_dtype(tmp_path, tok, monkeypatch, caps
 
 def test_unknown_layout(tmp_path, tok):
     model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)))
-    with pytest.raises(ValueError, match=r"layout must be one of \('remote', 'native', 'qwen2'\), got 'hf'"):
+    with pytest.raises(ValueError, match=r"layout must be one of \('remote', 'native', 'qwen2', 'qwen3'\), got 'hf'"):
         C.save_model(model, tmp_path / "x", layout="hf")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.saving").exists()

@@ -349,7 +349,7 @@ def test_time_limit_is_hard_and_restores_signal_state():
 
 @pytest.mark.parametrize("huge", ["10^{10^{10^{10}}}", "9^{9^{9}}", "e^{10^{10}}", "(10^{7})!", "2^{1000000}"])
 def test_numbers_too_big_to_build_are_refused_before_sympy(huge, monkeypatch):
-    # mpmath would build these in C, where no signal reaches (10^{10^{10^{10}}} vs x^2+1 ran 32 s under a 0.3 s limit):
+    # mpmath would build these in C, where no signal reaches (10^{10^{10^{10}}} vs x^2+1 ran far past its limit):
     # the comparison must never start.
     def verify(*args, **kwargs):
         raise AssertionError("math-verify's comparison was reached")
@@ -445,7 +445,7 @@ def _pathological(test):
 @given(RESPONSES, st.sampled_from(ROWS), st.one_of(st.none(), st.integers(0, 10**12)))
 @_pathological
 def test_score_never_raises(response, row, num_tokens):
-    cfg = RewardConfig(time_limit_s=LIMIT_S)
+    cfg = RewardConfig(accuracy_weight=1.0, format_weight=0.1, time_limit_s=LIMIT_S)
     s = score(response, row, cfg, num_tokens)
     assert s["error"] is None or s["error"].startswith("AnswerTimeout")  # a slow check is cut off, nothing else fails
     assert set(s) == {"accuracy", "format", "overlong", "reward", "error"}
@@ -464,3 +464,13 @@ def test_parsers_never_raise(response):
     answer = extract_answer(response)
     assert letter in (None, "A", "B", "C", "D") and isinstance(preds, list)
     assert answer is None or isinstance(answer, str)
+
+
+def test_default_weights_are_r1v3s():
+    """R1V3 §3.1: R = 0.8 accuracy + 0.2 format; no overlong penalty without a token count."""
+    row = {"answer": "4", "answer_type": "numeric"}
+    assert (RewardConfig().accuracy_weight, RewardConfig().format_weight) == (0.8, 0.2)
+    assert score("<think>2 + 2</think>\\boxed{4}", row)["reward"] == pytest.approx(1.0)
+    assert score("<think>2 + 2</think>\\boxed{5}", row)["reward"] == pytest.approx(0.2)
+    assert score("\\boxed{4}", row)["reward"] == pytest.approx(0.8)  # right, but no think block
+    assert score("<think>2 + 2", row)["reward"] == 0.0  # cut off while thinking

@@ -1,0 +1,444 @@
+"""The memory plan of a GRPO run, per GPU, by simulation: the real model code sharded as the trainer shards it over a
+fake process group, one training step traced on fake tensors, the rollout side computed from the shapes.
+
+What is simulated and what is computed:
+- The model is built on meta from the config (`checkpoint.config_from_dict`), `parallel.set_trainable` and
+  `parallel.shard` run on it under `dist.init_process_group("fake", world_size=--gpus)`: every figure of the trainer
+  side (fp32 masters of trainable and frozen modules, gradients, AdamW moments) is summed from rank 0's real DTensor
+  shard shapes, not from a formula.
+- One training step of one micro-batch (forward through `VLM.forward` with the fused log-prob head, backward, the
+  optimizer step) runs under FakeTensorMode with torch's FSDPMemTracker: its peak holds the activations (with
+  activation checkpointing when asked), FSDP2's unsharded parameters and gradients, all-gather and reduce-scatter
+  buffers and the optimizer's temporaries, as allocated by the code that will run; attention is counted as a GPU's
+  fused kernel allocates it (output, log-sum-exp, gradients), never the (T x T) scores. Host reads the trace cannot
+  answer (the id-range and image-count checks, `nonzero` of the target mask) are answered as for a valid batch in
+  which every position is a target (the worst case of the fused head).
+- Computed from the shapes: the rollout copy (bf16 on GPU, unsharded, the TP-split parameters divided by
+  --rollout_tp), the KV pool (kv_tokens x 2 x layers x kv_heads/TP x head_dim x bytes; the default budget is
+  today's static cache, slots x max_len), the sampler's per-slot buffers, and a fixed reserve (CUDA context, NCCL,
+  fragmentation).
+Rollout TP is not built yet (another task): the plan assumes the TP copy splits attention q/k/v/o and MLP
+gate/up/down over the TP ranks, the embedding and head too unless --no-tp_embeddings, and replicates the ViT
+unless --tp_vit; norms and the connector are replicated.
+
+    python plan.py --config configs/skywork-r1v3-38b.json --gpus 32 --gpu_memory_gb 80 --rollout_tp 4 \\
+        --max_len 16384 --slots 16 --train vit,connector,llm --activation_checkpointing --micro_batch_tokens 16384
+    python plan.py --config configs/internvl3-8b.json --gpus 8 --search      # which layouts fit
+"""
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import cli
+from checkpoint import config_from_dict, read_config
+from cli import arg
+from model import VLM, VLMConfig
+from parallel import MODULES, set_trainable, shard
+
+GiB = 2 ** 30
+
+# -----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class PlanConfig:
+    config: str = arg("configs/internvl3-8b.json", "a config.json (configs/*.json) or a checkpoint directory")
+    gpus: int = arg(8, "GPUs (FSDP world size; every GPU also runs a rollout engine or a TP share of one)")
+    gpu_memory_gb: float = arg(80.0, "memory per GPU in GB (10^9 bytes, as cards are sold: 80 for an H100)")
+    rollout_tp: int = arg(1, "tensor-parallel degree of the rollout copy (1: the whole model on every GPU)")
+    max_len: int = arg(4096, "prompt + response tokens per sequence (the trainer's --max_len)")
+    slots: int = arg(16, "sequences in flight per rollout engine")
+    kv_tokens: int = arg(0, "KV pool budget in tokens per rollout engine (0: slots x max_len, today's static cache)")
+    train: str = arg("connector,llm", "trainable modules, a comma list of vit, connector, llm")
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
+    micro_batch_tokens: int = arg(8192, "tokens of one training micro-batch (padded sequences x length)")
+    micro_batch: int = arg(1, "sequences in that micro-batch (micro_batch_tokens split evenly between them)")
+    tiles: int = arg(0, "image tiles in the micro-batch (0: the one blank tile a text-only batch runs)")
+    tp_embeddings: bool = arg(True, "the TP copy splits the embedding and head over the TP ranks (vocab-parallel)")
+    tp_vit: bool = arg(False, "the TP copy splits the ViT blocks too (default: replicated)")
+    device: str = arg("cuda", "cuda: bf16 compute, copy and KV (a GPU run); cpu: fp32 everywhere, as on CPU",
+                      ("cuda", "cpu"))
+    reserve_gb: float = arg(3.0, "per GPU, on top: CUDA context, NCCL buffers, allocator fragmentation (GB)")
+    search: bool = arg(False, "also try other --gpus / --rollout_tp / --slots / --max_len and list what fits")
+    search_gpus: tuple[str, ...] = arg(("8", "16", "32", "64"), "GPU counts the search tries")
+    search_tp: tuple[str, ...] = arg(("1", "2", "4", "8"), "rollout TP degrees the search tries")
+    search_slots: tuple[str, ...] = arg(("8", "16", "32", "64"), "slot counts the search tries")
+    search_max_len: tuple[str, ...] = arg(("4096", "8192", "16384", "32768"), "max_len values the search tries")
+
+    def __post_init__(self):
+        for name in ("gpus", "rollout_tp", "max_len", "slots", "micro_batch_tokens", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_tokens < 0 or self.tiles < 0:
+            raise ValueError("--kv_tokens and --tiles must be >= 0")
+        if not set(self.train.split(",")) <= set(MODULES) or not self.train:
+            raise ValueError(f"--train takes a comma list of {sorted(MODULES)}, got {self.train!r}")
+        if self.micro_batch_tokens % self.micro_batch:
+            raise ValueError(f"--micro_batch_tokens {self.micro_batch_tokens} must split evenly into "
+                             f"--micro_batch {self.micro_batch} sequences")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
+
+    @property
+    def kv_budget(self) -> int:
+        return self.kv_tokens or self.slots * self.max_len
+
+
+def load_config(path) -> VLMConfig:
+    """A JSON file (the shapes of a published config.json) or a checkpoint directory."""
+    path = Path(path)
+    if path.is_dir():
+        return read_config(path)
+    return config_from_dict(json.loads(path.read_text()))
+
+# -----------------------------------------------------------------------------------------------------------------
+# The trainer side: build on meta, shard over a fake process group, trace one step on fake tensors
+
+
+@contextlib.contextmanager
+def fake_world(world: int):
+    """A fake process group of `world` ranks, this process rank 0: collectives return at once, shapes are real."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():
+        raise RuntimeError("plan.py needs its own (fake) process group; one is already initialised")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_model(config: VLMConfig, cfg: PlanConfig) -> VLM:
+    """On meta, sharded exactly as parallel.build_sharded does (set_trainable, then shard)."""
+    with torch.device("meta"):
+        model = VLM(config)
+    set_trainable(model, cfg.train)
+    shard(model, torch.device(cfg.device), cfg.activation_checkpointing)
+    return model
+
+
+def shard_bytes(model: VLM) -> dict:
+    """Rank 0's fp32 master bytes, trainable and frozen, from the DTensor shard shapes."""
+    out = {"trainable": 0, "frozen": 0}
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        out["trainable" if p.requires_grad else "frozen"] += local.numel() * 4  # masters stay fp32
+    return out
+
+
+class _AnswerHostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Inside FakeTensorMode: answers what fake tensors cannot, as for a valid batch. A scalar read returns False
+    for a bool (no bad target id) and 1 otherwise (the optimizer's step count); nonzero returns every index (every
+    position is a target: the fused head's worst case)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return False if args[0].dtype == torch.bool else 1
+        if func is torch.ops.aten.nonzero.default:
+            x = args[0]
+            return torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device)
+        return func(*args, **(kwargs or {}))
+
+
+class _FlashAttention(torch.autograd.Function):
+    """What a GPU's fused attention (flash, cuDNN) allocates, for the trace: the output, and for backward q, k, v,
+    the output and a (B, H, T) fp32 log-sum-exp; the gradients are q, k, v-shaped. CPU SDPA under FakeTensorMode
+    takes the math path with GQA and would plan the (B, H, T, T) scores a GPU never holds. Values are not computed:
+    the trace only counts bytes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _FlashAttention.apply(q, k, v)
+
+
+@contextlib.contextmanager
+def _gpu_attention():
+    """torch.nn.functional.scaled_dot_product_attention (what model.py calls) as _FlashAttention while tracing."""
+    F = torch.nn.functional
+    original, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _flash_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _unchecked_embed(self: VLM, input_ids, pixel_values=None):
+    """VLM.embed without its host-side checks (id range, image-token count), which read tensor values. The same
+    tensors are allocated: token embeddings, the ViT and connector on the tiles (or on one blank tile), the scatter."""
+    x = self.language_model.embed_tokens(input_ids)
+    if pixel_values is not None:
+        feats = self.image_features(pixel_values).to(x.dtype)
+        return x.masked_scatter((input_ids == self.config.image_token_id)[..., None], feats)
+    if self.vision_model is not None:
+        v = self.config.vision
+        blank = torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=x.dtype, device=x.device)
+        x = x + 0.0 * self.image_features(blank).sum()
+    return x
+
+
+def trace_step(model: VLM, cfg: PlanConfig) -> dict:
+    """Peak bytes of one training step of one micro-batch on rank 0, by FSDPMemTracker category, and the total.
+    The order is the trainer's: optimizer states exist from setup (get_state_dict), then forward, backward, clip,
+    step, zero_grad."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    config = model.config
+    model.embed = types.MethodType(_unchecked_embed, model)
+    B, T = cfg.micro_batch, cfg.micro_batch_tokens // cfg.micro_batch
+    with FakeTensorMode(allow_non_fake_inputs=True), _AnswerHostReads(), \
+            (_gpu_attention() if cfg.device == "cuda" else contextlib.nullcontext()):
+        model.to_empty(device="cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), foreach=True)
+        get_state_dict(model, optimizer)  # as train_rl.setup: every trainable parameter gets its moments now
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pixels = None
+        if cfg.tiles and config.vision is not None:
+            v = config.vision
+            pixels = torch.zeros(cfg.tiles, v.num_channels, v.image_size, v.image_size)
+            ids[0, :cfg.tiles * config.tokens_per_tile] = config.image_token_id or 0
+        tracker = FSDPMemTracker(model, optimizer)
+        tracker.track_inputs((ids,))
+        with tracker:
+            logprobs, entropy = model(ids, pixels, targets=ids)
+            (logprobs.sum() + entropy.sum()).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        peak = tracker.get_tracker_snapshot("peak")
+    snap = next(iter(peak.values())) if peak else {}
+    return {getattr(k, "value", k): v for k, v in snap.items()}
+
+
+def largest_unit(model: VLM) -> tuple[str, int]:
+    """The FSDP unit with the most parameters (name, numel): what one all-gather brings in unsharded."""
+    units = [*(model.vision_model.encoder.layers if model.vision_model is not None else []),
+             *model.language_model.layers]
+    sizes = [("ViT block" if i < (len(units) - len(model.language_model.layers)) else "LLM block",
+              sum(p.numel() for p in u.parameters())) for i, u in enumerate(units)]
+    in_blocks = {id(p) for u in units for p in u.parameters()}
+    sizes.append(("root (embeddings, head, connector, norms)",
+                  sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)))
+    return max(sizes, key=lambda s: s[1])
+
+# -----------------------------------------------------------------------------------------------------------------
+# The rollout side, from the shapes
+
+
+_TP_LLM = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.weight", "mlp.gate_proj.",
+           "mlp.up_proj.", "mlp.down_proj.weight")  # column-parallel weight+bias, row-parallel weight only
+_TP_VIT = ("attn.qkv.", "attn.proj.weight", "mlp.fc1.", "mlp.fc2.weight")
+
+
+def tp_split(name: str, cfg: PlanConfig) -> bool:
+    """Whether the TP rollout copy splits parameter `name` over the TP ranks (see the file docstring)."""
+    if name.startswith("language_model.layers."):
+        return any(k in name for k in _TP_LLM)
+    if name in ("language_model.embed_tokens.weight", "language_model.lm_head.weight"):
+        return cfg.tp_embeddings
+    if name.startswith("vision_model.encoder.layers."):
+        return cfg.tp_vit and any(k in name for k in _TP_VIT)
+    return False
+
+
+def rollout_bytes(config: VLMConfig, cfg: PlanConfig) -> dict:
+    """The rollout copy and KV pool of one GPU: a TP share of one engine."""
+    with torch.device("meta"):
+        model = VLM(config)
+    esize = 2 if cfg.device == "cuda" else 4  # bf16 copy and cache on GPU; fp32 on CPU (build_rollout_copy)
+    tp = cfg.rollout_tp
+    split = sum(p.numel() for n, p in model.named_parameters() if tp_split(n, cfg))
+    whole = sum(p.numel() for p in model.parameters())
+    llm = config.llm
+    kv_heads = max(1, math.ceil(llm.num_key_value_heads / tp))  # fewer kv heads than ranks: each rank keeps one
+    kv_per_token = 2 * llm.num_hidden_layers * kv_heads * llm.head_dim * esize
+    # Today's sampler (rollout.py) also keeps a one-slot staging cache of max_len and per-slot output buffers.
+    buffers = cfg.max_len * kv_per_token + cfg.slots * cfg.max_len * (8 + 4)
+    return {"copy": (whole - split) * esize + math.ceil(split / tp) * esize, "copy_split_params": split,
+            "params": whole, "kv": cfg.kv_budget * kv_per_token, "kv_per_token": kv_per_token,
+            "kv_heads": kv_heads, "sampler_buffers": buffers}
+
+# -----------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    cfg: PlanConfig
+    params: dict  # numel per module
+    masters: dict  # trainable / frozen fp32 bytes on rank 0
+    step: dict  # FSDPMemTracker peak by category
+    rollout: dict
+    unit: tuple[str, int]
+
+    @property
+    def grads(self) -> int:
+        return self.masters["trainable"]  # fp32, sharded like the masters
+
+    @property
+    def adam(self) -> int:
+        return 2 * self.masters["trainable"]
+
+    @property
+    def step_peak(self) -> int:
+        return int(self.step.get("Total", 0))
+
+    @property
+    def transients(self) -> int:
+        """What the traced step holds at its peak beyond the resident masters, gradients and moments."""
+        return self.step_peak - self.masters["trainable"] - self.masters["frozen"] - self.grads - self.adam
+
+    @property
+    def reserve(self) -> int:
+        return int(self.cfg.reserve_gb * 1e9) if self.cfg.device == "cuda" else 0
+
+    @property
+    def total(self) -> int:
+        return self.step_peak + self.rollout["copy"] + self.rollout["kv"] + self.rollout["sampler_buffers"] + \
+            self.reserve
+
+    @property
+    def capacity(self) -> int:
+        return int(self.cfg.gpu_memory_gb * 1e9)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+def make_plan(config: VLMConfig, cfg: PlanConfig, _cache: dict | None = None) -> Plan:
+    """The plan of one layout. The traced step depends only on the world size and the micro-batch: `_cache` keeps it
+    across the layouts of a search."""
+    key = cfg.gpus
+    if _cache is None or key not in _cache:
+        with fake_world(cfg.gpus):
+            model = sharded_model(config, cfg)
+            masters, unit = shard_bytes(model), largest_unit(model)
+            step = trace_step(model, cfg)
+        if _cache is not None:
+            _cache[key] = (masters, unit, step)
+    else:
+        masters, unit, step = _cache[key]
+    with torch.device("meta"):
+        model = VLM(config)
+    params = {k: sum(p.numel() for p in getattr(model, v).parameters()) if getattr(model, v) is not None else 0
+              for k, v in MODULES.items()}
+    return Plan(cfg, params, masters, step, rollout_bytes(config, cfg), unit)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:7.2f}"
+
+
+def describe(plan: Plan, name: str) -> str:
+    """The per-GPU table."""
+    c, r = plan.cfg, plan.rollout
+    dtype = "bf16" if c.device == "cuda" else "fp32"
+    split_parts = "attention q/k/v/o, MLP gate/up/down" + (", embedding and head" if c.tp_embeddings else "") + \
+        (", ViT qkv/proj/fc1/fc2" if c.tp_vit else "")
+    copy_note = "the whole model, unsharded" if c.rollout_tp == 1 else \
+        f"TP {c.rollout_tp} splits {split_parts} ({r['copy_split_params'] / 1e9:.2f}B params); " \
+        f"{'ViT split' if c.tp_vit else 'ViT replicated'}, norms and connector replicated"
+    ag = 2 * plan.unit[1] * (2 if c.device == "cuda" else 4)
+    p = plan.params
+    row = lambda label, n: f"  {label:<58s}{_gb(n)}"
+    lines = [
+        f"{name}: {sum(p.values()) / 1e9:.2f}B params (ViT {p['vit'] / 1e9:.2f}B, connector {p['connector'] / 1e9:.3f}B,"
+        f" LLM {p['llm'] / 1e9:.2f}B); train {c.train}; {c.gpus} GPUs x {c.gpu_memory_gb:g} GB; {dtype} compute",
+        f"micro-batch {c.micro_batch} x {c.micro_batch_tokens // c.micro_batch} tokens"
+        f"{', ' + str(c.tiles) + ' tiles' if c.tiles else ''}, activation checkpointing "
+        f"{'on' if c.activation_checkpointing else 'off'}; rollout TP {c.rollout_tp}, {c.slots} slots x "
+        f"{c.max_len} tokens, KV budget {c.kv_budget} tokens",
+        "",
+        f"  {'per GPU':<58s}     GB",
+        row("trainable fp32 masters (FSDP shard)", plan.masters["trainable"]),
+        row("gradients (fp32, sharded)", plan.grads),
+        row("AdamW moments (2 x fp32)", plan.adam),
+        row("frozen fp32 masters (FSDP shard)", plan.masters["frozen"]),
+        row("step transients at the traced peak (1)", plan.transients),
+        row(f"rollout copy ({dtype}, unsharded) (2)", r["copy"]),
+        row(f"KV pool: {c.kv_budget} tokens x {r['kv_per_token'] / 1024:.0f} KiB ({r['kv_heads']} kv heads/rank)",
+            r["kv"]),
+        row("sampler buffers (staging cache of max_len, outputs)", r["sampler_buffers"]),
+        row("reserve (CUDA context, NCCL, fragmentation)", plan.reserve),
+        row("total", plan.total),
+        row("headroom", plan.capacity - plan.total) + f"   -> {'FITS' if plan.fits else 'DOES NOT FIT'}",
+        "",
+        "(1) activations, unsharded params/grads, all-gather and reduce-scatter buffers and optimizer temporaries, "
+        "traced (FakeTensorMode + FSDPMemTracker, rank 0) at the step's peak: "
+        + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan.step.items() if v and k != "Total")
+        + f"; step total {plan.step_peak / 1e9:.2f} GB. Cross-check: the largest FSDP unit is the {plan.unit[0]}, "
+        f"{plan.unit[1] / 1e9:.2f}B params, {ag / 1e9:.2f} GB unsharded {dtype} x2 for prefetch.",
+        f"(2) {copy_note}.",
+    ]
+    return "\n".join(lines)
+
+
+def search(config: VLMConfig, cfg: PlanConfig) -> list[Plan]:
+    """Every combination of the search lists (TP degrees above the GPU count skipped); one traced step per GPU
+    count, since the rest changes only computed terms."""
+    cache, plans = {}, []
+    for gpus, tp, slots, max_len in itertools.product(*(map(int, v) for v in (
+            cfg.search_gpus, cfg.search_tp, cfg.search_slots, cfg.search_max_len))):
+        if tp > gpus or gpus % tp:
+            continue
+        c = dataclasses.replace(cfg, gpus=gpus, rollout_tp=tp, slots=slots, max_len=max_len, kv_tokens=0
+                                if not cfg.kv_tokens else cfg.kv_tokens)
+        plans.append(make_plan(config, c, cache))
+    return plans
+
+
+def describe_search(plans: list[Plan]) -> str:
+    """The layouts that fit, fewest GPUs first, then the least TP, the most slots x max_len; and the smallest fitting
+    GPU count per max_len."""
+    fit = sorted((p for p in plans if p.fits), key=lambda p: (p.cfg.gpus, p.cfg.rollout_tp, -p.cfg.max_len,
+                                                             -p.cfg.slots))
+    lines = [f"search: {len(fit)} of {len(plans)} layouts fit", "  gpus  rollout_tp  slots  max_len   total GB  "
+             "headroom GB"]
+    for p in fit:
+        lines.append(f"  {p.cfg.gpus:4d}  {p.cfg.rollout_tp:10d}  {p.cfg.slots:5d}  {p.cfg.max_len:7d}  "
+                     f"{p.total / 1e9:9.2f}  {(p.capacity - p.total) / 1e9:11.2f}")
+    if not fit:
+        best = min(plans, key=lambda p: p.total)
+        lines.append(f"  none; the smallest total is {best.total / 1e9:.2f} GB (gpus {best.cfg.gpus}, rollout_tp "
+                     f"{best.cfg.rollout_tp}, slots {best.cfg.slots}, max_len {best.cfg.max_len})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None):
+    p = cli.parser(__doc__.split("\n\n")[0].replace("\n", " "))
+    cli.add_flags(p, PlanConfig)
+    cfg = cli.config_from(p.parse_args(argv), PlanConfig)
+    config = load_config(cfg.config)
+    name = config.source.get("_name") or Path(cfg.config).stem
+    print(describe(make_plan(config, cfg), name))
+    if cfg.search:
+        print()
+        print(describe_search(search(config, cfg)))
+
+
+if __name__ == "__main__":
+    main()

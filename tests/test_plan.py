@@ -1,0 +1,136 @@
+"""plan.py: the published configs' parameter counts, the computed terms against hand arithmetic, and the whole plan
+against the trainer's own measured peak on 2 CPU processes (the slow test, ~60 s)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import plan as P
+from checkpoint import IMG_CONTEXT, config_from_dict, save_model
+from conftest import DIST_ENV
+from data import load_tokenizer
+from grid_task import GridTaskConfig, prepare
+from model import VLM
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+# Published totals (model cards, OpenGVLab/InternVL3-*; Skywork-R1V3 is InternVL3-38B post-trained).
+PUBLISHED = {"internvl3-1b": 0.94e9, "internvl3-2b": 2.09e9, "internvl3-8b": 7.94e9, "internvl3-38b": 38.4e9,
+             "skywork-r1v3-38b": 38.4e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_configs_parameter_count(name):
+    d = json.loads((CONFIGS / f"{name}.json").read_text())
+    assert d["_source"]
+    with torch.device("meta"):
+        model = VLM(config_from_dict(d))
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 0.05, n
+
+
+def test_computed_terms_by_hand():
+    """Masters from the fake world's shard shapes halve from 1 to 2 ranks; the KV pool and the TP copy follow the
+    formulas of the file docstring."""
+    config = P.load_config(CONFIGS / "plan-check-66m.json")
+    llm = config.llm
+    one = P.PlanConfig(config="", device="cpu", gpus=1, micro_batch_tokens=64, train="llm")
+    with P.fake_world(1):
+        m1 = P.shard_bytes(P.sharded_model(config, one))
+    with P.fake_world(2):
+        m2 = P.shard_bytes(P.sharded_model(config, P.PlanConfig(config="", device="cpu", gpus=2, train="llm")))
+    with torch.device("meta"):
+        model = VLM(config)
+    llm_params = sum(p.numel() for p in model.language_model.parameters())
+    assert m1["trainable"] == 4 * llm_params
+    assert m1["frozen"] == 4 * (sum(p.numel() for p in model.parameters()) - llm_params)
+    assert abs(m2["trainable"] - m1["trainable"] / 2) <= 4 * 64 * 16  # FSDP pads each dim-0 shard by < 1 row
+    tp2 = P.PlanConfig(config="", rollout_tp=2, slots=3, max_len=100, kv_tokens=0)
+    r = P.rollout_bytes(config, tp2)
+    assert r["kv"] == 300 * 2 * llm.num_hidden_layers * (llm.num_key_value_heads // 2) * llm.head_dim * 2
+    assert r["kv"] == P.rollout_bytes(config, P.PlanConfig(config="", rollout_tp=2, kv_tokens=300))["kv"]
+    whole = P.rollout_bytes(config, P.PlanConfig(config=""))["copy"]
+    assert whole == 2 * sum(p.numel() for p in model.parameters())
+    assert r["copy"] == whole - r["copy_split_params"] * 2 + r["copy_split_params"]  # bf16, split halves
+    assert P.rollout_bytes(config, P.PlanConfig(config="", rollout_tp=4))["kv_heads"] == 1  # 2 kv heads, 4 ranks
+
+
+def test_cli_flags_and_search_output(capsys):
+    P.main(["--config", str(CONFIGS / "plan-check-66m.json"), "--gpus", "2", "--micro_batch_tokens", "128",
+            "--search", "--search_gpus", "1,2", "--search_tp", "1,2", "--search_slots", "8",
+            "--search_max_len", "256", "--gpu_memory_gb", "12"])
+    out = capsys.readouterr().out
+    for text in ("trainable fp32 masters", "AdamW moments", "rollout copy", "KV pool", "headroom", "FITS",
+                 "search: 3 of 3 layouts fit"):
+        assert text in out, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan against reality (slow: one 2-process GRPO step of a 67M-parameter model, ~60 s on a loaded 2-core box)
+
+
+def _env(**extra) -> dict:
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"} | extra
+
+
+# glibc's malloc otherwise raises its mmap threshold as large blocks are freed and then keeps freed heap memory
+# in the process: RSS would count the checkpoint load and the first refresh's freed buffers, not live tensors.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into a child's ru_maxrss across exec, and the parent
+# here is pytest after tracing plans (~700 MiB); VmHWM is this process's own high-water mark.
+BASELINE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import train_rl  # noqa: F401 - torch, the model code and everything the trainer imports
+from parallel import init_distributed
+init_distributed()  # a gloo process group, as under torchrun
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)  # kB -> MiB
+"""
+
+
+def test_plan_matches_the_trainers_measured_peak(tmp_path):
+    """One GRPO step of configs/plan-check-66m.json (67M parameters, 32K vocabulary) on 2 CPU processes, its
+    `peak_mem_mb` (ru_maxrss, MiB, the larger of the two ranks) against the plan of the same layout.
+
+    Like with like: ru_maxrss is the whole process, so the plan gets the peak RSS of an idle process that imported
+    train_rl and joined a gloo group (the Python, torch and library baseline, ~350 MiB) added to it. (The trainer's
+    ranks are children of torchrun's small agent, so its ru_maxrss is their own.) Both runs use
+    MALLOC_MMAP_THRESHOLD_=65536, so that freed tensor memory leaves the process as it does from a GPU's caching
+    allocator's point of view rather than lingering in glibc's heap (without it RSS stays ~500 MiB above the live
+    tensors after the checkpoint load and the first refresh). The plan runs in --device cpu mode (fp32 everywhere,
+    as the trainer runs on CPU), with the sampler the trainer builds (max(slots, eval_samples) = 8 slots x max_len
+    96) and a micro-batch of 4 sequences x 96 tokens (the padded bound; the step's sequences are ~72 tokens)."""
+    task = prepare(tmp_path / "grid", GridTaskConfig(n_train=16, n_heldout=4))
+    tok = load_tokenizer(task.init_checkpoint)
+    config = config_from_dict(json.loads((CONFIGS / "plan-check-66m.json").read_text()), tok.token_to_id(IMG_CONTEXT))
+    ckpt = tmp_path / "ckpt"
+    save_model(VLM.from_config(config), ckpt, layout="remote")
+    shutil.copy(task.tokenizer, ckpt / "tokenizer.json")
+    out = tmp_path / "out"
+    args = ["--init_from", str(ckpt), "--data", str(task.train_jsonl), "--out", str(out), "--stage", "grpo",
+            "--steps", "1", "--prompts_per_step", "4", "--group_size", "2", "--micro_batch", "4", "--max_len", "96",
+            "--max_new_tokens", "56", "--threads", "1", "--no-dynamic_sampling", "--train", "connector,llm"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train_rl.py", *args], capture_output=True, text=True, cwd=REPO, env=_env(**MALLOC),
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    measured = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["peak_mem_mb"]
+    base = subprocess.run([sys.executable, "-c", BASELINE, str(REPO)], capture_output=True, text=True, cwd=REPO,
+                          env=_env(**MALLOC), timeout=120)
+    assert base.returncode == 0, base.stderr[-3000:]
+    baseline = float(base.stdout.split()[-1])
+
+    cfg = P.PlanConfig(config=str(ckpt), device="cpu", gpus=2, slots=8, max_len=96, micro_batch=4,
+                       micro_batch_tokens=4 * 96, train="connector,llm")
+    plan = P.make_plan(P.load_config(ckpt), cfg)
+    planned = baseline + plan.total / 2**20
+    error = (planned - measured) / measured
+    print(f"plan {planned:.0f} MiB (baseline {baseline:.0f} + plan {plan.total / 2**20:.0f}) vs measured "
+          f"{measured:.0f} MiB: {error:+.1%}")
+    assert abs(error) < 0.15

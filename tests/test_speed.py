@@ -1,0 +1,163 @@
+"""What makes train_rl.py fast, checked to change nothing but the cost: the vision tower once per prompt (loss and
+gradients equal the per-sample computation, fp64), token-budget micro-batches (equal to one big batch, 1 and 2
+processes), the GPU's bf16 configuration run on CPU, and the prepared GPU check's CPU dry run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import train_rl as T
+from conftest import DIST_ENV
+from entropy import logprob_entropy_reference
+from test_train import bandit_task
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "token_budget_driver.py"
+
+
+@pytest.fixture
+def fp64_head(monkeypatch):
+    """The fused head keeps its softmax statistics in fp32 whatever the inputs (entropy.py); the full-logits
+    reference is fp64 through, so an fp64 comparison sees the batching alone."""
+    monkeypatch.setattr(M, "logprob_entropy", lambda h, w, t, temperature: logprob_entropy_reference(h, w, t,
+                                                                                                     temperature))
+
+
+def count_tiles(model: M.VLM, seen: list):
+    """Wraps the tower's forward: every call's tile count goes to `seen`."""
+    forward = model.vision_model.forward
+    model.vision_model.forward = lambda pixels, **kw: seen.append(pixels.shape[0]) or forward(pixels, **kw)
+
+
+def group_sequences(config, tok) -> list[D.Sequence]:
+    """Three image prompts of 1, 3 and 2 tiles with 4 samples each (the group shares its prompt's tile tensor),
+    responses of 1 to 30 tokens."""
+    g = torch.Generator().manual_seed(1)
+    image = config.image_token_id
+    seqs = []
+    for k, tiles in enumerate([1, 3, 2]):
+        pixels = torch.randn(tiles, 3, 56, 56, generator=g, dtype=torch.float64)
+        prompt = [10 + k, 9] + [image] * (tiles * config.tokens_per_tile) + [11, 12 + k]
+        for j in range(4):
+            n = int(torch.randint(1, 31, (1,), generator=g))
+            response = torch.randint(9, config.llm.vocab_size, (n,), generator=g).tolist()
+            seqs.append(D.Sequence(k, prompt, response, pixels, advantage=float(torch.randn(1, generator=g)),
+                                   sampler_logprobs=(-torch.rand(n, generator=g, dtype=torch.float64)).tolist(),
+                                   order=len(seqs)))
+    return seqs
+
+
+def loss_and_grads(model, batches, tokens: float):
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for mb in batches:
+        logprobs, _ = model(mb.input_ids, mb.pixel_values, targets=mb.targets, image_index=mb.image_index)
+        loss, _ = T.grpo_loss(logprobs, logprobs.detach(), mb.advantages, mb.mask, T.LossConfig(),
+                              mb.sampler_logprobs)
+        (loss / tokens).backward()
+        total += loss.item() / tokens
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("frozen_tower", [False, True])
+def test_tower_once_per_prompt_equals_per_sample(tok, fp64_head, frozen_tower):
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(D.IMG_CONTEXT))
+    model = M.VLM.from_config(config, dtype=torch.float64, seed=2).train()
+    if frozen_tower:
+        model.vision_model.requires_grad_(False)
+    seqs = group_sequences(config, tok)
+    tokens = float(sum(len(s.response) for s in seqs))
+    seen = []
+    count_tiles(model, seen)
+    pad = D.pad_id(config)
+    shared = D.pack(seqs, torch.device("cpu"), torch.float64, pad, False, config.tokens_per_tile)
+    assert shared.pixel_values.shape[0] == 6 and shared.image_index.numel() == 4 * 6 * config.tokens_per_tile
+    loss, grads = loss_and_grads(model, [shared], tokens)
+    assert seen == [6]  # each prompt's tiles once, for its 4 samples
+    seen.clear()
+    alone = [D.pack([s], torch.device("cpu"), torch.float64, pad, False) for s in seqs]  # each with its own tiles
+    want_loss, want = loss_and_grads(model, alone, tokens)
+    assert sum(seen) == 4 * 6
+    assert abs(loss - want_loss) <= 1e-10 and grads.keys() == want.keys()
+    assert all((grads[k] - want[k]).abs().max() <= 1e-10 for k in want)
+    tower = [k for k in want if k.startswith("vision_model.")]
+    assert (not tower) if frozen_tower else all(want[k].abs().max() > 0 for k in tower)
+    assert all(want[k].abs().max() > 0 for k in want if k.startswith("mlp1."))
+
+
+def test_micro_batch_plan_keeps_groups_and_fills_the_budget(tok):
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(D.IMG_CONTEXT))
+    seqs = group_sequences(config, tok)
+    plan = D.micro_batch_plan(seqs, 64, max_tokens=200)
+    assert sorted(s.order for b in plan for s in b) == list(range(len(seqs)))
+    n = lambda s: len(s.prompt) + len(s.response)
+    assert all(len(b) == 1 or len(b) * max(map(n, b)) <= 200 for b in plan)
+    assert D.micro_batch_plan(seqs, 5) == [seqs[:5], seqs[5:10], seqs[10:]]  # unset: --micro_batch, in order
+    whole = D.micro_batch_plan(seqs, 64, max_tokens=10 ** 6)
+    rows = [s.row for s in whole[0]]
+    runs = [r for i, r in enumerate(rows) if i == 0 or rows[i - 1] != r]
+    assert len(whole) == 1 and sorted(runs) == [0, 1, 2]  # each prompt's samples side by side, longest group first
+    longest = [max(n(s) for s in seqs if s.row == r) for r in runs]
+    assert longest == sorted(longest, reverse=True)
+
+
+def test_step_runs_each_prompt_through_the_tower_once(tmp_path, in_process, monkeypatch):
+    """A whole GRPO step (8 prompts x 8 samples with images): the trainer's tower sees 8 tiles, not 64."""
+    init, rows = bandit_task(tmp_path)
+    seen = []
+    features = M.VLM.image_features
+
+    def counted(self, pixels):
+        if self.training:  # the trainer's forward; the sampler's copy runs in eval mode
+            seen.append(pixels.shape[0])
+        return features(self, pixels)
+
+    monkeypatch.setattr(M.VLM, "image_features", counted)
+    for name, kw in (("count", dict(micro_batch=64)), ("budget", dict(micro_batch_tokens=4096))):
+        seen.clear()
+        T.train(T.TrainConfig(init_from=str(init), data=str(rows), out=str(tmp_path / name), steps=2,
+                              prompts_per_step=8, group_size=8, max_new_tokens=1, max_len=32, format_weight=0.0,
+                              overlong_buffer=0, threads=1, dynamic_sampling=False, **kw))
+        assert seen == [8, 8], (name, seen)  # one tile per prompt, one forward per step
+        metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 <= m["padding"] < 1 for m in metrics)
+
+
+def run_driver(path: Path, nproc: int, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                f"--nproc_per_node={nproc}"]
+    out = subprocess.run([*head, str(DRIVER), str(path), *args], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return torch.load(path)
+
+
+def test_token_budget_equals_one_big_batch_on_1_and_2_processes(tmp_path):
+    """Prompts with 0-3 tiles and responses of 1-60 tokens: one micro-batch of everything vs budgets of 150 and
+    400 padded tokens, on one process and on two (uneven micro-batch counts: dummies), fp64 through."""
+    big = run_driver(tmp_path / "big.pt", 1)
+    assert big["batches"] == 1
+    for nproc, budget in ((1, 150), (2, 150), (2, 400)):
+        got = run_driver(tmp_path / f"{nproc}_{budget}.pt", nproc, "--micro_batch_tokens", str(budget))
+        assert got["batches"] >= 2
+        assert abs(got["loss"] - big["loss"]) <= 1e-10, (nproc, budget)
+        assert all((got["grads"][k] - big["grads"][k]).abs().max() <= 1e-10 for k in big["grads"]), (nproc, budget)
+    assert all(g.abs().max() > 0 for g in big["grads"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without CUDA does")
+def test_gpu_check_dry_runs_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    out = subprocess.run(["bash", str(REPO / ".ci" / "gpu")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = (tmp_path / "gpu_report.md").read_text()
+    for part in ("CUDA tests", "bench.py entropy", "bench.py rollout", "bench.py train"):
+        assert f"## {part}" in report and f"{part}" in out.stdout
+    assert report.count("skipped (no CUDA device)") == out.stdout.count("skipped (no CUDA device)") == 4
