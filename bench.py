@@ -233,10 +233,12 @@ def bench_size(cfg: RolloutBench, size: str, device):
                     t_long = min(t_long, timed(run_long, device))
         assert sampler.stats["tokens"] == B * N, sampler.stats
         print(f"{mode:8s} ours {B * N / t_ours:9.1f} tokens/s   transformers {B * N / t_hf:9.1f} tokens/s   "
-              f"ratio {t_hf / t_ours:.2f}x   {pool_line(sampler.stats)}")
+              f"ratio {t_hf / t_ours:.2f}x")
+        print(f"{'':8s} {pool_line(sampler)}")
         if long:
             print(f"{'':8s} ours at max_len {long.max_len} {B * N / t_long:9.1f} tokens/s = {t_ours / t_long:.2f}x "
-                  f"its max_len {P + N} figure, ratio {t_hf / t_long:.2f}x   {pool_line(long.stats)}")
+                  f"its max_len {P + N} figure, ratio {t_hf / t_long:.2f}x")
+            print(f"{'':8s} {pool_line(long)}")
         if T == 0:
             hf_step = t_hf / N  # transformers' time per greedy step, prefill included
     # Amdahl: both engines run the same LM-head GEMM every step; its share of transformers' step caps the ratio.
@@ -250,9 +252,10 @@ def bench_size(cfg: RolloutBench, size: str, device):
         bandwidth_at_batch_1(ours, P, cfg.compile, cfg.sync_every, name)
 
 
-def pool_line(stats: dict) -> str:
-    return (f"KV pool: peak {stats['peak_pages']} of {stats['pool_pages']} pages of {stats['page_size']} tokens "
-            f"({stats['peak_occupancy']:.0%}), {stats['preemptions']} preemptions")
+def pool_line(sampler: Sampler) -> str:
+    stats = sampler.stats
+    return (f"KV pool at max_len {sampler.max_len}: peak {stats['peak_pages']} of {stats['pool_pages']} pages of "
+            f"{stats['page_size']} tokens ({stats['peak_occupancy']:.0%}), {stats['preemptions']} preemptions")
 
 
 def bandwidth_at_batch_1(model, P: int, compile: bool, sync_every: int | None, name: str):
