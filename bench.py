@@ -173,6 +173,8 @@ class RolloutBench:
     prompt_len: int = arg(32, "prompt tokens per sequence")
     new_tokens: int = arg(128, "tokens generated per sequence")
     repeats: int = arg(10, "timed runs per engine, interleaved (the best is reported)")
+    long_max_len: int = arg(8192, "a second sampler's max_len (same requests): decode must not slow down with it; "
+                                  "0 skips the row")
     sync_every: int | None = arg(None, "decode steps between host checks; unset: 1 on CPU, 8 on CUDA")
     compile: bool = arg(True, "torch.compile the decode step: CUDA graphs on a GPU, inductor C++ on a CPU, which "
                               "needs a C++ compiler")
@@ -188,7 +190,8 @@ def bench_rollout(cfg: RolloutBench) -> None:
 def bench_size(cfg: RolloutBench, size: str, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM  # the reference engine: a test-only dependency
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    hf_config = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=4096, rope_theta=1e6)
+    hf_config = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=max(4096, cfg.long_max_len),
+                            rope_theta=1e6)
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the bench dtype: no fp32 copy of a 7B model on the way
@@ -204,6 +207,8 @@ def bench_size(cfg: RolloutBench, size: str, device):
     prompts = torch.randint(0, hf_config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
     requests = [Request(p.tolist()) for p in prompts]
     sampler = Sampler(ours, max_slots=B, max_len=P + N, compile=cfg.compile, sync_every=cfg.sync_every)
+    long = cfg.long_max_len and Sampler(ours, max_slots=B, max_len=cfg.long_max_len, compile=cfg.compile,
+                                        sync_every=cfg.sync_every)
     name = device_name(device)
     params = sum(p.numel() for p in ours.language_model.parameters())
     print(f"device {name}, {size} ({params / 1e6:.1f}M params, {dtype}), batch {B}, prompt {P}, {N} new tokens, "
@@ -213,17 +218,27 @@ def bench_size(cfg: RolloutBench, size: str, device):
                      eos_token_id=None, **(dict(temperature=T, top_k=0, top_p=1.0) if T > 0 else {}))
         run_hf = lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), **hf_kw)
         run_ours = lambda: sampler.generate(requests, max_new_tokens=N, temperature=T)
+        run_long = lambda: long.generate(requests, max_new_tokens=N, temperature=T)
         with torch.no_grad():  # warm-up: allocator, compilation, CUDA graph capture
             hf.generate(prompts[:, :8], attention_mask=torch.ones_like(prompts[:, :8]), **{**hf_kw,
                         "max_new_tokens": 4, "min_new_tokens": 4})
             run_ours()
-            t_hf, t_ours = float("inf"), float("inf")
-            for _ in range(cfg.repeats):  # interleaved, so that load from other processes hits both alike
+            if long:
+                run_long()
+            t_hf, t_ours, t_long = float("inf"), float("inf"), float("inf")
+            for _ in range(cfg.repeats):  # interleaved, so that load from other processes hits all alike
                 t_hf = min(t_hf, timed(run_hf, device))
                 t_ours = min(t_ours, timed(run_ours, device))
+                if long:
+                    t_long = min(t_long, timed(run_long, device))
         assert sampler.stats["tokens"] == B * N, sampler.stats
         print(f"{mode:8s} ours {B * N / t_ours:9.1f} tokens/s   transformers {B * N / t_hf:9.1f} tokens/s   "
               f"ratio {t_hf / t_ours:.2f}x")
+        print(f"{'':8s} {pool_line(sampler)}")
+        if long:
+            print(f"{'':8s} ours at max_len {long.max_len} {B * N / t_long:9.1f} tokens/s = {t_ours / t_long:.2f}x "
+                  f"its max_len {P + N} figure, ratio {t_hf / t_long:.2f}x")
+            print(f"{'':8s} {pool_line(long)}")
         if T == 0:
             hf_step = t_hf / N  # transformers' time per greedy step, prefill included
     # Amdahl: both engines run the same LM-head GEMM every step; its share of transformers' step caps the ratio.
@@ -237,10 +252,16 @@ def bench_size(cfg: RolloutBench, size: str, device):
         bandwidth_at_batch_1(ours, P, cfg.compile, cfg.sync_every, name)
 
 
+def pool_line(sampler: Sampler) -> str:
+    stats = sampler.stats
+    return (f"KV pool at max_len {sampler.max_len}: peak {stats['peak_pages']} of {stats['pool_pages']} pages of "
+            f"{stats['page_size']} tokens ({stats['peak_occupancy']:.0%}), {stats['preemptions']} preemptions")
+
+
 def bandwidth_at_batch_1(model, P: int, compile: bool, sync_every: int | None, name: str):
     """Decode step time at batch 1 from two generation lengths (prefill cancels out) vs the bytes a step must read:
-    every LLM parameter but the embedding table (one row of it is read), plus the KV it attends over (compiled: all
-    of max_len, masked positions included; eager: the positions reached, on average)."""
+    every LLM parameter but the embedding table (one row of it is read), plus the KV it attends over (the positions
+    reached, on average: decode reads live pages only)."""
     device = model.language_model.embed_tokens.weight.device
     n1, n2 = 32, 544
     sampler = Sampler(model, max_slots=1, max_len=P + n2, compile=compile, sync_every=sync_every)
@@ -253,7 +274,8 @@ def bandwidth_at_batch_1(model, P: int, compile: bool, sync_every: int | None, n
     nbytes = lambda t: t.numel() * t.element_size()
     weights = sum(nbytes(p) for p in lm.parameters()) - (nbytes(lm.embed_tokens.weight) if lm.lm_head is not None
                                                          else 0)
-    kv = sum(map(nbytes, sampler.cache.k + sampler.cache.v)) * (1 if compile else (P + (n1 + n2) / 2) / (P + n2))
+    kv = sum(map(nbytes, sampler.pool.k + sampler.pool.v)) / sampler.pool.k[0].shape[0] / sampler.page_size * (
+        P + (n1 + n2) / 2)  # bytes per token x tokens attended over, on average
     x = torch.empty(2**30, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)

@@ -36,6 +36,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -76,36 +77,54 @@ def decode_buffers(q: torch.Tensor, block_table: torch.Tensor, page_size: int,
                             for name, (shape, dtype) in specs.items()})
 
 
-def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                                     block_table: torch.Tensor, lengths: torch.Tensor,
-                                     scale: float | None = None) -> torch.Tensor:
-    """Plain torch, also the CPU decode path: gather every slot's live pages up to the longest length into
-    contiguous (slots, L, kv_heads, D) keys and values, mask positions past each slot's length, softmax in fp32
-    (fp64 inputs stay fp64). Reads lengths on the host (one sync), so it does not belong in a CUDA graph."""
-    slots, heads, head_dim = q.shape
-    _, page_size, kv_heads, _ = k_pages.shape
-    group = heads // kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
-    dtype = torch.promote_types(q.dtype, torch.float32)
+def live_pages(block_table: torch.Tensor, lengths: torch.Tensor, page_size: int,
+               num_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the reference reads, shared by every layer of a decode step: the first num_pages block-table columns
+    (slots, num_pages) int64, stale columns past a slot's length replaced by page 0, and which of their
+    L = num_pages x page_size keys each slot sees (slots, 1, 1, L) bool: positions below its length, and key 0 for
+    an idle slot (a row without a visible key would be nan), whose output the caller drops. num_pages None reads
+    the longest length on the host (one sync), so it does not belong in a CUDA graph; a caller that knows a bound
+    passes num_pages (>= every slot's ceil(length / page_size), not checked): no sync, no graph break."""
     lengths = lengths.long()
-    longest = int(lengths.max()) if slots else 0
-    if longest > block_table.shape[1] * page_size:
-        raise ValueError(f"a length of {longest} exceeds the block table's {block_table.shape[1]} pages of "
-                         f"{page_size} tokens")
-    num_pages = max(1, math.ceil(longest / page_size))  # one page even when all slots are idle: masked out below
-    cols = torch.arange(num_pages, device=q.device)
+    if num_pages is None:
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if longest > block_table.shape[1] * page_size:
+            raise ValueError(f"a length of {longest} exceeds the block table's {block_table.shape[1]} pages of "
+                             f"{page_size} tokens")
+        num_pages = math.ceil(longest / page_size)
+    num_pages = max(1, num_pages)  # one page even when all slots are idle: masked out
+    cols = torch.arange(num_pages, device=lengths.device)
     own = cols < (lengths[:, None] + page_size - 1) // page_size  # (slots, num_pages): columns holding the slot's pages
     pages = torch.where(own, block_table[:, :num_pages], 0).long()  # stale columns -> page 0, never attended
-    k = k_pages[pages].flatten(1, 2).to(dtype)  # (slots, L, kv_heads, D), L = num_pages * page_size
-    v = v_pages[pages].flatten(1, 2).to(dtype)
-    scores = q.to(dtype).reshape(slots, kv_heads, group, head_dim) @ k.permute(0, 2, 3, 1) * scale  # (slots, kv, G, L)
-    live = torch.arange(k.shape[1], device=q.device) < lengths[:, None]  # (slots, L)
-    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
-    m = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)  # an idle slot's max is -inf: exp(-inf - 0) = 0
-    p = (scores - m).exp()
-    # l >= 1 wherever a key is live (the max scores exp(0) = 1); l = 0 only for an idle slot, whose p @ v is 0.
-    out = (p @ v.transpose(1, 2)) / p.sum(-1, keepdim=True).clamp(min=1.0)  # (slots, kv, G, D)
+    keys = torch.arange(num_pages * page_size, device=lengths.device)
+    visible = (keys < lengths[:, None]) | (keys == 0)  # (slots, L)
+    return pages, visible[:, None, None, :]
+
+
+def attend_pages(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, pages: torch.Tensor,
+                 visible: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """q (slots, H, D) against the keys of `pages` (from live_pages) where `visible`: gathers them into
+    (slots, kv_heads, L, D) and runs SDPA in fp32 (fp64 inputs stay fp64), the G = H / kv_heads query heads of a
+    kv head as G queries of it (K and V never repeated per head). Returns (slots, H, D) in q's dtype."""
+    slots, heads, head_dim = q.shape
+    kv_heads = k_pages.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k = k_pages[pages].flatten(1, 2).transpose(1, 2).to(dtype)  # (slots, kv_heads, L, D) view, L = pages x size
+    v = v_pages[pages].flatten(1, 2).transpose(1, 2).to(dtype)
+    out = F.scaled_dot_product_attention(q.to(dtype).reshape(slots, kv_heads, heads // kv_heads, head_dim), k, v,
+                                         attn_mask=visible, scale=scale)  # (slots, kv, G, D)
     return out.reshape(slots, heads, head_dim).to(q.dtype)
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                                     block_table: torch.Tensor, lengths: torch.Tensor,
+                                     scale: float | None = None, num_pages: int | None = None) -> torch.Tensor:
+    """Plain torch, also the CPU decode path (rollout.py calls its two halves, sharing live_pages across layers):
+    gather every slot's live pages up to the longest length (or num_pages: see live_pages), mask positions past
+    each slot's length, softmax in fp32. An idle slot's output is zeros."""
+    pages, visible = live_pages(block_table, lengths, k_pages.shape[1], num_pages)
+    out = attend_pages(q, k_pages, v_pages, pages, visible, q.shape[2] ** -0.5 if scale is None else scale)
+    return torch.where(lengths[:, None, None] > 0, out, 0.0)
 
 
 if triton is not None:
@@ -236,8 +255,8 @@ def _check(q, k_pages, v_pages, block_table, lengths, split_tokens: int, buffers
 
 def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
                            lengths: torch.Tensor, scale: float | None = None, impl: str = "auto",
-                           split_tokens: int = DEFAULT_SPLIT_TOKENS,
-                           buffers: DecodeBuffers | None = None) -> torch.Tensor:
+                           split_tokens: int = DEFAULT_SPLIT_TOKENS, buffers: DecodeBuffers | None = None,
+                           num_pages: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query per slot over its `lengths[slot]` paged keys; returns (slots, H, D) in
     q's dtype (buffers.out when buffers are given), computed in fp32.
 
@@ -245,7 +264,8 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     h // (H / kv_heads); block_table (slots, max_pages) int32; lengths (slots,) int32. scale defaults to D ** -0.5.
     impl: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the reference), "auto" (triton on CUDA).
     On the Triton path the dot products take the pool's dtype (q is rounded to a bf16 pool's dtype, as flash
-    attention does) with fp32 accumulation; softmax and merging are fp32."""
+    attention does) with fp32 accumulation; softmax and merging are fp32. num_pages: see the reference (the Triton
+    path reads each slot's own length and ignores it)."""
     _check(q, k_pages, v_pages, block_table, lengths, split_tokens, buffers)
     scale = q.shape[2] ** -0.5 if scale is None else scale
     if impl == "auto":
@@ -253,7 +273,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     if impl not in ("torch", "triton"):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     if impl == "torch":
-        out = paged_decode_attention_reference(q, k_pages, v_pages, block_table, lengths, scale)
+        out = paged_decode_attention_reference(q, k_pages, v_pages, block_table, lengths, scale, num_pages)
         return out if buffers is None else buffers.out.copy_(out)
     if triton is None:
         raise RuntimeError("impl='triton' needs the triton package (no wheels for macOS / Windows): use impl='torch'")

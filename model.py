@@ -288,13 +288,32 @@ class KVCache:
     """Preallocated keys/values, one (slots, kv_heads, max_len, head_dim) tensor per layer, written by index.
     Shapes never change while decoding, so a decode step can be compiled (CUDA graphs). One tensor per layer rather
     than a single block: a compiled step writes a separate input in place, but copies a whole layer every step
-    when the layer is a view into a shared block."""
+    when the layer is a view into a shared block. The sampler's views of its paged pool (rollout.py) speak the same
+    `attend` protocol: a cache writes a call's keys and values and attends over what it holds."""
 
     def __init__(self, cfg: LLMConfig, slots: int, max_len: int, dtype=torch.float32, device=None):
         shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
+
+    def attend(self, layer: int, q, k, v, positions, slots=None):
+        """q (B, T, H, D), k and v (B, T, KV, D) of batch rows living in cache slots `slots` (default row b -> slot
+        b), written at `positions` (B, T). positions None: a new sequence (written at 0..T-1, causal over its own
+        keys, whatever the cache holds further on); given: each query reads the cache up to its position.
+        Returns (B, T, H * D)."""
+        B, T = q.shape[:2]
+        ck, cv = self.k[layer], self.v[layer]  # (S, KV, L, D)
+        at = torch.arange(T, device=q.device).expand(B, T) if positions is None else positions
+        rows = (torch.arange(B, device=q.device) if slots is None else slots)[:, None]  # (B, 1)
+        ck[rows, :, at] = k.to(ck.dtype)  # advanced index -> (B, T, KV, D)
+        cv[rows, :, at] = v.to(cv.dtype)
+        if positions is None:
+            return causal_attention(q, k, v)
+        if slots is not None:
+            ck, cv = ck[slots], cv[slots]  # (B, KV, L, D)
+        mask = (torch.arange(ck.shape[2], device=q.device) <= positions[..., None])[:, None]  # (B, 1, T, L)
+        return cached_attention(q, ck.to(q.dtype), cv.to(q.dtype), mask)
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
@@ -309,6 +328,14 @@ def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
 def apply_rope(x, cos, sin):  # x (B, T, H, D)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def causal_attention(q, k, v):
+    """A sequence from position 0 attending to itself: q (B, T, H, D), k and v (B, T, KV, D) -> (B, T, H * D)."""
+    B, T, H, D = q.shape
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.shape[2] != H)  # (B, H, T, D)
+    return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 def cached_attention(q, k, v, mask):
@@ -337,7 +364,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, positions, cache_kv=None, slots=None, mask=None):
+    def forward(self, h, cos, sin, positions=None, cache=None, layer: int = 0, slots=None):
         B, T, _ = h.shape
         H, KV, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
         q = self.q_proj(h).view(B, T, H, D)  # (B, T, H, D)
@@ -346,19 +373,10 @@ class Attention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_kv is not None:  # write this call's keys and values at their positions
-            ck, cv = cache_kv  # (S, KV, L, D)
-            rows = (torch.arange(B, device=h.device) if slots is None else slots)[:, None]  # (B, 1)
-            ck[rows, :, positions] = k.to(ck.dtype)  # advanced index -> (B, T, KV, D)
-            cv[rows, :, positions] = v.to(cv.dtype)
-        if mask is None:  # a sequence from position 0 (training, full recompute, prefill): causal over this call
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=KV != H).transpose(1, 2)  # (B, T, H, D)
-        else:  # continuing a cached sequence: everything in the cache up to each query's position
-            if slots is not None:
-                ck, cv = ck[slots], cv[slots]  # (B, KV, L, D)
-            y = cached_attention(q, ck.to(q.dtype), cv.to(q.dtype), mask)  # (B, T, H * D)
-        return self.o_proj(y.reshape(B, T, H * D))
+        # With a cache, the cache writes this call's keys and values and attends over what it holds (KVCache.attend);
+        # positions None is a new sequence: causal over its own keys.
+        y = causal_attention(q, k, v) if cache is None else cache.attend(layer, q, k, v, positions, slots)
+        return self.o_proj(y)  # y (B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -380,8 +398,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, positions, cache_kv=None, slots=None, mask=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache_kv, slots, mask)
+    def forward(self, h, cos, sin, positions=None, cache=None, layer: int = 0, slots=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, layer, slots)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -401,22 +419,20 @@ class LLM(nn.Module):
     def head_weight(self):  # (V, C): what the fused log-prob kernel multiplies hidden states with
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, x, positions=None, cache: KVCache | None = None, slots=None):
+    def forward(self, x, positions=None, cache=None, slots=None):
         """x (B, T, C) input embeddings; positions (B, T) absolute positions, None for a new sequence (0..T-1, which
-        attends only to itself, causally). With `cache`, batch row b lives in cache slot `slots[b]` (default b) and
-        its keys/values are written at `positions[b]`; given positions read the cache up to each query's position."""
+        attends only to itself, causally). `cache` (a KVCache, or a view of rollout.py's page pool) stores each
+        layer's keys and values and attends over them; with a KVCache, batch row b lives in cache slot `slots[b]`
+        (default b) and its keys/values are written at `positions[b]`; given positions read the cache up to each
+        query's position."""
         B, T, _ = x.shape
-        continuing = cache is not None and positions is not None
-        if positions is None:
+        new = positions is None
+        if new:
             positions = torch.arange(T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        # Continuing, each query sees the cache positions up to its own: one mask (B, 1, T, L) for all layers. A new
-        # sequence needs none: causal SDPA (flash on a GPU) over its own keys, whatever the cache holds further on.
-        mask = (torch.arange(cache.k[0].shape[2], device=x.device) <= positions[..., None])[:, None] \
-            if continuing else None
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, positions, None if cache is None else (cache.k[i], cache.v[i]), slots, mask)
+            h = layer(h, cos, sin, None if new else positions, cache, i, slots)
         return self.norm(h)
 
     def logits(self, h):

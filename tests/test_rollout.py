@@ -2,9 +2,13 @@
 image prompts, loaded from the same checkpoint), log-probs vs entropy.logprob_entropy recomputed on the finished
 sequences, continuous batching + prefix sharing vs one request at a time, seeds, bans, stops and bad input."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import checkpoint as C
@@ -12,6 +16,7 @@ import model as M
 from entropy import logprob_entropy
 from conftest import image_prompt, make_hf_internvl, randomize, text_config
 from data import build_prompt, special_ids
+import rollout as R
 from rollout import Request, Sampler, sample, uniform
 
 SEED = int(os.environ.get("ROLLOUT_TEST_SEED", 0))  # the random models' seed (the assertions hold for any)
@@ -265,9 +270,9 @@ def test_bf16_cache_under_fp32_weights(internvl, tok):
     are within bf16 rounding of the recompute's, yet not equal to them (the decode steps did read bf16 keys)."""
     _, model = internvl
     assert model.language_model.embed_tokens.weight.dtype == torch.float32
-    assert Sampler(model, max_slots=1, max_len=8).cache.k[0].dtype == torch.float32  # default: the parameters'
+    assert Sampler(model, max_slots=1, max_len=8).pool.k[0].dtype == torch.float32  # default: the parameters'
     sampler = Sampler(model, max_slots=4, max_len=64, cache_dtype=torch.bfloat16)
-    assert {t.dtype for t in sampler.cache.k + sampler.cache.v + sampler.stage.k + sampler.stage.v} == {torch.bfloat16}
+    assert {t.dtype for t in sampler.pool.k + sampler.pool.v} == {torch.bfloat16}
     reqs = mixed_requests(tok, model.config)
     banned = [model.config.image_token_id]  # the Sampler's default ban
     worst_lp, worst_gap = 0.0, 0.0
@@ -313,3 +318,175 @@ def test_progress_reports_every_finished_completion(qwen, tok):
     assert calls[-1] == (total, total, sum(len(c.ids) for g in out for c in g))
     assert all(a[0] <= b[0] and a[2] <= b[2] and a[1] == total for a, b in zip(calls, calls[1:]))
     assert len(calls) > 1
+
+
+def sampled_reference(model, r: Request, seed: int, sample_idx: int, n: int, temperature, top_p, top_k, banned,
+                      stop) -> tuple[list[int], list[float]]:
+    """Full recompute, no cache: each token drawn by rollout.sample with the counter-based uniform of (seed, sample
+    index, step), the sampler's contract whatever its cache does."""
+    ids, lps = list(r.ids), []
+    for step in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), r.pixel_values)[0, -1:].clone()
+        u = uniform(torch.tensor([seed]), torch.tensor([sample_idx]), torch.tensor([step]))
+        t, lp = sample(logits, u, temperature, top_p, top_k, torch.tensor(banned, dtype=torch.long))
+        ids.append(int(t))
+        lps.append(float(lp))
+        if ids[-1] in stop:
+            break
+    return ids[len(r.ids):], lps
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # from inside torch.compile
+@pytest.mark.parametrize("compile", [False, True])
+def test_paged_sampling_matches_full_recompute(internvl, tok, compile):
+    """Seeded sampling through the paged pool (pages of 4 tokens: prompts span several, shared by 3 samples, the
+    partial last one copied), eager and compiled == a cache-free full recompute drawing with the same counters."""
+    _, model = internvl
+    stop = [tok.token_to_id("<|im_end|>"), tok.token_to_id("red")]
+    banned = [model.config.image_token_id]
+    reqs = mixed_requests(tok, model.config)
+    sampler = Sampler(model, max_slots=5, max_len=64, stop_ids=stop, page_size=4, compile=compile, sync_every=2)
+    kw = dict(temperature=0.8, top_p=0.9, top_k=0)
+    out = sampler.generate(reqs, num_samples=3, max_new_tokens=10, seed=4, **kw)
+    assert sampler.pool.used == 0
+    for i, (r, group) in enumerate(zip(reqs, out, strict=True)):
+        for j, c in enumerate(group):
+            ids, lps = sampled_reference(model, r, R.mix_seed(4, i), j, 10, kw["temperature"], kw["top_p"],
+                                         kw["top_k"], banned, stop)
+            assert c.ids == ids and max(abs(a - b) for a, b in zip(c.logprobs, lps, strict=True)) <= 1e-5
+
+
+def test_preemption_gives_the_ample_pool_tokens(internvl, tok):
+    """A pool of 14 pages of 4 tokens for 4 slots of ~30 tokens: sequences are preempted (pages freed), recomputed
+    from prompt + generated tokens, resumed, and every completion equals the one an ample pool gives."""
+    _, model = internvl
+    stop = [tok.token_to_id("<|im_end|>")]
+    reqs = mixed_requests(tok, model.config)
+    kw = dict(num_samples=2, max_new_tokens=16, temperature=1.0, seed=9)
+    ample = Sampler(model, max_slots=4, max_len=64, stop_ids=stop, page_size=4)
+    want = ample.generate(reqs, **kw)
+    assert ample.stats["preemptions"] == 0
+    small = Sampler(model, max_slots=4, max_len=64, stop_ids=stop, page_size=4, kv_tokens=56)
+    got = small.generate(reqs, **kw)
+    assert small.stats["preemptions"] > 0 and small.stats["recomputes"] > 0
+    assert small.stats["peak_pages"] <= 14 == small.stats["pool_pages"] and small.pool.used == 0
+    for g, h in zip(want, got, strict=True):
+        for a, b in zip(g, h, strict=True):
+            assert a.ids == b.ids and a.finish_reason == b.finish_reason
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # from inside torch.compile
+def test_preemption_compiled(qwen, tok):
+    """The compiled step under preemptions == the eager step with an ample pool."""
+    _, model = qwen
+    reqs = mixed_requests(tok, model.config)
+    kw = dict(num_samples=3, max_new_tokens=20, temperature=1.0, top_k=8, seed=2)
+    want = Sampler(model, max_slots=4, max_len=64, page_size=4).generate(reqs, **kw)
+    small = Sampler(model, max_slots=4, max_len=64, page_size=4, kv_tokens=64, compile=True, sync_every=3)
+    got = small.generate(reqs, **kw)
+    assert small.stats["preemptions"] > 0 and small.pool.used == 0
+    assert [[c.ids for c in g] for g in want] == [[c.ids for c in g] for g in got]
+    assert max(abs(x - y) for g, h in zip(want, got) for a, b in zip(g, h) for x, y in zip(a.logprobs, b.logprobs)) \
+        <= 1e-5
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_pages_return_and_never_collide(qwen, tok, data):
+    """Random batches, pool sizes, page sizes and host-check intervals: before every decode step each running
+    sequence writes a page it alone holds (reference count 1, in its own row, distinct across slots) and reads only
+    pages it holds; after generate every page is back in the pool; and the completions equal an ample pool's."""
+    _, model = qwen
+    words = "how many red squares are there in the image answer is one two three".split()
+    n_req = data.draw(st.integers(1, 4))
+    reqs = [text_request(tok, model.config, " ".join(data.draw(st.lists(st.sampled_from(words), max_size=8))),
+                         max_new_tokens=data.draw(st.integers(1, 12))) for _ in range(n_req)]
+    page_size = data.draw(st.sampled_from([1, 2, 4, 8]))
+    slots, num_samples = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 3))
+    sync_every = data.draw(st.integers(1, 4))
+    stop = [tok.token_to_id("red")]
+    longest = max(len(r.ids) + r.max_new_tokens for r in reqs)
+    least = (-(-longest // page_size) + 1) * page_size  # what _check demands for the longest request
+    kv_tokens = data.draw(st.integers(least, least + 8 * page_size))
+    sampler = Sampler(model, max_slots=slots, max_len=64, stop_ids=stop, page_size=page_size, kv_tokens=kv_tokens,
+                      sync_every=sync_every)
+    step, run_of = sampler._step, {}
+    grow = sampler._grow
+    sampler._grow = lambda run, until: (run_of.setdefault("run", run), grow(run, until))[1]
+
+    def checked_step(*args):
+        run, pool, P = run_of["run"], sampler.pool, page_size
+        table, pos, done = sampler.table.tolist(), sampler.pos.tolist(), sampler.done.tolist()
+        written = []
+        for s, seq in enumerate(run.slots):
+            if seq is None or done[s]:
+                continue
+            assert all(pool.refs[p] >= 1 for p in seq.pages) and table[s][:len(seq.pages)] == seq.pages
+            assert pos[s] < len(seq.pages) * P  # reads positions 0..pos, all in its pages
+            page = table[s][pos[s] // P]
+            assert pool.refs[page] == 1 and page != 0
+            written.append(page)
+        assert len(written) == len(set(written))
+        return step(*args)
+
+    sampler._step = checked_step
+    kw = dict(num_samples=num_samples, temperature=1.0, seed=data.draw(st.integers(0, 3)))
+    got = sampler.generate(reqs, **kw)
+    assert sampler.pool.used == 0 and sum(sampler.pool.refs) == 0
+    assert sorted(sampler.pool.free) == list(range(1, sampler.pool.capacity + 1))
+    want = Sampler(model, max_slots=4, max_len=64, stop_ids=stop).generate(reqs, **kw)
+    assert [[c.ids for c in g] for g in got] == [[c.ids for c in g] for g in want]
+
+
+def test_a_group_holds_its_prompt_once(qwen, tok):
+    """G samples of one P-token prompt, R tokens each: the prompt's full pages are shared and only its partial last
+    page is copied, so the pool's peak is the P + G x R tokens of KV rounded to pages, not G x (P + R)."""
+    _, model = qwen
+    r = text_request(tok, model.config, "how many red squares are there in the image answer is one two three "
+                                        "how many red squares are there")
+    P, G, R, ps = len(r.ids), 4, 6, 4
+    assert P % ps and P > 2 * ps
+    sampler = Sampler(model, max_slots=G, max_len=64, page_size=ps)
+    out = sampler.generate([r], num_samples=G, max_new_tokens=R, temperature=1.0)
+    assert all(len(c.ids) == R for c in out[0])
+    # Each sample's row holds its prompt's P // ps shared pages and its own pages through position P + R - 2 (the
+    # last token is never fed back).
+    own = -(-(P + R - 1) // ps) - P // ps
+    assert sampler.stats["peak_pages"] == P // ps + G * own
+    assert sampler.stats["peak_pages"] * ps <= P + G * (R + ps) < G * (P + R)
+    assert sampler.stats["prefills"] == 1 and sampler.pool.used == 0
+
+
+def test_pool_is_a_budget_not_slots_times_max_len(tmp_path):
+    """64 slots x max_len 32768 on the tiny model: building the sampler grows the RSS by less than 256 MiB (the
+    static cache it replaces took 1 GiB)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc")
+    code = """
+import torch, model as M
+from rollout import Sampler
+rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024
+m = M.VLM.from_config(M.tiny_config(64))
+before = rss()
+s = Sampler(m, max_slots=64, max_len=32768)
+print(rss() - before, s.pool.capacity * s.page_size)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    grown, tokens = map(int, res.stdout.split())
+    assert grown < 256 * 2**20 and tokens >= 32768  # and the pool still holds one full-length sequence
+
+
+def test_a_request_that_can_never_fit_the_pool_is_refused(qwen, tok):
+    _, model = qwen
+    sampler = Sampler(model, max_slots=2, max_len=64, page_size=4, kv_tokens=24)
+    ok = text_request(tok, model.config, "how many", max_new_tokens=3)
+    big = text_request(tok, model.config, "how many red squares are there in the image answer is one two three")
+    with pytest.raises(ValueError, match=r"request 1: a prompt of \d+ tokens and up to 30 new ones need \d+ KV "
+                                         r"pages of 4 tokens, the pool holds 6: raise the sampler's kv_tokens"):
+        sampler.generate([ok, big], max_new_tokens=30)
+    assert len(sampler.generate([ok], max_new_tokens=30)[0][0].ids) == 3
