@@ -91,6 +91,9 @@ class EvalConfig:
     chunk: int = cli.arg(32, "questions per generate call, and the unit that ranks share out (results depend on it, "
                          "not on the number of ranks)")
     max_slots: int = cli.arg(64, "sequences decoded at once when evaluate builds its sampler")
+    kv_tokens: int | None = cli.arg(None, "KV pool budget in tokens per sampler (pages shared by the running "
+                                    "sequences; unset: half the GPU memory free after the model is built, 128 MiB "
+                                    "on a CPU)")
     compile: bool = cli.arg(False, "compile the sampler's decode step (CUDA graphs on a GPU) when evaluate builds it")
     entropy_batch_tokens: int = cli.arg(16384, "padded tokens per teacher-forced forward of the entropy pass")
     time_limit_s: float = cli.arg(reward.DEFAULT_TIME_LIMIT_S, "seconds per math-verify check (the project's "
@@ -254,7 +257,8 @@ def build_sampler(model: VLM, tokenizer, cfg: EvalConfig, max_slots: int, max_le
     """A sampler that stops at the tokenizer's end-of-turn tokens and never draws image tokens (nor, with
     --no_wait, the critical words)."""
     return Sampler(model, max_slots, min(max_len, model.config.llm.max_position_embeddings),
-                   special_ids(tokenizer)[0], banned_ids(tokenizer, cfg), compile=cfg.compile)
+                   special_ids(tokenizer)[0], banned_ids(tokenizer, cfg), compile=cfg.compile,
+                   kv_tokens=cfg.kv_tokens)
 
 
 def generate(sampler: Sampler, prompts: list[tuple[int, Prompt]], n: int, temperature: float, cfg: EvalConfig):

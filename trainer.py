@@ -67,7 +67,10 @@ class TrainConfig:
                                          "on each process: length-sorted micro-batches that fill this budget, a "
                                          "prompt's samples together (unset: --micro_batch sequences)")
     max_new_tokens: int = arg(1024, "response length cap")
-    max_len: int = arg(4096, "prompt + response tokens: the sampler's static KV-cache length")
+    max_len: int = arg(4096, "prompt + response tokens of a sequence, at most")
+    kv_tokens: int | None = arg(None, "KV pool budget in tokens per sampler (pages shared by the running "
+                                "sequences; unset: half the GPU memory free after the model is built, 128 MiB on a "
+                                "CPU)")
     max_tiles: int | None = arg(None, "tile cap per image (default: the checkpoint's max_dynamic_patch)")
     temperature: float = arg(1.0, "rollout temperature; log-probs are taken at the same temperature")
     lr: float = arg(1e-5, "peak learning rate (AdamW, betas 0.9/0.95; R1V3: 1e-5, with 1e-6 the safer low end)")
@@ -391,7 +394,7 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     compile = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
     slots = cfg.prompts_per_step // proc.world * (cfg.group_size if cfg.stage == "grpo" else 1)
     sampler = Sampler(rollout_model, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len,
-                      stop_ids=stop_ids, banned_ids=banned_ids, compile=compile)
+                      stop_ids=stop_ids, banned_ids=banned_ids, compile=compile, kv_tokens=cfg.kv_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                   foreach=True)
