@@ -125,7 +125,8 @@ def bench_entropy(cfg: EntropyBench) -> None:
     impl = cfg.impl or ("triton" if cuda else "torch")
     iters = cfg.iters or (5 if cuda else 3)
     chunks = Chunks(**{k: v for k, v in dict(tokens=cfg.chunk_tokens, vocab=cfg.chunk_vocab).items() if v is not None})
-    print(f"device: {device_name(default_device())} | torch {torch.__version__} triton {triton.__version__ if triton else 'not installed'} | "
+    triton_version = triton.__version__ if triton else "not installed"
+    print(f"device: {device_name(default_device())} | torch {torch.__version__} triton {triton_version} | "
           f"N={n} D={d} V={v} {dtype} | fused impl={impl} {chunks}")
     if not cuda and impl == "torch":
         print("(Triton on CPU runs in the numpy interpreter, far too slow to time: skipped; --impl triton forces it)")
@@ -592,7 +593,8 @@ def bench_trl(cfg: TrlBench) -> None:
         print(f"bench trl: run {r + 1}/{cfg.repeats}: ours ...", flush=True)
         run = out / "ours"
         subprocess.run(["rm", "-rf", str(run)], check=True)
-        p = subprocess.run([sys.executable, str(Path(__file__).with_name("train_rl.py")), *ours_args, "--out", str(run)],
+        trainer = str(Path(__file__).with_name("train_rl.py"))
+        p = subprocess.run([sys.executable, trainer, *ours_args, "--out", str(run)],
                            env=env, capture_output=True, text=True)
         if p.returncode:
             raise RuntimeError(f"train_rl.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
@@ -613,7 +615,8 @@ def bench_trl(cfg: TrlBench) -> None:
           f"{a['tokens'] / a['step']:>12.0f}{a['tokens'] / a['rollout']:>11.0f}")
     print(f"{'ours':>8s}{b['step']:>9.3f}{b['rollout']:>9.3f}{b['update']:>9.3f}{b['tokens']:>8.0f}"
           f"{b['tokens'] / b['step']:>12.0f}{b['tokens'] / b['rollout']:>11.0f}")
-    print(f"ratios (ours / TRL, tokens per second): whole step {b['tokens'] / b['step'] / (a['tokens'] / a['step']):.2f}x"
+    step_ratio = b["tokens"] / b["step"] / (a["tokens"] / a["step"])
+    print(f"ratios (ours / TRL, tokens per second): whole step {step_ratio:.2f}x"
           f", rollout vs generate {b['tokens'] / b['rollout'] / (a['tokens'] / a['rollout']):.2f}x, update "
           f"{(a['step'] - a['rollout']) / b['update']:.2f}x; our padding fraction {b['padding']:.2f}")
     for name, runs in (("TRL", trl_runs), ("ours", our_runs)):

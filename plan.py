@@ -367,7 +367,8 @@ def describe(plan: Plan, name: str) -> str:
     p = plan.params
     row = lambda label, n: f"  {label:<58s}{_gb(n)}"
     lines = [
-        f"{name}: {sum(p.values()) / 1e9:.2f}B params (ViT {p['vit'] / 1e9:.2f}B, connector {p['connector'] / 1e9:.3f}B,"
+        f"{name}: {sum(p.values()) / 1e9:.2f}B params (ViT {p['vit'] / 1e9:.2f}B, "
+        f"connector {p['connector'] / 1e9:.3f}B,"
         f" LLM {p['llm'] / 1e9:.2f}B); train {c.train}; {c.gpus} GPUs x {c.gpu_memory_gb:g} GB; {dtype} compute",
         f"micro-batch {c.micro_batch} x {c.micro_batch_tokens // c.micro_batch} tokens"
         f"{', ' + str(c.tiles) + ' tiles' if c.tiles else ''}, activation checkpointing "

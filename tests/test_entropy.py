@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from entropy import (CRITICAL_WORDS, CRITICAL_WORDS_BROAD, IGNORE_INDEX, Chunks, EntropySums, critical_entropy, critical_token_ids,
-                     logprob_entropy, logprob_entropy_reference)
+from entropy import (CRITICAL_WORDS, CRITICAL_WORDS_BROAD, IGNORE_INDEX, Chunks, EntropySums, critical_entropy,
+                     critical_token_ids, logprob_entropy, logprob_entropy_reference)
 
 # Odd shapes: V = 1000 is no multiple of the vocab split (384) nor of BLOCK_V (128), D = 40 is no power of two,
 # N = 37 leaves a remainder of 5 after two 16-token chunks, so every loop runs several times and ends ragged.

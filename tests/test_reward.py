@@ -424,7 +424,8 @@ def test_score_batch_survives_dead_workers(monkeypatch):
 LIMIT_S = 0.3
 FRAGMENTS = ["\\boxed{", "\\boxed ", "\\fbox{", "{", "}", "\\{", "\\}", "\\frac{", "\\left(", "\\right)", "$", "\\",
              "<think>", "</think>", "<answer>", "</answer>", "The answer is ", "Answer:", "(B)", "B.", "**", "%",
-             "9" * 3000, "10^{10^{10}}", "10^{10^{10^{10}}}", "1e999999", "1,000", "\\sqrt{", "^{", "(", ")", "[", "]", "x", "\n", " "]
+             "9" * 3000, "10^{10^{10}}", "10^{10^{10^{10}}}", "1e999999", "1,000", "\\sqrt{", "^{", "(", ")", "[", "]",
+             "x", "\n", " "]
 RESPONSES = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=20)), max_size=40).map("".join)
 ROWS = [num("42"), num("50%"), expr("x^2+1"), expr("[1,2)"), mc("B"), text("paris")]
 PATHOLOGICAL = ["\\boxed{" + "{" * 10000 + "}" * 10000 + "}", "{" * 10000, "\\boxed{" * 10000,
@@ -441,7 +442,8 @@ def _pathological(test):
     return test
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(RESPONSES, st.sampled_from(ROWS), st.one_of(st.none(), st.integers(0, 10**12)))
 @_pathological
 def test_score_never_raises(response, row, num_tokens):
@@ -453,7 +455,8 @@ def test_score_never_raises(response, row, num_tokens):
     assert s["reward"] == pytest.approx(s["accuracy"] + 0.1 * s["format"] + s["overlong"])
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(RESPONSES)
 @example("{" * 10000)
 @example("9" * 100000)
