@@ -20,6 +20,8 @@ import time
 import typing
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 
 def arg(default, help: str, choices: tuple | None = None):
     """A config field with its command-line help (and the values it may take)."""
@@ -117,28 +119,27 @@ def read_jsonl(path: Path) -> list[dict]:
 # Errors a script expects: one line and an exit code, no traceback
 
 
-class UsageError(ValueError):
+class Expected(Exception):
+    """An error whose message is the whole story (a bad flag, a missing file, a locked run directory): `run` prints
+    it as one line, without a traceback. Modules that raise such errors subclass it."""
+
+
+class UsageError(Expected, ValueError):
     """A flag's value refused at the door (`--lr must be finite and > 0, got inf`): exit 2, as argparse's own."""
 
 
-class InputError(ValueError):
+class InputError(Expected, ValueError):
     """Inputs that cannot make a run (a data file, a checkpoint, a tokenizer, settings that disagree with them); the
     message names the file, row or setting: exit 1."""
 
 
-class Stopped(RuntimeError):
+class Stopped(Expected, RuntimeError):
     """A run that stopped itself on purpose (non-finite weights, nothing to train on, SIGTERM); the message says why
     and what to do: exit `exit_code`."""
     exit_code = 1
 
 
-def _expected() -> tuple[type, ...]:
-    """Exceptions whose message is the whole story. Imported here, not at the top: data.py and rundir.py import
-    this file."""
-    from data import DataError
-    from rundir import CheckpointError, RunDirLocked
-    return (UsageError, InputError, Stopped, DataError, RunDirLocked, CheckpointError, FileNotFoundError,
-            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXPECTED = (Expected, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def exit_code(e: BaseException) -> int:
@@ -146,16 +147,14 @@ def exit_code(e: BaseException) -> int:
 
 
 def run(main, prog: str, argv: list[str] | None = None):
-    """`main(argv)` as a script's entry point: an expected error (see `_expected`) is printed once as
+    """`main(argv)` as a script's entry point: an expected error (`EXPECTED`) is printed once as
     `PROG: error: MESSAGE` (by rank 0 only under torchrun) and exits with `exit_code`; anything else keeps its
     traceback. Under torchrun each rank also writes the message to its error file (TORCHELASTIC_ERROR_FILE), and
     unexpected errors are recorded by torch's `@record`, so torchrun's summary names the root cause."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     def guarded():
         try:
             main(argv)
-        except _expected() as e:
+        except EXPECTED as e:
             message = f"{prog}: error: {e}"
             if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's summary shows the one line
                 with open(error_file, "w") as f:  # as ErrorHandler.record_exception writes it, the line as traceback

@@ -315,7 +315,7 @@ def build_prompt(tokenizer: Tokenizer, config: VLMConfig, question: str, images=
 # Rows: a JSONL data file, validated as a whole before anything runs
 
 
-class DataError(ValueError):
+class DataError(cli.InputError):
     """Every problem of a data file, one `FILE:LINE: what is wrong` per line."""
 
     def __init__(self, path, problems: list[str], total: int):

@@ -24,18 +24,19 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+import cli
 from checkpoint import save_model
 from cli import write_atomic
-from rollout import mix_seed
+from data import mix_seed
 
 RUN_FILES = ("metrics.jsonl", "eval.jsonl", "best.json")  # what a run leaves besides its checkpoints
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(cli.Expected, RuntimeError):
     """A checkpoint that could not be written or read; the message names the directory and the cause."""
 
 
-class RunDirLocked(RuntimeError):
+class RunDirLocked(cli.Expected, RuntimeError):
     """OUT is held by another run; the message names its pid and host."""
 
 # -----------------------------------------------------------------------------------------------------------------
