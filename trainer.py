@@ -170,10 +170,9 @@ class TrainConfig:
                              f"needs room too)")
         if self.epochs > 0 and self.stage != "sft":
             raise UsageError(f"--epochs is for --stage sft (GRPO counts rollouts: --steps), got --stage {self.stage}")
-        if (self.select == "val_loss" or self.patience) and not (self.stage == "sft" and self.eval_data):
-            raise UsageError(f"--select val_loss and --patience need --stage sft and --eval_data (the validation "
-                             f"loss is teacher-forced on its responses), got --stage {self.stage}, --eval_data "
-                             f"{self.eval_data}")
+        if (self.select == "val_loss" or self.patience) and self.stage != "sft":
+            raise UsageError(f"--select val_loss and --patience are for --stage sft (the validation loss is "
+                             f"teacher-forced on --eval_data's responses), got --stage {self.stage}")
         if self.overlong_buffer < 0:
             self.overlong_buffer = self.max_new_tokens // 5
 
@@ -394,6 +393,8 @@ def check_paths(cfg: TrainConfig):
         raise FileNotFoundError(f"--init_from: checkpoint directory not found: {cfg.init_from!r}")
     if not cfg.data:
         raise UsageError("--data: a training JSONL file is required")
+    if (cfg.select == "val_loss" or cfg.patience) and not cfg.eval_data:
+        raise UsageError("--select val_loss and --patience need --eval_data: held-out rows with a `response`")
     for flag, path in (("data", cfg.data), ("eval_data", cfg.eval_data)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"--{flag}: data file not found: {path}")

@@ -68,11 +68,12 @@ def test_connector_stage_stops_early_and_keeps_the_lowest_val_loss(task, tmp_pat
     assert all(torch.equal(last[k], init[k]) for k in init if k not in connector)
 
 
-def test_stage_flags_are_checked():
+def test_stage_flags_are_checked(task):
     with pytest.raises(UsageError, match="--epochs is for --stage sft"):
         T.TrainConfig(stage="grpo", epochs=2)
-    with pytest.raises(UsageError, match="--select val_loss and --patience need --stage sft and --eval_data"):
-        T.TrainConfig(stage="sft", patience=2)
-    with pytest.raises(UsageError, match="--select val_loss and --patience need"):
+    with pytest.raises(UsageError, match="--select val_loss and --patience are for --stage sft"):
         T.TrainConfig(stage="grpo", eval_data="held.jsonl", select="val_loss")
+    with pytest.raises(UsageError, match="--select val_loss and --patience need --eval_data"):
+        TR.check_paths(T.TrainConfig(init_from=str(task.init_checkpoint), data=str(task.train_jsonl), stage="sft",
+                                     patience=2))
     assert T.TrainConfig(steps=200, warmup_ratio=0.03).warmup == 6 and T.TrainConfig(warmup_steps=4).warmup == 4
