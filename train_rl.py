@@ -4,7 +4,8 @@ connector-only stage, exact resume, held-out evaluation and entropy-based checkp
 The Skywork-R1V3 recipe (Shen et al. 2025): (1) cold-start SFT on reasoning traces, (2) GRPO with an accuracy and a
 format reward while the connector stays trainable, (3) a supervised connector-only stage (`--stage sft --train
 connector --epochs 2 --schedule cosine --warmup_ratio 0.03 --eval_data VAL --patience P --select val_loss`: early
-stopping on the teacher-forced validation loss); RL checkpoints are picked by the entropy of the policy at reflective ("critical") tokens. GRPO after Shao et al. 2024 (DeepSeekMath).
+stopping on the teacher-forced validation loss); RL checkpoints are picked by the entropy of the policy at
+reflective ("critical") tokens. GRPO after Shao et al. 2024 (DeepSeekMath).
 Sharding after torchtitan (parallel.py). This file is the recipe and the loop; what a run is made of (its settings,
 the policy and its optimizer, the data, the checks before step 0, resuming, held-out evaluation, logging) is in
 trainer.py.
