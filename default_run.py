@@ -4,17 +4,22 @@ The whole Skywork-R1V3 pipeline in miniature on a laptop CPU, no downloads: the 
 grid_task.py (cached) -> cold-start SFT from scratch on traces that mostly take a shortcut (stop after the third row)
 -> held-out evaluation with eval.py's scoring -> GRPO -> evaluation again -> a before/after table, summary.json,
 and a plot. RL has to find the strategy the cold start rarely used: reading the fourth row after a reflective
-"wait". The paper's claims are each one flag away:
+"wait". Optionally R1V3's connector-only stage follows (report section 3.4): supervised, only the connector (mlp1)
+trains, on rows the RL task never saw (a grid task of another seed whose traces all take the full walk, its own
+held-out split as the validation set), cosine with warmup ratio 0.03, val_loss every few steps with early stopping,
+OUT/grpo_connector/best/ the lowest-val-loss checkpoint, which is then scored on the RL task's held-out grids for the
+table. The paper's claims are each one flag away:
 
     python train_rl.py                          # the pipeline: OUT = runs/default (task/, sft/, grpo/, summary.json)
     python train_rl.py --train llm              # GRPO with the connector frozen (R1V3: it must stay trainable)
-    python train_rl.py --connector_stage 20     # then R1V3's connector-only stage (GRPO, --train connector)
+    python train_rl.py --connector_stage 20     # then R1V3's connector-only stage (SFT, --train connector)
     python train_rl.py --select critical_entropy  # OUT/grpo/best by critical-token entropy instead of accuracy
     python default_run.py --help                # the same command: every flag
 
 Flags given on the command line configure the GRPO stage (the cold start is fixed, so variants share it: their
 GRPO output goes to OUT/grpo_<flags>/ and their table to OUT/summary_<flags>.json); --seed, --threads, --compile
-and --out apply to every stage. The settings below were calibrated on a 2-core CPU: the smallest model and task
+and --out apply to every stage. The connector stage's lr and patience below are small, sensible guesses, not
+calibrated like the other stages. The settings below were calibrated on a 2-core CPU: the smallest model and task
 on which GRPO reliably flips the cold start's strategy within a few minutes.
 """
 import json
@@ -28,7 +33,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 import cli
+from checkpoint import load_model
 from cli import arg, read_jsonl
+from data import load_chat_template, load_rows, load_tokenizer
+from eval import EvalConfig, evaluate, results_json
 from grid_task import GridTaskConfig, prepare
 from parallel import init_distributed
 from rundir import newest_checkpoint
@@ -45,6 +53,11 @@ SFT = dict(stage="sft", train="vit,connector,llm", steps=1000, prompts_per_step=
 # a step, dropping the groups that all agree is what keeps the updates informative.
 GRPO = dict(stage="grpo", train="connector,llm", steps=40, prompts_per_step=8, group_size=8, micro_batch=64, lr=5e-4,
             updates_per_rollout=2, eval_every=10, temperature=1.0, clip_high=0.28, dynamic_sampling=True)
+# R1V3's connector-only stage: supervised, 2 epochs of 10K samples at lr 1e-5 in the report; here N steps (the
+# --connector_stage flag) at a small lr on full-walk traces of another seed, validated every few steps.
+CONNECTOR = dict(stage="sft", train="connector", prompts_per_step=64, micro_batch=64, lr=1e-4, schedule="cosine",
+                 warmup_ratio=0.03, eval_every=5, patience=2, select="val_loss")
+CONNECTOR_SEED = 1000  # the connector task's seed is the run's + this: other grids than the RL task's splits
 EVERY_STAGE = {"seed", "threads", "compile"}  # command-line flags that also apply to the cold start
 COLUMNS = [("greedy_accuracy", "greedy"), ("sampled_accuracy", "avg@k"), ("format_rate", "format"),
            ("response_length", "length"), ("critical_entropy", "critical entropy")]
@@ -53,18 +66,25 @@ COLUMNS = [("greedy_accuracy", "greedy"), ("sampled_accuracy", "avg@k"), ("forma
 @dataclass
 class DefaultRun:
     """The pipeline's settings: where it writes, the task, each stage's training settings (the paths are filled in
-    from the task and the stage before), and the optional connector-only stage after GRPO."""
+    from the task and the stage before), and the optional connector-only stage after GRPO with its own task."""
     out: Path
     task: GridTaskConfig = field(default_factory=GridTaskConfig)
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(**COMMON, **SFT))
     grpo: TrainConfig = field(default_factory=lambda: TrainConfig(**COMMON, **GRPO))
     connector_stage: int = 0  # steps of the connector-only stage (0: none)
+    connector: TrainConfig = field(default_factory=lambda: TrainConfig(**COMMON, **CONNECTOR))
+    connector_task: GridTaskConfig = field(default_factory=lambda: connector_task(0))
     variant: str = ""  # "" for the default GRPO settings, else "_flag-value_..." naming what the flags changed
+
+
+def connector_task(seed: int, **kw) -> GridTaskConfig:
+    """The connector stage's rows: a grid task of another seed where every trace is the full walk."""
+    return GridTaskConfig(**{"seed": seed + CONNECTOR_SEED, "n_train": 1024, "n_heldout": 64, "p_full": 1.0, **kw})
 
 
 def run_stage(cfg: TrainConfig) -> dict:
     """train(), reusing a finished stage with the same settings (a rerun of the default command is cheap); returns
-    the stage's final held-out evaluation."""
+    the stage's last held-out evaluation (at its last step, or where --patience stopped it)."""
     out = Path(cfg.out)
     saved = out / "config.json"
     if newest_checkpoint(out) and saved.is_file():
@@ -74,7 +94,26 @@ def run_stage(cfg: TrainConfig) -> dict:
             diff = {k: (before.get(k), now.get(k)) for k in now if before.get(k) != now.get(k)}
             raise ValueError(f"{out} was trained with other settings {diff}: choose another --out or delete it")
     train(cfg)
-    return next(e for e in reversed(read_jsonl(out / "eval.jsonl")) if e["step"] == cfg.steps)
+    return read_jsonl(out / "eval.jsonl")[-1]
+
+
+def evaluate_model(model_dir: Path, rows_file: Path, cfg: TrainConfig, out_file: Path) -> dict:
+    """eval.py's scoring of `model_dir` on `rows_file` with the trainer's held-out settings, every rank its chunks;
+    rank 0 writes the records to `out_file` (kept: a rerun reads it back). Returns the numbers."""
+    if out_file.is_file():
+        return json.loads(out_file.read_text())["summary"]
+    proc = init_distributed()
+    model = load_model(model_dir, device=proc.device)
+    eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, samples=cfg.eval_samples,
+                          temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed, system=cfg.system)
+    result = evaluate(model, load_tokenizer(model_dir), load_rows(rows_file), eval_cfg,
+                      template=load_chat_template(model_dir))
+    summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    if proc.rank == 0:
+        cli.write_atomic(out_file, json.dumps(cli.json_safe(results_json(
+            result, eval_cfg, checkpoint=str(model_dir), data=str(rows_file)) | {"summary": summary}), indent=1))
+    dist.barrier()
+    return summary
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -176,9 +215,19 @@ def run_default(run: DefaultRun):
     rows = {"cold start (SFT)": sft_eval, "GRPO": grpo_eval}
     summary = {"sft": sft_eval, "grpo": grpo_eval}
     if run.connector_stage:
-        conn = replace(grpo, train="connector", steps=run.connector_stage, out=str(out / f"grpo{run.variant}_connector"),
-                       init_from=str(newest_checkpoint(grpo_out) / "model"))
-        summary["connector_only"] = rows["+ connector-only stage"] = run_stage(conn)
+        if proc.rank == 0:
+            prepare(out / "connector_task", run.connector_task)
+        dist.barrier()
+        ctask = prepare(out / "connector_task", run.connector_task)
+        conn_out = out / f"grpo{run.variant}_connector"
+        conn = replace(run.connector, steps=run.connector_stage, out=str(conn_out), data=str(ctask.train_jsonl),
+                       eval_data=str(ctask.heldout_jsonl), init_from=str(newest_checkpoint(grpo_out) / "model"))
+        if proc.rank == 0:
+            print(f"[3b/4] connector-only SFT ({conn.steps} steps x {conn.prompts_per_step} full traces of seed "
+                  f"{run.connector_task.seed}, lr {conn.lr}, patience {conn.patience}) -> {conn_out}", flush=True)
+        summary["connector_val"] = run_stage(conn)  # val_loss on the connector task's held-out split
+        summary["connector_only"] = rows["+ connector-only stage"] = evaluate_model(
+            conn_out / "best", task.heldout_jsonl, conn, conn_out / "eval_heldout.json")
     if proc.rank == 0:
         summary["selection"] = s = selection(sft_eval, grpo_out)
         summary["minutes"] = (time.perf_counter() - t0) / 60
@@ -200,7 +249,8 @@ def run_default(run: DefaultRun):
 
 @dataclass
 class PipelineFlags:
-    connector_stage: int = arg(0, "after GRPO, N steps of R1V3's connector-only stage (GRPO with --train connector)")
+    connector_stage: int = arg(0, "after GRPO, N steps of R1V3's connector-only stage (supervised, --train connector, "
+                               "on full-walk traces of another seed; early stopping on their val_loss)")
 
 
 def from_command_line(argv: list[str]) -> DefaultRun:
@@ -217,7 +267,8 @@ def from_command_line(argv: list[str]) -> DefaultRun:
     every = {k: v for k, v in flags.items() if k in EVERY_STAGE}
     return DefaultRun(out=out, task=GridTaskConfig(seed=args.seed),
                       sft=TrainConfig(**{**COMMON, **SFT, **every}), grpo=TrainConfig(**{**COMMON, **GRPO, **flags}),
-                      connector_stage=args.connector_stage, variant=variant)
+                      connector=TrainConfig(**{**COMMON, **CONNECTOR, **every}),
+                      connector_task=connector_task(args.seed), connector_stage=args.connector_stage, variant=variant)
 
 
 def main(argv: list[str] | None = None):

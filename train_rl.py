@@ -2,8 +2,10 @@
 connector-only stage, exact resume, held-out evaluation and entropy-based checkpoint selection.
 
 The Skywork-R1V3 recipe (Shen et al. 2025): (1) cold-start SFT on reasoning traces, (2) GRPO with an accuracy and a
-format reward while the connector stays trainable, (3) a connector-only stage (`--train connector`); checkpoints are
-picked by the entropy of the policy at reflective ("critical") tokens. GRPO after Shao et al. 2024 (DeepSeekMath).
+format reward while the connector stays trainable, (3) a supervised connector-only stage (`--stage sft --train
+connector --epochs 2 --schedule cosine --warmup_ratio 0.03 --eval_data VAL --patience P --select val_loss`: early
+stopping on the teacher-forced validation loss); RL checkpoints are picked by the entropy of the policy at
+reflective ("critical") tokens. GRPO after Shao et al. 2024 (DeepSeekMath).
 Sharding after torchtitan (parallel.py). This file is the recipe and the loop; what a run is made of (its settings,
 the policy and its optimizer, the data, the checks before step 0, resuming, held-out evaluation, logging) is in
 trainer.py.
@@ -56,8 +58,8 @@ from entropy import EntropySums, critical_entropy
 from parallel import Dist, all_gather, all_max, all_sum, init_distributed, set_threads, summed_over_ranks
 from rollout import Completion, Request
 from rundir import check_out, distributed_lock, newest_checkpoint, resume_from, save_checkpoint
-from trainer import (LossConfig, Run, TrainConfig, check_paths, data_file, heldout, log_line, mfu, peak_memory_mb,
-                     resume, resumed_settings, setup, training_state, wandb_run)
+from trainer import (LossConfig, Run, TrainConfig, check_paths, data_file, epoch_steps, heldout, log_line, mfu,
+                     peak_memory_mb, restore_patience, resume, resumed_settings, setup, training_state, wandb_run)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Losses and advantages. Losses return the SUM of per-token losses over the micro-batch; the caller divides by the
@@ -406,7 +408,8 @@ def sft_step(run: Run, step: int) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """One stage from `init_from` to OUT/step_NNNNNN (the last is also OUT/latest); returns the last held-out
-    evaluation (empty without --eval_data) and where the final checkpoint is. OUT is locked while it runs.
+    evaluation (empty without --eval_data), where the final checkpoint is, and the step an early stop (--patience)
+    ended at (None: none). With --epochs the steps are derived first (trainer.epoch_steps). OUT is locked while it runs.
     Stops with cli.Stopped when the weights become non-finite (nothing of that step is saved), after three
     non-finite steps in a row (saved first: their updates were dropped), and after a SIGTERM save (exit_code 143,
     128 + SIGTERM, so that a scheduler does not read the run as finished)."""
@@ -414,6 +417,7 @@ def train(cfg: TrainConfig) -> dict:
     set_threads(cfg.threads, proc.world)
     torch.manual_seed(cfg.seed)
     check_paths(cfg)
+    cfg = epoch_steps(cfg)
     out = Path(cfg.out)
     with distributed_lock(out):
         return train_locked(cfg, proc, out)
@@ -446,6 +450,7 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
         if previous is None and proc.rank == 0:
             print(f"--resume: {out} holds no checkpoint yet; starting at step 0", flush=True)
         start = start or 0
+        restore_patience(run, out, start)
     metrics_file = out / "metrics.jsonl"
     if proc.rank == 0:  # a killed run may have logged steps after its last checkpoint: those are about to rerun
         lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
@@ -454,7 +459,7 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
             cli.write_atomic(metrics_file, "".join(f"{x}\n" for x in kept))
     wandb = wandb_run(cfg) if proc.rank == 0 else None
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(run, "stopping", True))
-    last_eval, saved = {}, newest
+    last_eval, saved, early_stop = {}, newest, None
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -479,6 +484,8 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
             last = step == cfg.steps or stopping or run.policy.bad_steps >= 3
             if run.data.eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 last_eval = heldout(run, step)
+                if cfg.patience and run.val_stale >= cfg.patience:  # the same on every rank: val_loss is reduced
+                    early_stop, last = step, True
             if last or (cfg.save_every and step % cfg.save_every == 0):
                 run.policy.sync_rollout_model()
                 saved = save_checkpoint(out, step, proc, run.policy.model, run.policy.optimizer,
@@ -494,6 +501,9 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
                         print(f"SIGTERM: saved {saved} at step {step}; continue with --resume", flush=True)
                     raise Terminated(f"stopped by SIGTERM after saving {saved} (step {step} of {cfg.steps}); "
                                      f"continue with --resume")
+                if early_stop and proc.rank == 0:
+                    print(f"early stop at step {step} of {cfg.steps}: val_loss has not improved for {cfg.patience} "
+                          f"evaluations (best {run.val_best:.4f}); saved {saved}", flush=True)
                 break
         else:  # resumed at or past the last step: nothing to run
             saved = newest_checkpoint(out)
@@ -504,7 +514,8 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
         signal.signal(signal.SIGTERM, previous_handler)
         if wandb:
             wandb.finish()
-    return dict(eval=last_eval, checkpoint=str(saved), model=str(saved / "model") if saved else None)
+    return dict(eval=last_eval, checkpoint=str(saved), model=str(saved / "model") if saved else None,
+                early_stop=early_stop)
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -54,12 +54,15 @@ class TrainConfig:
     init_from: str | None = arg(None, "checkpoint directory in any layout checkpoint.py loads (remote, native, qwen2, "
                                 "qwen3)")
     data: str | None = arg(None, "training JSONL of data.py rows (SFT rows need a `response`)")
-    eval_data: str | None = arg(None, "held-out JSONL, evaluated every --eval_every steps and at the end")
+    eval_data: str | None = arg(None, "held-out JSONL, evaluated every --eval_every steps and at the end (SFT: "
+                                "val_loss on its responses; generation too unless --select val_loss)")
     out: str = arg("out/run", "output directory: checkpoints, metrics.jsonl, eval.jsonl, best/")
     stage: str = arg("grpo", "sft (cold start) or grpo", ("sft", "grpo"))
     train: str = arg("connector,llm", "trainable modules, a comma list of vit, connector, llm (R1V3: the connector "
                      "stays trainable in RL; `connector` alone is its connector-only stage)")
-    steps: int = arg(100, "optimizer steps (GRPO: rollouts)")
+    steps: int = arg(100, "optimizer steps (GRPO: rollouts); --epochs > 0 replaces it")
+    epochs: float = arg(0.0, "SFT: passes over --data; when > 0 the steps are ceil(epochs x rows / "
+                        "prompts_per_step) and --steps is ignored (R1V3's connector stage: 2)")
     prompts_per_step: int = arg(32, "global prompts (groups) per GRPO step; global sequences per SFT step (R1V3: 32)")
     group_size: int = arg(32, "GRPO samples per prompt (R1V3: 32, so 1,024 rollouts per step)")
     micro_batch: int = arg(16, "sequences per forward/backward on each process (when --micro_batch_tokens is unset)")
@@ -77,6 +80,8 @@ class TrainConfig:
     schedule: str = arg("constant", "constant or cosine (down to min_lr_ratio x lr), after linear warmup",
                         ("constant", "cosine"))
     warmup_steps: int = arg(0, "linear warmup steps")
+    warmup_ratio: float = arg(0.0, "warmup as a fraction of the steps: when > 0, round(ratio x steps) warmup steps "
+                              "replace --warmup_steps (R1V3's connector stage: 0.03)")
     min_lr_ratio: float = arg(0.1, "cosine floor as a fraction of --lr")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "max global gradient norm (0: no clipping, the norm is still logged)")
@@ -108,8 +113,10 @@ class TrainConfig:
     eval_samples: int = arg(8, "held-out samples per question at the rollout temperature, for avg@k (0: greedy "
                             "only)")
     eval_limit: int = arg(0, "evaluate only the first N held-out rows (0: all)")
-    select: str = arg("accuracy", "best checkpoint (OUT/best) by held-out accuracy or by critical_entropy (R1V3)",
-                      ("accuracy", "critical_entropy"))
+    select: str = arg("accuracy", "best checkpoint (OUT/best) by held-out accuracy, by critical_entropy (R1V3), or "
+                      "(SFT) by the lowest val_loss: then generation is not evaluated",
+                      ("accuracy", "critical_entropy", "val_loss"))
+    patience: int = arg(0, "SFT: stop (saving) when val_loss has not improved for P evaluations in a row (0: off)")
     keep: int = arg(0, "keep the N newest step checkpoints (0: all)")
     resume: bool = arg(False, "continue from OUT/latest, the newest complete checkpoint")
     seed: int = arg(0, "data order and sampling seed")
@@ -148,8 +155,10 @@ class TrainConfig:
             need(finite(name) and getattr(self, name) >= 0, name, "finite and >= 0")
         need(finite("format_weight"), "format_weight", "finite")
         need(finite("min_lr_ratio") and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-        for name in ("warmup_steps", "eval_samples", "eval_limit", "save_every", "eval_every", "keep", "threads",
-                     "reward_workers"):
+        need(finite("epochs") and self.epochs >= 0, "epochs", "finite and >= 0")
+        need(finite("warmup_ratio") and 0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        for name in ("warmup_steps", "patience", "eval_samples", "eval_limit", "save_every", "eval_every", "keep",
+                     "threads", "reward_workers"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.overlong_buffer >= -1, "overlong_buffer", ">= 0, or -1 for max_new_tokens // 5")
         need(self.max_tiles is None or self.max_tiles >= 1, "max_tiles", ">= 1 (or unset)")
@@ -159,8 +168,23 @@ class TrainConfig:
         if self.max_new_tokens >= self.max_len and (self.stage == "grpo" or self.eval_data):  # SFT alone never samples
             raise UsageError(f"--max_new_tokens {self.max_new_tokens} must be < --max_len {self.max_len} (the prompt "
                              f"needs room too)")
+        if self.epochs > 0 and self.stage != "sft":
+            raise UsageError(f"--epochs is for --stage sft (GRPO counts rollouts: --steps), got --stage {self.stage}")
+        if (self.select == "val_loss" or self.patience) and self.stage != "sft":
+            raise UsageError(f"--select val_loss and --patience are for --stage sft (the validation loss is "
+                             f"teacher-forced on --eval_data's responses), got --stage {self.stage}")
         if self.overlong_buffer < 0:
             self.overlong_buffer = self.max_new_tokens // 5
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: --warmup_ratio of the steps when given, else --warmup_steps."""
+        return round(self.warmup_ratio * self.steps) if self.warmup_ratio > 0 else self.warmup_steps
+
+    @property
+    def generates(self) -> bool:
+        """Whether the held-out evaluation samples answers (expensive); SFT with --select val_loss does not."""
+        return self.select != "val_loss"
 
     @property
     def loss(self) -> LossConfig:
@@ -171,13 +195,26 @@ class TrainConfig:
 # What a run holds: the policy being trained, the data, the sampler
 
 
+def epoch_steps(cfg: TrainConfig) -> TrainConfig:
+    """With --epochs: the config with steps = ceil(epochs x rows / prompts_per_step), the number that covers the
+    rows of --data that many times (the last step may start another epoch); unchanged without. Rows are the file's
+    non-blank lines, which is what data.load_rows reads once setup has accepted the file."""
+    if cfg.epochs <= 0:
+        return cfg
+    with open(cfg.data, "rb") as f:
+        rows = sum(1 for line in f if line.strip())
+    return replace(cfg, steps=max(1, math.ceil(cfg.epochs * rows / cfg.prompts_per_step)))
+
+
 def lr_lambda(cfg: TrainConfig):
+    warmup = cfg.warmup
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -329,6 +366,8 @@ class Run:
     sampler: Sampler  # on policy.rollout_model
     data: TrainData
     stopping: bool = False  # SIGTERM received: save and leave at the end of this step
+    val_best: float = math.inf  # the lowest val_loss so far (the same on every rank: it is reduced over them)
+    val_stale: int = 0  # evaluations since it last improved (--patience)
 
     @property
     def dummy(self) -> Sequence:
@@ -354,6 +393,8 @@ def check_paths(cfg: TrainConfig):
         raise FileNotFoundError(f"--init_from: checkpoint directory not found: {cfg.init_from!r}")
     if not cfg.data:
         raise UsageError("--data: a training JSONL file is required")
+    if (cfg.select == "val_loss" or cfg.patience) and not cfg.eval_data:
+        raise UsageError("--select val_loss and --patience need --eval_data: held-out rows with a `response`")
     for flag, path in (("data", cfg.data), ("eval_data", cfg.eval_data)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"--{flag}: data file not found: {path}")
@@ -379,6 +420,13 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     if cfg.stage == "sft" and (missing := [r["id"] for r in rows if not r.get("response")]):
         raise InputError(f"{cfg.data}: --stage sft needs a `response` in every row; {len(missing)} rows have none "
                          f"(first: id {missing[0]!r})")
+    if cfg.stage == "sft" and eval_rows and (missing := [r["id"] for r in eval_rows if not r.get("response")]):
+        if cfg.select == "val_loss" or cfg.patience:
+            raise InputError(f"{cfg.eval_data}: --select val_loss and --patience need a `response` in every "
+                             f"held-out row; {len(missing)} rows have none (first: id {missing[0]!r})")
+        if proc.rank == 0:
+            print(f"note: {cfg.eval_data}: {len(missing)} held-out rows have no `response`: no val_loss, generation "
+                  f"only", flush=True)
     template = load_chat_template(cfg.init_from)
     skipped = check_rows(rows, tokenizer, template, config, cfg, proc)
     if cfg.verifier:  # loaded now, so that a bad checkpoint stops the run before step 0
@@ -446,34 +494,76 @@ def mfu(run: Run, m: dict) -> float | None:
 # Held-out evaluation (eval.py's scoring) and checkpoint selection
 
 
+def val_loss(run: Run) -> dict:
+    """The teacher-forced mean token NLL (at --temperature, like the SFT loss) of the held-out rows' responses: each
+    rank its share of the rows, through the micro-batches sft_step uses, no gradient; sums reduced over the ranks.
+    Rows that do not encode or fit --max_len are left out and counted."""
+    cfg, proc, data = run.cfg, run.proc, run.data
+    config = run.policy.rollout_model.config
+    seqs, left_out = [], 0
+    for i in range(proc.rank, len(data.eval_rows), proc.world):
+        try:
+            ex = encode(data.eval_rows[i], data.tokenizer, config, cfg.max_tiles, cfg.system, data.template)
+        except (OSError, ValueError):
+            ex = None
+        if ex is None or len(ex.prompt_ids) + len(ex.response_ids) > cfg.max_len:
+            left_out += 1
+            continue
+        seqs.append(Sequence(i, ex.prompt_ids, ex.response_ids, ex.pixel_values))
+    nll, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for mb in run.batches(seqs):
+            logprobs, _ = run.policy.forward(mb, cfg.temperature)
+            nll -= (logprobs * mb.mask).sum().item()
+            tokens += mb.mask.sum().item()
+    nll, tokens, rows, left_out = all_sum(nll, tokens, len(seqs), left_out, device=proc.device)
+    return dict(val_loss=nll / tokens if tokens else math.nan, val_tokens=int(tokens), val_rows=int(rows),
+                val_left_out=int(left_out))
+
+
 def heldout(run: Run, step: int) -> dict:
-    """Greedy and avg@k accuracy, format rate, response length and critical-token entropy on --eval_data with
-    eval.py's scoring, the rows split across ranks; OUT/best/ keeps the best checkpoint by --select."""
+    """The held-out evaluation of --eval_data, the rows split across ranks: greedy and avg@k accuracy, format rate,
+    response length and critical-token entropy with eval.py's scoring (unless --select val_loss: SFT's selection needs
+    no generation), and for SFT the teacher-forced val_loss when the rows have responses. OUT/best/ keeps the best
+    checkpoint by --select (val_loss: the lowest); `run.val_best` and `run.val_stale` follow val_loss (--patience)."""
     cfg, out = run.cfg, Path(run.cfg.out)
     run.policy.sync_rollout_model()
     t0 = time.perf_counter()
+    summary, result = {}, None
     eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, samples=cfg.eval_samples,
                           temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed, system=cfg.system)
-    result = evaluate(run.policy.rollout_model, run.data.tokenizer, run.data.eval_rows, eval_cfg, sampler=run.sampler,
-                      template=run.data.template)
-    summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    if cfg.generates:
+        result = evaluate(run.policy.rollout_model, run.data.tokenizer, run.data.eval_rows, eval_cfg,
+                          sampler=run.sampler, template=run.data.template)
+        summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    if cfg.stage == "sft" and all(r.get("response") for r in run.data.eval_rows):
+        summary |= val_loss(run)
+        run.val_stale = 0 if summary["val_loss"] < run.val_best else run.val_stale + 1
+        run.val_best = min(run.val_best, summary["val_loss"])
     summary |= dict(step=step, t_eval=time.perf_counter() - t0)
-    value = summary["greedy_accuracy"] if cfg.select == "accuracy" else summary["critical_entropy"]
-    if run.proc.rank == 0:  # every prompt, response, extracted answer and verdict, as eval.py writes them
-        cli.write_atomic(out / f"eval_step_{step:06d}.json", json.dumps(results_json(
-            result, eval_cfg, checkpoint=f"{out} step {step}", init_from=cfg.init_from, data=cfg.eval_data,
-            stage=cfg.stage, step=step), indent=1))
+    value = summary.get({"accuracy": "greedy_accuracy"}.get(cfg.select, cfg.select))
+    better = (lambda new, old: new < old) if cfg.select == "val_loss" else (lambda new, old: new > old)
+    if run.proc.rank == 0:
+        if result is not None:  # every prompt, response, extracted answer and verdict, as eval.py writes them
+            cli.write_atomic(out / f"eval_step_{step:06d}.json", json.dumps(results_json(
+                result, eval_cfg, checkpoint=f"{out} step {step}", init_from=cfg.init_from, data=cfg.eval_data,
+                stage=cfg.stage, step=step), indent=1))
         cli.append_jsonl(out / "eval.jsonl", summary)
         best_file = out / "best.json"
         best = json.loads(best_file.read_text()) if best_file.is_file() else None
-        if math.isfinite(value) and (best is None or value > best["value"]):
+        if value is not None and math.isfinite(value) and (best is None or better(value, best["value"])):
             save_model(run.policy.rollout_model, out / "best")
             cli.write_atomic(best_file, json.dumps(cli.json_safe(dict(select=cfg.select, value=value, **summary)),
                                                    indent=2) + "\n")
-        print(f"eval  step {step}: greedy {summary['greedy_accuracy']:.3f} avg@{cfg.eval_samples} "
-              f"{summary.get('sampled_accuracy', math.nan):.3f} format {summary.get('format_rate', math.nan):.3f} "
-              f"len {summary.get('response_length', math.nan):.1f} critical entropy "
-              f"{summary.get('critical_entropy', math.nan):.3f} ({summary['t_eval']:.1f}s)", flush=True)
+        parts = []
+        if result is not None:
+            get = lambda key: summary.get(key, math.nan)
+            parts.append(f"greedy {summary['greedy_accuracy']:.3f} avg@{cfg.eval_samples} "
+                         f"{get('sampled_accuracy'):.3f} format {get('format_rate'):.3f} len "
+                         f"{get('response_length'):.1f} critical entropy {get('critical_entropy'):.3f}")
+        if "val_loss" in summary:
+            parts.append(f"val_loss {summary['val_loss']:.4f} (best {run.val_best:.4f}, {run.val_stale} since)")
+        print(f"eval  step {step}: {' | '.join(parts)} ({summary['t_eval']:.1f}s)", flush=True)
     dist.barrier()
     return summary
 
@@ -581,6 +671,17 @@ def resume(run: Run, previous: Path, restart_stream: bool = False) -> int:
         print(f"resumed from {previous} (step {state['meta']['step']})"
               f"{'; the prompt stream restarts at epoch 0 on the new --data' if restart_stream else ''}", flush=True)
     return int(state["meta"]["step"])
+
+
+def restore_patience(run: Run, out: Path, step: int):
+    """After a resume at `step`: the lowest val_loss and the evaluations since it, from OUT/eval.jsonl's evaluations
+    up to that step (read on rank 0, shared with every rank)."""
+    losses = []
+    if run.proc.rank == 0 and (out / "eval.jsonl").is_file():
+        losses = [e["val_loss"] for e in cli.read_jsonl(out / "eval.jsonl") if e["step"] <= step and "val_loss" in e]
+    for loss in all_gather(losses)[0]:
+        run.val_stale = 0 if loss < run.val_best else run.val_stale + 1
+        run.val_best = min(run.val_best, loss)
 
 
 def wandb_run(cfg: TrainConfig):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import InternVLForConditionalGeneration
 
 import default_run as R
@@ -24,13 +25,16 @@ def test_spearman_by_hand():
 
 
 def small_run(out) -> R.DefaultRun:
-    """The pipeline at a few steps per stage, on a task of 64 train and 12 held-out grids."""
+    """The pipeline at a few steps per stage, on a task of 64 train and 12 held-out grids (the connector stage: 32
+    full-walk traces of another seed, validated on 8)."""
     small = dict(threads=1, eval_samples=2, micro_batch=16)
     return R.DefaultRun(out=out, task=grid_task.GridTaskConfig(n_train=64, n_heldout=12),
                         sft=TrainConfig(**{**R.COMMON, **R.SFT, **small, "steps": 12, "prompts_per_step": 16}),
                         grpo=TrainConfig(**{**R.COMMON, **R.GRPO, **small, "steps": 4, "prompts_per_step": 4,
                                             "group_size": 4, "eval_every": 2}),
-                        connector_stage=2)
+                        connector=TrainConfig(**{**R.COMMON, **R.CONNECTOR, **small, "prompts_per_step": 16,
+                                                 "eval_every": 1}),
+                        connector_task=R.connector_task(0, n_train=32, n_heldout=8), connector_stage=2)
 
 
 def test_command_line_configures_grpo_and_names_the_variant():
@@ -38,7 +42,8 @@ def test_command_line_configures_grpo_and_names_the_variant():
     assert run.out == Path("runs/default_seed1") and run.variant == "_lr-0.001_train-llm"
     assert (run.grpo.train, run.grpo.lr, run.grpo.seed, run.grpo.steps) == ("llm", 1e-3, 1, R.GRPO["steps"])
     assert (run.sft.train, run.sft.lr, run.sft.seed) == (R.SFT["train"], R.SFT["lr"], 1)  # only --seed reaches SFT
-    assert run.task.seed == 1 and run.connector_stage == 3
+    assert run.task.seed == 1 and run.connector_stage == 3 and run.connector_task.seed == 1 + R.CONNECTOR_SEED
+    assert (run.connector.stage, run.connector.train, run.connector.seed) == ("sft", "connector", 1)
     default = R.from_command_line([])
     assert default.out == Path("runs/default") and default.variant == "" and default.grpo == TrainConfig(
         **R.COMMON, **R.GRPO)
@@ -66,7 +71,9 @@ def test_short_pipeline_end_to_end(tmp_path, in_process, capsys):
         assert (run / "latest").read_text() == final.name and (run / "best" / "config.json").is_file()
         model = load_model(final / "model")
         assert model.config.layout == "native"
-        records = json.loads((run / f"eval_step_{steps:06d}.json").read_text())["records"]
+        # the connector stage evaluates val_loss while it trains; its best/ is scored on the held-out grids after
+        scored = run / ("eval_heldout.json" if stage == "grpo_connector" else f"eval_step_{steps:06d}.json")
+        records = json.loads(scored.read_text())["records"]
         assert len(records) == 12 * (1 + 2)  # greedy + 2 samples per held-out question
         assert all({"prompt", "response", "verdict"} <= r.keys() for r in records)
     hf = InternVLForConditionalGeneration.from_pretrained(out / "grpo" / "step_000004" / "model")
@@ -76,7 +83,16 @@ def test_short_pipeline_end_to_end(tmp_path, in_process, capsys):
         assert (out / "grpo" / "plot.png").stat().st_size > 1000
     grpo_config = json.loads((out / "grpo" / "config.json").read_text())
     assert grpo_config["train"] == "connector,llm" and grpo_config["init_from"].startswith(str(out / "sft"))
-    assert json.loads((out / "grpo_connector" / "config.json").read_text())["train"] == "connector"
+    conn_config = json.loads((out / "grpo_connector" / "config.json").read_text())
+    assert (conn_config["stage"], conn_config["train"]) == ("sft", "connector")
+    assert conn_config["data"] == str(out / "connector_task" / "data" / "train.jsonl")  # not the RL task's rows
+    conn_evals = [json.loads(x) for x in (out / "grpo_connector" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in conn_evals] == [1, 2] and all(e["val_loss"] > 0 for e in conn_evals)
+    before_conn, after_conn = (load_file(p / "model" / "model.safetensors")
+                               for p in (out / "grpo" / "step_000004", out / "grpo_connector" / "step_000002"))
+    connector = [k for k in before_conn if k.startswith("multi_modal_projector.")]
+    assert connector and any(not torch.equal(after_conn[k], before_conn[k]) for k in connector)
+    assert all(torch.equal(after_conn[k], before_conn[k]) for k in before_conn if k not in connector)
 
     # A rerun trains nothing: every stage is finished with the same settings.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")}
