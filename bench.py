@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 import cli
-from checkpoint import config_from_dict, to_internal
+from checkpoint import config_from_dict, save_model, to_internal
 from cli import arg
+from data import load_tokenizer
 from entropy import Chunks, logprob_entropy, logprob_entropy_reference, triton
 from grid_task import GridTaskConfig, prepare
-from model import VLM
+from model import VLM, LLMConfig, ViTConfig, VLMConfig
 from reward import SERIAL_BELOW, RewardConfig, score, score_batch, warm_up
 from rollout import Request, Sampler
 
@@ -393,9 +394,6 @@ class TrainBench:
 def internvl3_1b(out: Path, tokenizer_dir: Path) -> Path:
     """A random VLM of InternVL3-1B's shape on the grid task's tokenizer (the vocabulary padded to Qwen2.5's),
     one 448px tile per image (256 image tokens), bf16 on disk. Cached in `out`."""
-    from checkpoint import save_model
-    from data import load_tokenizer
-    from model import LLMConfig, ViTConfig, VLMConfig
     if (out / "config.json").is_file():
         return out
     tok = load_tokenizer(tokenizer_dir)
