@@ -37,9 +37,9 @@ from checkpoint import load_model
 from cli import arg, read_jsonl
 from data import load_chat_template, load_rows, load_tokenizer
 from eval import EvalConfig, evaluate, results_json
-from grid_task import GridTaskConfig, prepare
+from grid_task import MANIFEST, GridTaskConfig, prepare
 from parallel import init_distributed
-from rundir import newest_checkpoint
+from rundir import newest_checkpoint, step_of
 from train_rl import TrainConfig, train
 
 # The tiny task's settings: a full trace is 52 tokens + <|im_end|>, a prompt 16. Half the cores: on a loaded small
@@ -82,9 +82,10 @@ def connector_task(seed: int, **kw) -> GridTaskConfig:
     return GridTaskConfig(**{"seed": seed + CONNECTOR_SEED, "n_train": 1024, "n_heldout": 64, "p_full": 1.0, **kw})
 
 
-def run_stage(cfg: TrainConfig) -> dict:
-    """train(), reusing a finished stage with the same settings (a rerun of the default command is cheap); returns
-    the stage's last held-out evaluation (at its last step, or where --patience stopped it)."""
+def run_stage(cfg: TrainConfig, trained: list) -> dict:
+    """train(), reusing a finished stage with the same settings (a rerun of the default command is cheap; `trained`
+    gets the stage's OUT when it had steps left to run); returns the stage's last held-out evaluation (at its last
+    step, or where --patience stopped it)."""
     out = Path(cfg.out)
     saved = out / "config.json"
     if newest_checkpoint(out) and saved.is_file():
@@ -93,6 +94,8 @@ def run_stage(cfg: TrainConfig) -> dict:
         if before != now:
             diff = {k: (before.get(k), now.get(k)) for k in now if before.get(k) != now.get(k)}
             raise ValueError(f"{out} was trained with other settings {diff}: choose another --out or delete it")
+    if (newest := newest_checkpoint(out)) is None or step_of(newest) < cfg.steps:
+        trained.append(out)
     train(cfg)
     return read_jsonl(out / "eval.jsonl")[-1]
 
@@ -197,7 +200,8 @@ def run_default(run: DefaultRun):
     proc = init_distributed()
     out = run.out
     if proc.rank == 0:
-        print(f"[1/4] preparing the task in {out / 'task'} (cached)", flush=True)
+        reused = (out / "task" / MANIFEST).is_file()
+        print(f"[1/4] {'reusing the task prepared' if reused else 'preparing the task'} in {out / 'task'}", flush=True)
         prepare(out / "task", run.task)
     dist.barrier()
     task = prepare(out / "task", run.task)  # complete by now: only reads the manifest
@@ -205,14 +209,15 @@ def run_default(run: DefaultRun):
     if proc.rank == 0:
         print(f"[2/4] cold-start SFT ({run.sft.steps} steps x {run.sft.prompts_per_step} traces) -> {out / 'sft'}",
               flush=True)
-    sft_eval = run_stage(replace(run.sft, init_from=str(task.init_checkpoint), out=str(out / "sft"), **data))
+    trained = []  # the stages this invocation trained (the others were finished before, with the same settings)
+    sft_eval = run_stage(replace(run.sft, init_from=str(task.init_checkpoint), out=str(out / "sft"), **data), trained)
     grpo_out = out / f"grpo{run.variant}"
     grpo = replace(run.grpo, init_from=str(newest_checkpoint(out / "sft") / "model"), out=str(grpo_out), **data)
     if proc.rank == 0:
         print(f"[3/4] GRPO ({grpo.steps} steps x {grpo.prompts_per_step} prompts x {grpo.group_size} samples, "
               f"trains {grpo.train}) -> {grpo_out}", flush=True)
-    grpo_eval = run_stage(grpo)
-    rows = {"cold start (SFT)": sft_eval, "GRPO": grpo_eval}
+    grpo_eval = run_stage(grpo, trained)
+    rows = {"cold start (SFT)": sft_eval, f"GRPO (step {grpo_eval['step']})": grpo_eval}
     summary = {"sft": sft_eval, "grpo": grpo_eval}
     if run.connector_stage:
         if proc.rank == 0:
@@ -225,13 +230,19 @@ def run_default(run: DefaultRun):
         if proc.rank == 0:
             print(f"[3b/4] connector-only SFT ({conn.steps} steps x {conn.prompts_per_step} full traces of seed "
                   f"{run.connector_task.seed}, lr {conn.lr}, patience {conn.patience}) -> {conn_out}", flush=True)
-        summary["connector_val"] = run_stage(conn)  # val_loss on the connector task's held-out split
+        summary["connector_val"] = run_stage(conn, trained)  # val_loss on the connector task's held-out split
         summary["connector_only"] = rows["+ connector-only stage"] = evaluate_model(
             conn_out / "best", task.heldout_jsonl, conn, conn_out / "eval_heldout.json")
     if proc.rank == 0:
         summary["selection"] = s = selection(sft_eval, grpo_out)
-        summary["minutes"] = (time.perf_counter() - t0) / 60
         summary_file = out / f"summary{run.variant}.json"
+        minutes = (time.perf_counter() - t0) / 60
+        if not trained and summary_file.is_file():  # nothing trained now: the first run's time is the one to keep
+            summary["minutes"] = json.loads(summary_file.read_text()).get("minutes", minutes)
+            took = f"every stage reused ({minutes:.1f} min; the run that trained them: {summary['minutes']:.1f} min)"
+        else:
+            summary["minutes"], took = minutes, f"{minutes:.1f} min"
+        best = json.loads((grpo_out / "best.json").read_text()) if (grpo_out / "best.json").is_file() else {}
         cli.write_atomic(summary_file, json.dumps(cli.json_safe(summary), indent=2) + "\n")
         picture = plot(grpo_out, grpo_out / "plot.png", sft_eval)
         held = len(task.heldout_jsonl.read_text().splitlines())
@@ -240,8 +251,8 @@ def run_default(run: DefaultRun):
               f"{s.get('by_accuracy', {}).get('step')}, by critical-token entropy -> step "
               f"{s.get('by_critical_entropy', {}).get('step')}; rank correlation of the two "
               f"{s.get('spearman', math.nan):+.2f}\n"
-              f"checkpoints {out / 'sft'}, {grpo_out} (best/: by --select) | metrics {grpo_out / 'metrics.jsonl'} | "
-              f"table {summary_file} | plot {picture} | {summary['minutes']:.1f} min", flush=True)
+              f"checkpoints {out / 'sft'}, {grpo_out} (best/: step {best.get('step')} by {best.get('select')}) | "
+              f"metrics {grpo_out / 'metrics.jsonl'} | table {summary_file} | plot {picture} | {took}", flush=True)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Command line: the trainer's flags configure GRPO (a few every stage), plus the pipeline's own
