@@ -38,7 +38,7 @@ from cli import arg, read_jsonl
 from data import load_chat_template, load_rows, load_tokenizer
 from eval import EvalConfig, evaluate, results_json
 from grid_task import MANIFEST, GridTaskConfig, prepare
-from parallel import init_distributed
+from parallel import init_distributed, process_group
 from rundir import newest_checkpoint, step_of
 from train_rl import TrainConfig, train
 
@@ -284,12 +284,8 @@ def from_command_line(argv: list[str]) -> DefaultRun:
 
 def main(argv: list[str] | None = None):
     run = from_command_line(sys.argv[1:] if argv is None else argv)
-    try:
+    with process_group():
         run_default(run)
-        dist.barrier()  # no rank tears down its connections while another still uses them: gloo aborts then
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

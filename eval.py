@@ -44,7 +44,7 @@ from data import (IMAGE_PLACEHOLDER, ChatTemplate, build_prompt, check_tokenizer
 from entropy import CRITICAL_WORDS, CRITICAL_WORDS_BROAD, critical_entropy, critical_token_ids
 from mmmu import DISCIPLINE_OF, DISCIPLINES, OTHER, SCORINGS, Verdict, load_eval_rows, verdict
 from model import VLM
-from parallel import Dist, init_distributed
+from parallel import Dist, init_distributed, process_group
 from rollout import Request, Sampler
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -580,7 +580,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(cmd.ckpt)
     check_tokenizer(tokenizer, config, cmd.ckpt)
     d = init_distributed()
-    try:
+    with process_group():
         dtype = DTYPES[cmd.dtype or ("bfloat16" if d.device.type == "cuda" else "float32")]
         model = load_model(cmd.ckpt, dtype=dtype, device=d.device)
         template = load_chat_template(cmd.ckpt)
@@ -589,9 +589,6 @@ def main(argv=None):
                 ask(model, tokenizer, cmd.question, cmd.image, cfg, template)
         else:
             run_benchmark(model, tokenizer, rows, cfg, cmd, d, template)
-        dist.barrier()  # no rank tears down its connections while another still uses them
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ parameter addresses never change, so a compiled decode step and its CUDA graphs 
 
     python -m pytest -q tests/test_train.py       # 1 vs 2 processes, resume after SIGKILL, the copy after each step
 """
+import contextlib
 import copy
 import dataclasses
 import os
@@ -52,6 +53,20 @@ def init_distributed() -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+@contextlib.contextmanager
+def process_group():
+    """The body of a script that uses the process group: on success every rank waits for the others before tearing
+    down (gloo aborts a process whose peer leaves while it still uses the connection); either way the group is
+    destroyed."""
+    try:
+        yield
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def set_threads(threads: int, world: int):

@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import cli
 import reward
@@ -55,7 +54,8 @@ import verifier
 from cli import Stopped
 from data import Example, MicroBatch, Sequence, decode_response, mix_seed
 from entropy import EntropySums, critical_entropy
-from parallel import Dist, all_gather, all_max, all_sum, init_distributed, set_threads, summed_over_ranks
+from parallel import (Dist, all_gather, all_max, all_sum, init_distributed, process_group, set_threads,
+                      summed_over_ranks)
 from rollout import Completion, Request
 from rundir import check_out, distributed_lock, newest_checkpoint, resume_from, save_checkpoint
 from trainer import (LossConfig, Run, TrainConfig, check_paths, data_file, epoch_steps, heldout, log_line, mfu,
@@ -526,12 +526,8 @@ def main(argv: list[str] | None = None):
     p = cli.parser(__doc__.split("\n\n")[0].replace("\n", " "))
     cli.add_flags(p, TrainConfig)
     cfg = cli.config_from(p.parse_args(argv), TrainConfig)
-    try:
+    with process_group():
         train(cfg)
-        dist.barrier()  # no rank tears down its connections while another still uses them: gloo aborts then
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

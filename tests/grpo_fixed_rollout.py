@@ -9,16 +9,15 @@ and OUT/step_000001/model.
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402 - after the repository is on the path
-import train_rl as T
+import train_rl as T  # noqa: E402
 import trainer as TR  # noqa: E402
-from data import Sequence  # noqa: E402
 from checkpoint import save_model  # noqa: E402
-from parallel import init_distributed, set_threads  # noqa: E402
+from data import Sequence  # noqa: E402
+from parallel import init_distributed, process_group, set_threads  # noqa: E402
 
 
 def fixed_sequences(run: TR.Run) -> list[Sequence]:
@@ -38,6 +37,12 @@ def main():
     cfg = cli.config_from(p.parse_args(), T.TrainConfig)
     proc = init_distributed()
     set_threads(cfg.threads, proc.world)
+    with process_group():
+        update_once(cfg, proc)
+
+
+def update_once(cfg, proc):
+    """The update half of a GRPO step on the fixed sequences, then what train_rl.py writes for step 1."""
     run = TR.setup(cfg, proc)
     seqs = fixed_sequences(run)
     T.old_logprobs(run, seqs)
@@ -51,8 +56,6 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         cli.append_jsonl(out / "metrics.jsonl", dict(step=1, **result))
         save_model(run.policy.rollout_model, out / "step_000001" / "model")
-    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts a process that exits mid-use)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
