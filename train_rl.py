@@ -43,7 +43,7 @@ import runpy
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -81,9 +81,9 @@ class UpdateStats:
     padding: float = 0.0  # of which in no sequence
 
     def __add__(self, o: "UpdateStats") -> "UpdateStats":
-        return UpdateStats(self.tokens + o.tokens, self.clipped_low + o.clipped_low, self.clipped_high + o.clipped_high,
-                           self.kl + o.kl, self.gap + o.gap, max(self.gap_max, o.gap_max), self.entropy + o.entropy,
-                           self.padded + o.padded, self.padding + o.padding)
+        """Field by field: sums, except gap_max (the larger of the two)."""
+        add = lambda name, a, b: max(a, b) if name == "gap_max" else a + b
+        return UpdateStats(**{f.name: add(f.name, getattr(self, f.name), getattr(o, f.name)) for f in fields(self)})
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, sampler_logprobs=None, ref_logprobs=None,
