@@ -124,6 +124,35 @@ def summed_over_ranks(stats, device, maxima: tuple[str, ...] = ()):
 MODULES = {"vit": "vision_model", "connector": "mlp1", "llm": "language_model"}  # --train names -> VLM children
 
 
+@dataclass(frozen=True)
+class Precision:
+    """Every dtype of a run but the masters' (fp32, whatever the checkpoint's) and the loss's (logits go to fp32
+    first): decided once, by `precision`."""
+    param_dtype: torch.dtype    # FSDP2 casts the gathered parameters to this for forward and backward
+    reduce_dtype: torch.dtype   # the gradients' reduce-scatter (and the fp32 masters' gradients)
+    rollout_dtype: torch.dtype  # the sampler's plain copy
+    kv_dtype: torch.dtype       # the sampler's KV pool
+    host_dtype: torch.dtype     # the checkpoint as rank 0 reads it, before the cast into the fp32 shards
+
+    def mp_policy(self) -> MixedPrecisionPolicy:
+        # fp32 compute: no policy at all, so parameters keep whatever dtype they have (fp64 in some tests)
+        if self.param_dtype == self.reduce_dtype == torch.float32:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+
+
+def precision(device: torch.device, flag: str = "auto") -> Precision:
+    """--precision: "auto" is bf16 on CUDA (bf16 parameters in forward/backward, fp32 gradient reduction, a bf16
+    rollout copy and KV pool, the checkpoint read in bf16: a 38B takes 76 GB of host memory rather than 152) and
+    fp32 on a CPU, the parity reference. "bf16" asks for the GPU configuration on any device (a CPU test runs it
+    under gloo); "fp32" for fp32 everywhere."""
+    assert flag in ("auto", "fp32", "bf16"), flag
+    bf16 = flag == "bf16" or (flag == "auto" and device.type == "cuda")
+    half = torch.bfloat16 if bf16 else torch.float32
+    return Precision(param_dtype=half, reduce_dtype=torch.float32, rollout_dtype=half, kv_dtype=half,
+                     host_dtype=half)
+
+
 def set_trainable(model: VLM, train: str):
     """requires_grad per stage (a comma list of MODULES keys, "" for none), before any forward: turning a parameter
     on after FSDP2 has run it in mixed precision breaks its gradient casts (torch 2.13)."""
@@ -132,13 +161,12 @@ def set_trainable(model: VLM, train: str):
         module.requires_grad_(name in names)
 
 
-def shard(model: VLM, device: torch.device, activation_checkpointing: bool = False, compile_blocks: bool = False
-          ) -> list:
+def shard(model: VLM, device: torch.device, activation_checkpointing: bool = False, compile_blocks: bool = False,
+          prec: Precision | None = None) -> list:
     """torchtitan's order: activation checkpointing and compile per block (both keep parameter names), fully_shard
     each ViT block and each LLM block, then the root, which holds the embeddings, final norm, head (tied or not:
     a tied head must share the embeddings' unit) and the connector. Returns the FSDP units in a fixed order."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()  # CPU runs stay fp32: the parity reference
+    mp = (prec or precision(device)).mp_policy()
     blocks = [*(model.vision_model.encoder.layers if model.vision_model is not None else []),
               *model.language_model.layers]
     for block in blocks:
@@ -156,19 +184,18 @@ def _checkpointed(forward):
 
 
 def build_sharded(init_from: str, train: str, d: Dist, activation_checkpointing: bool = False,
-                  compile_blocks: bool = False):
+                  compile_blocks: bool = False, prec: Precision | None = None):
     """(model, units, config): the FSDP-sharded model with `train` trainable, loaded from `init_from` through rank 0
     (which reads the file; the others receive their shards). Master parameters stay fp32 whatever the checkpoint's
-    dtype."""
+    dtype; `prec` (default: the device's) gives the compute, reduce and host dtypes."""
+    prec = prec or precision(d.device)
     config = read_config(init_from)
     with torch.device("meta"):
         model = VLM(config)
     set_trainable(model, train)
-    units = shard(model, d.device, activation_checkpointing, compile_blocks)
+    units = shard(model, d.device, activation_checkpointing, compile_blocks, prec)
     model.to_empty(device=d.device)
-    # bf16 on the host for a GPU run (a 38B: 76 GB of host memory rather than 152), cast into the fp32 shards.
-    host_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    full = load_model(init_from, dtype=host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
+    full = load_model(init_from, dtype=prec.host_dtype, device="cpu").state_dict() if d.rank == 0 else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full
     bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
@@ -176,14 +203,15 @@ def build_sharded(init_from: str, train: str, d: Dist, activation_checkpointing:
     return model, units, config
 
 
-def build_rollout_copy(config, device: torch.device) -> VLM:
-    """The sampler's weights: a plain unsharded model (bf16 on GPU, fp32 on CPU), allocated once; `refresh` copies
+def build_rollout_copy(config, device: torch.device, prec: Precision | None = None) -> VLM:
+    """The sampler's weights: a plain unsharded model in `prec.rollout_dtype` (default: the device's: bf16 on GPU,
+    fp32 on CPU), allocated once; `refresh` copies
     the trained weights into it in place, so the compiled decode step and its CUDA graphs stay valid. Its config is
     the checkpoint's (`source_dir` included), so saving it writes the source's layout and tokenizer."""
     with torch.device("meta"):
         copy = VLM(config)
     copy.to_empty(device=device)
-    copy.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    copy.to((prec or precision(device)).rollout_dtype)
     copy.requires_grad_(False)
     return copy.eval()
 

@@ -29,7 +29,8 @@ from data import (ChatTemplate, Example, MicroBatch, PromptStream, Sequence, che
 from entropy import critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
-from parallel import MODULES, Dist, all_gather, all_max, all_sum, build_rollout_copy, build_sharded, refresh
+from parallel import (MODULES, Dist, all_gather, all_max, all_sum, build_rollout_copy, build_sharded, precision,
+                      refresh)
 from rollout import Sampler
 from rundir import load_checkpoint
 
@@ -124,6 +125,9 @@ class TrainConfig:
                                "compiler)")
     compile_blocks: bool = arg(False, "torch.compile each transformer block of the trainer")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
+    precision: str = arg("auto", "dtypes (parallel.precision): auto is bf16 parameters, rollout copy and KV with fp32 "
+                         "masters and gradient reduction on CUDA, fp32 on a CPU; bf16 forces that on a CPU",
+                         ("auto", "fp32", "bf16"))
     reward_workers: int = arg(0, "reward scoring processes (0: one per core, 1 on a machine of <= 4 cores)")
     threads: int = arg(0, "torch CPU threads per process (0: the node's cores split between its processes)")
     wandb: str | None = arg(None, "wandb project to log to, when the wandb package is installed")
@@ -431,10 +435,12 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     skipped = check_rows(rows, tokenizer, template, config, cfg, proc)
     if cfg.verifier:  # loaded now, so that a bad checkpoint stops the run before step 0
         verifier.cached(cfg.verifier, proc.device)
+    prec = precision(proc.device, cfg.precision)  # every dtype of the run
     model, units, config = build_sharded(cfg.init_from, cfg.train, proc, cfg.activation_checkpointing,
-                                         cfg.compile_blocks)
-    reference = build_sharded(cfg.init_from, "", proc, cfg.activation_checkpointing)[0] if cfg.kl_beta > 0 else None
-    rollout_model = build_rollout_copy(config, proc.device)
+                                         cfg.compile_blocks, prec)
+    reference = build_sharded(cfg.init_from, "", proc, cfg.activation_checkpointing, prec=prec)[0] \
+        if cfg.kl_beta > 0 else None
+    rollout_model = build_rollout_copy(config, proc.device, prec)
     refresh(rollout_model, units)
     stop_ids, banned_ids = special_ids(tokenizer)
     # Compiled by default on CUDA (CUDA graphs). On a CPU a compile costs more per run than the compiled decode
@@ -442,7 +448,8 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     compile = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
     slots = cfg.prompts_per_step // proc.world * (cfg.group_size if cfg.stage == "grpo" else 1)
     sampler = Sampler(rollout_model, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len,
-                      stop_ids=stop_ids, banned_ids=banned_ids, compile=compile, kv_tokens=cfg.kv_tokens)
+                      stop_ids=stop_ids, banned_ids=banned_ids, compile=compile, kv_tokens=cfg.kv_tokens,
+                      cache_dtype=prec.kv_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                   foreach=True)
