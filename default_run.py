@@ -29,8 +29,8 @@ step_000040), writing OUT/paper_tables/ (every evaluation's records) and OUT/pap
   --no_wait: `wait` is never sampled, so after c4 the model must close the thought or read on without it); NoThink:
   this ChatML model has no template `<think>` to leave out, so `<think>` is banned at sampling and the model must
   answer without opening its reasoning.
-- Fig. 9, thinking budget: held-out greedy accuracy at max_new_tokens in BUDGETS (the full walk is 53 tokens +
-  <|im_end|>, the shortcut 41 + 1): a response cut short has no \\boxed{} answer.
+- Fig. 9, thinking budget: held-out greedy accuracy at max_new_tokens in BUDGETS (the full walk is 52 tokens +
+  <|im_end|>, the shortcut 39 + 1): a response cut short has no \\boxed{} answer.
 - Table 3, RL vs SFT on distilled traces: the final GRPO model samples one response (T = 1) to each of the first
   DISTILL_PROMPTS train prompts, its correct ones become the `response` of a new SFT set, and the cold start is
   fine-tuned on it (DISTILL below; OUT/sft_distilled/); cold start, GRPO and SFT-distilled are scored on the held-out
@@ -77,7 +77,7 @@ CONNECTOR_SEED = 1000  # the connector task's seed is the run's + this: other gr
 # 150 x 64 = 9,600 traces, about as many responses as GRPO samples in its 40 steps (145 rounds x 64 for seed 0).
 DISTILL = dict(SFT, steps=150, lr=1e-3)
 DISTILL_PROMPTS = 2000  # train prompts the GRPO model answers once each; the correct answers are the SFT set
-BUDGETS = (16, 32, 44, 48, 56, 64)  # Fig. 9's max_new_tokens, around the shortcut's 42 and the full walk's 54
+BUDGETS = (16, 32, 44, 48, 56, 64)  # Fig. 9's max_new_tokens: the shortcut fits in 40 with <|im_end|>, the walk 53
 EVERY_STAGE = {"seed", "threads", "compile"}  # command-line flags that also apply to the cold start
 COLUMNS = [("greedy_accuracy", "greedy"), ("sampled_accuracy", "avg@k"), ("format_rate", "format"),
            ("response_length", "length"), ("critical_entropy", "critical entropy")]

@@ -47,6 +47,9 @@ def test_command_line_configures_grpo_and_names_the_variant():
     default = R.from_command_line([])
     assert default.out == Path("runs/default") and default.variant == "" and default.grpo == TrainConfig(
         **R.COMMON, **R.GRPO)
+    assert not default.paper_tables and default.distill == TrainConfig(**R.COMMON, **R.DISTILL)
+    tables = R.from_command_line(["--paper_tables", "--seed", "2"])
+    assert tables.paper_tables and tables.variant == "" and (tables.distill.seed, tables.distill.steps) == (2, 150)
 
 
 def test_short_pipeline_end_to_end(tmp_path, in_process, capsys):
