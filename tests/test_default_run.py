@@ -143,4 +143,5 @@ def test_paper_tables_short(tmp_path, in_process, capsys):
                                                       *(out / "task" / "data").glob("*.json*")]}
     before = kept()
     R.run_default(run)
-    assert kept() == before and json.loads((out / "paper_tables.json").read_text())["rl_vs_sft"] == t["rl_vs_sft"]
+    assert kept() == before and json.loads((out / "paper_tables.json").read_text())["minutes"] == t["minutes"]
+    assert json.loads((out / "paper_tables.json").read_text())["rl_vs_sft"] == t["rl_vs_sft"]
