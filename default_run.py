@@ -14,6 +14,7 @@ table. The paper's claims are each one flag away:
     python train_rl.py --train llm              # GRPO with the connector frozen (R1V3: it must stay trainable)
     python train_rl.py --connector_stage 20     # then R1V3's connector-only stage (SFT, --train connector)
     python train_rl.py --select critical_entropy  # OUT/grpo/best by critical-token entropy instead of accuracy
+    python train_rl.py --paper_tables           # then R1V3's Tables 3, 4 and Fig. 9 in miniature (paper_tables.json)
     python default_run.py --help                # the same command: every flag
 
 Flags given on the command line configure the GRPO stage (the cold start is fixed, so variants share it: their
@@ -21,6 +22,19 @@ GRPO output goes to OUT/grpo_<flags>/ and their table to OUT/summary_<flags>.jso
 and --out apply to every stage. The connector stage's lr and patience below are small, sensible guesses, not
 calibrated like the other stages. The settings below were calibrated on a 2-core CPU: the smallest model and task
 on which GRPO reliably flips the cold start's strategy within a few minutes.
+
+--paper_tables reuses the finished stages and measures the rest of the report on the final GRPO checkpoint (OUT/grpo/
+step_000040), writing OUT/paper_tables/ (every evaluation's records) and OUT/paper_tables.json:
+- Table 4, inference modes, held-out greedy / avg@8 / mean length: slow thinking (as trained); NoWait (eval.py's
+  --no_wait: `wait` is never sampled, so after c4 the model must close the thought or read on without it); NoThink:
+  this ChatML model has no template `<think>` to leave out, so `<think>` is banned at sampling and the model must
+  answer without opening its reasoning.
+- Fig. 9, thinking budget: held-out greedy accuracy at max_new_tokens in BUDGETS (the full walk is 52 tokens +
+  <|im_end|>, the shortcut 39 + 1): a response cut short has no \\boxed{} answer.
+- Table 3, RL vs SFT on distilled traces: the final GRPO model samples one response (T = 1) to each of the first
+  DISTILL_PROMPTS train prompts, its correct ones become the `response` of a new SFT set, and the cold start is
+  fine-tuned on it (DISTILL below; OUT/sft_distilled/); cold start, GRPO and SFT-distilled are scored on the held-out
+  split and on grid_task's OOD split (p_red 0.6: counts around 10, which 7% of the training grids reach).
 """
 import json
 import math
@@ -35,10 +49,11 @@ import torch.distributed as dist
 import cli
 from checkpoint import load_model
 from cli import arg, read_jsonl
-from data import load_chat_template, load_rows, load_tokenizer
-from eval import EvalConfig, evaluate, results_json
-from grid_task import MANIFEST, GridTaskConfig, prepare
+from data import load_chat_template, load_rows, load_tokenizer, special_ids
+from eval import EvalConfig, banned_ids, evaluate, results_json
+from grid_task import MANIFEST, GridTaskConfig, prepare, prepare_ood
 from parallel import init_distributed, process_group
+from rollout import Sampler
 from rundir import newest_checkpoint, step_of
 from train_rl import TrainConfig, train
 
@@ -58,6 +73,11 @@ GRPO = dict(stage="grpo", train="connector,llm", steps=40, prompts_per_step=8, g
 CONNECTOR = dict(stage="sft", train="connector", prompts_per_step=64, micro_batch=64, lr=1e-4, schedule="cosine",
                  warmup_ratio=0.03, eval_every=5, patience=2, select="val_loss")
 CONNECTOR_SEED = 1000  # the connector task's seed is the run's + this: other grids than the RL task's splits
+# --paper_tables' SFT on the GRPO model's correct responses: the cold start's settings at a third of its lr, for
+# 150 x 64 = 9,600 traces, about as many responses as GRPO samples in its 40 steps (145 rounds x 64 for seed 0).
+DISTILL = dict(SFT, steps=150, lr=1e-3)
+DISTILL_PROMPTS = 2000  # train prompts the GRPO model answers once each; the correct answers are the SFT set
+BUDGETS = (16, 32, 44, 48, 56, 64)  # Fig. 9's max_new_tokens: the shortcut fits in 40 with <|im_end|>, the walk 53
 EVERY_STAGE = {"seed", "threads", "compile"}  # command-line flags that also apply to the cold start
 COLUMNS = [("greedy_accuracy", "greedy"), ("sampled_accuracy", "avg@k"), ("format_rate", "format"),
            ("response_length", "length"), ("critical_entropy", "critical entropy")]
@@ -75,6 +95,10 @@ class DefaultRun:
     connector: TrainConfig = field(default_factory=lambda: TrainConfig(**COMMON, **CONNECTOR))
     connector_task: GridTaskConfig = field(default_factory=lambda: connector_task(0))
     variant: str = ""  # "" for the default GRPO settings, else "_flag-value_..." naming what the flags changed
+    paper_tables: bool = False  # after the pipeline, Tables 3, 4 and Fig. 9 in miniature (paper_tables.json)
+    distill: TrainConfig = field(default_factory=lambda: TrainConfig(**COMMON, **DISTILL))
+    distill_prompts: int = DISTILL_PROMPTS
+    budgets: tuple[int, ...] = BUDGETS
 
 
 def connector_task(seed: int, **kw) -> GridTaskConfig:
@@ -100,16 +124,27 @@ def run_stage(cfg: TrainConfig, trained: list) -> dict:
     return read_jsonl(out / "eval.jsonl")[-1]
 
 
-def evaluate_model(model_dir: Path, rows_file: Path, cfg: TrainConfig, out_file: Path) -> dict:
-    """eval.py's scoring of `model_dir` on `rows_file` with the trainer's held-out settings, every rank its chunks;
-    rank 0 writes the records to `out_file` (kept: a rerun reads it back). Returns the numbers."""
+def evaluate_model(model_dir: Path, rows_file: Path, cfg: TrainConfig, out_file: Path, ban: tuple[str, ...] = (),
+                   limit: int = 0, **changes) -> dict:
+    """eval.py's scoring of `model_dir` on `rows_file` (its first `limit` rows, 0: all) with the trainer's held-out
+    settings and the EvalConfig `changes`, `ban`'s tokens never sampled, every rank its chunks; rank 0 writes the
+    records to `out_file` (kept: a rerun reads it back). Returns the numbers."""
     if out_file.is_file():
         return json.loads(out_file.read_text())["summary"]
     proc = init_distributed()
     model = load_model(model_dir, device=proc.device)
-    eval_cfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, samples=cfg.eval_samples,
-                          temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed, system=cfg.system)
-    result = evaluate(model, load_tokenizer(model_dir), load_rows(rows_file), eval_cfg,
+    eval_cfg = replace(EvalConfig(max_new_tokens=cfg.max_new_tokens, max_len=cfg.max_len, samples=cfg.eval_samples,
+                                  temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed,
+                                  system=cfg.system), **changes)
+    tok, sampler = load_tokenizer(model_dir), None
+    if ban:  # build_sampler's sampler with more banned tokens (each must be one token)
+        extra = [tok.token_to_id(w) for w in ban]
+        if None in extra:
+            raise ValueError(f"ban: {ban} are not all single tokens of {model_dir}'s tokenizer")
+        sampler = Sampler(model, eval_cfg.max_slots, min(eval_cfg.max_len, model.config.llm.max_position_embeddings),
+                          special_ids(tok)[0], banned_ids(tok, eval_cfg) + extra, compile=eval_cfg.compile,
+                          kv_tokens=eval_cfg.kv_tokens)
+    result = evaluate(model, tok, load_rows(rows_file)[:limit or None], eval_cfg, sampler,
                       template=load_chat_template(model_dir))
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     if proc.rank == 0:
@@ -194,6 +229,85 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+SHOWN = ("greedy_accuracy", "sampled_accuracy", "response_length", "format_rate", "truncation_rate")
+
+
+def shown(m: dict) -> dict:
+    return {k: m[k] for k in SHOWN}
+
+
+def distilled_rows(train_jsonl: Path, samples_file: Path, out_file: Path) -> dict:
+    """The SFT set of Table 3: each train row the GRPO model answered correctly, its response as `response` (the
+    image path rewritten relative to out_file), written once; returns its counts."""
+    raw = [json.loads(line) for line in train_jsonl.read_text().splitlines()]
+    records = json.loads(samples_file.read_text())["records"]
+    folder = os.path.relpath(train_jsonl.parent, out_file.parent)
+    rows = [dict(raw[r["index"]], id=f"distilled-{r['index']}", response=r["response"], image=f"{folder}/"
+                 f"{raw[r['index']]['image']}", strategy="full" if " wait " in r["response"] else "other")
+            for r in records if r["verdict"] == "correct"]
+    if not out_file.is_file():  # kept: the SFT stage beside it trained on these bytes
+        cli.write_atomic(out_file, "".join(json.dumps(r) + "\n" for r in rows))
+    return dict(prompts=len(records), rows=len(rows), full_walk=sum(r["strategy"] == "full" for r in rows) / len(rows))
+
+
+def paper_tables(run: DefaultRun, task, grpo: TrainConfig, trained: list) -> dict:
+    """R1V3's Table 4 (inference modes), Fig. 9 (thinking budget) and Table 3 (RL vs SFT on distilled traces, held-out
+    and OOD) on the final GRPO checkpoint; every evaluation kept in OUT/paper_tables/, so a rerun only reads them."""
+    proc, out, t0 = init_distributed(), run.out, time.perf_counter()
+    where = out / f"paper_tables{run.variant}"
+    final = newest_checkpoint(Path(grpo.out)) / "model"
+    cold = newest_checkpoint(out / "sft") / "model"
+    reused = (where / "distilled_ood.json").is_file()  # the last evaluation: every one is there to read back
+    if proc.rank == 0:
+        where.mkdir(exist_ok=True)
+        prepare_ood(task)
+        print(f"[5/5] paper tables on {final} -> {where}", flush=True)
+    dist.barrier()
+    ev = lambda name, model, rows=task.heldout_jsonl, **kw: evaluate_model(model, rows, grpo, where / f"{name}.json",
+                                                                          **kw)
+    modes = {"slow thinking": ev("slow_thinking", final), "NoWait": ev("nowait", final, no_wait=True),
+             "NoThink": ev("nothink", final, ban=("<think>",), no_think=True)}
+    budget = {b: ev(f"budget_{b}", final, max_new_tokens=b, samples=0, entropy=False) for b in run.budgets}
+    ev("distill_samples", final, task.train_jsonl, limit=run.distill_prompts, greedy=False, samples=1,
+       entropy=False)
+    distill_file = where / "distill.jsonl"
+    if proc.rank == 0:
+        counts = distilled_rows(task.train_jsonl, where / "distill_samples.json", distill_file)
+    dist.barrier()
+    sft = replace(run.distill, init_from=str(cold), out=str(out / f"sft_distilled{run.variant}"),
+                  data=str(distill_file), eval_data=str(task.heldout_jsonl))
+    if proc.rank == 0:
+        print(f"  SFT on {counts['rows']} of {counts['prompts']} GRPO responses ({counts['full_walk']:.1%} full walks)"
+              f": {sft.steps} steps x {sft.prompts_per_step}, lr {sft.lr} {sft.schedule} -> {sft.out}", flush=True)
+    run_stage(sft, trained)
+    distilled = newest_checkpoint(Path(sft.out)) / "model"
+    ood = task.heldout_ood_jsonl
+    rl_vs_sft = {name: {"heldout": shown(ev(f"{key}_heldout", model)), "ood": shown(ev(f"{key}_ood", model, ood))}
+                 for name, key, model in (("cold start (SFT)", "cold", cold), ("GRPO", "grpo", final),
+                                          ("SFT on GRPO's traces", "distilled", distilled))}
+    return dict(checkpoint=str(final), inference_modes={k: shown(v) for k, v in modes.items()},
+                thinking_budget={str(b): shown(v) for b, v in budget.items()}, rl_vs_sft=rl_vs_sft,
+                distill=dict(counts, steps=sft.steps, prompts_per_step=sft.prompts_per_step, lr=sft.lr,
+                             schedule=sft.schedule, init_from=sft.init_from) if proc.rank == 0 else {},
+                ood=dict(file=str(ood), rows=len(ood.read_text().splitlines()), p_red=0.6),
+                minutes=(time.perf_counter() - t0) / 60, reused=reused)
+
+
+def paper_table_text(t: dict) -> str:
+    """The three tables as printed."""
+    lines = [f"Table 4 (held-out){'':14s}{'greedy':>10s}{'avg@k':>10s}{'length':>10s}{'format':>10s}"]
+    lines += [f"  {k:30s}" + "".join(f"{m[c]:>10.3f}" for c in ("greedy_accuracy", "sampled_accuracy",
+                                                                 "response_length", "format_rate"))
+              for k, m in t["inference_modes"].items()]
+    lines.append("Fig. 9 max_new_tokens    " + "".join(f"{b:>8s}" for b in t["thinking_budget"]))
+    lines.append("  greedy accuracy        " + "".join(f"{m['greedy_accuracy']:>8.3f}"
+                                                        for m in t["thinking_budget"].values()))
+    lines.append(f"Table 3{'':25s}{'held-out greedy / avg@k':>26s}{'OOD greedy / avg@k':>26s}")
+    lines += [f"  {k:30s}" + "".join(f"{v[s]['greedy_accuracy']:>17.3f} / {v[s]['sampled_accuracy']:.3f}"
+                                     for s in ("heldout", "ood")) for k, v in t["rl_vs_sft"].items()]
+    return "\n".join(lines)
+
+
 def run_default(run: DefaultRun):
     """task -> SFT -> eval -> GRPO -> eval (-> connector-only stage) -> table, summary.json, plot."""
     t0 = time.perf_counter()
@@ -253,6 +367,14 @@ def run_default(run: DefaultRun):
               f"{s.get('spearman', math.nan):+.2f}\n"
               f"checkpoints {out / 'sft'}, {grpo_out} (best/: step {best.get('step')} by {best.get('select')}) | "
               f"metrics {grpo_out / 'metrics.jsonl'} | table {summary_file} | plot {picture} | {took}", flush=True)
+    if run.paper_tables:
+        tables = paper_tables(run, task, grpo, trained)
+        if proc.rank == 0:
+            tables_file = out / f"paper_tables{run.variant}.json"
+            if tables.pop("reused") and tables_file.is_file():  # as summary.json: keep the run that measured them
+                tables["minutes"] = json.loads(tables_file.read_text()).get("minutes", tables["minutes"])
+            cli.write_atomic(tables_file, json.dumps(cli.json_safe(tables), indent=2) + "\n")
+            print(f"{paper_table_text(tables)}\ntables {tables_file} | {tables['minutes']:.1f} min", flush=True)
 
 # -----------------------------------------------------------------------------------------------------------------
 # Command line: the trainer's flags configure GRPO (a few every stage), plus the pipeline's own
@@ -262,6 +384,9 @@ def run_default(run: DefaultRun):
 class PipelineFlags:
     connector_stage: int = arg(0, "after GRPO, N steps of R1V3's connector-only stage (supervised, --train connector, "
                                "on full-walk traces of another seed; early stopping on their val_loss)")
+    paper_tables: bool = arg(False, "then R1V3's Table 4 (slow thinking / NoWait / NoThink), Fig. 9 (thinking budget) "
+                             "and Table 3 (RL vs SFT on the GRPO model's correct traces, held-out and OOD) on the "
+                             "final GRPO checkpoint: OUT/paper_tables.json")
 
 
 def from_command_line(argv: list[str]) -> DefaultRun:
@@ -279,7 +404,8 @@ def from_command_line(argv: list[str]) -> DefaultRun:
     return DefaultRun(out=out, task=GridTaskConfig(seed=args.seed),
                       sft=TrainConfig(**{**COMMON, **SFT, **every}), grpo=TrainConfig(**{**COMMON, **GRPO, **flags}),
                       connector=TrainConfig(**{**COMMON, **CONNECTOR, **every}),
-                      connector_task=connector_task(args.seed), connector_stage=args.connector_stage, variant=variant)
+                      connector_task=connector_task(args.seed), connector_stage=args.connector_stage, variant=variant,
+                      paper_tables=args.paper_tables, distill=TrainConfig(**{**COMMON, **DISTILL, **every}))
 
 
 def main(argv: list[str] | None = None):

@@ -23,12 +23,17 @@ scratch in a single sitting, and still leave it a real choice to learn. Rows fol
 A second call with the same settings does nothing; with other settings it refuses (the trainer's outputs beside the
 data would no longer match it): use another directory or delete this one.
 
+`prepare_ood(task)` adds an out-of-distribution held-out split beside them (the default run's --paper_tables): grids
+of p_red 0.6 (counts around 10, rare in training, where they average 5.6), their own random stream, full traces;
+data/heldout_ood.jsonl and images/heldout_ood-N.png, data/heldout_ood.json its settings. The other files and the
+manifest stay as they are, byte for byte.
+
     python grid_task.py --out runs/grid --seed 0
 """
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +55,8 @@ BASE_RGB = np.array([(215, 40, 40), (40, 175, 40), (40, 40, 215), (215, 215, 40)
 ROWS, COLS = "abcd", 4
 SHORTCUT_ROWS = 3  # the shortcut answers after row c
 QUESTION = "how many red cells ?"
-SPLITS = ("train", "heldout")  # the index is the split's random stream: held-out never shares a grid's draws
+SPLITS = ("train", "heldout", "heldout_ood")  # the index is the split's random stream: no two share a grid's draws
+OOD = dict(p_red=0.6)  # the OOD split's changes: more red cells, so the counts are ones training rarely reached
 MANIFEST = "grid_task.json"
 GENERATOR_VERSION = 1  # bump whenever the same settings would write other files: older directories are then refused
 
@@ -174,6 +180,10 @@ class GridTask:
         return self.out_dir / "data" / "heldout.jsonl"
 
     @property
+    def heldout_ood_jsonl(self) -> Path:
+        return self.out_dir / "data" / "heldout_ood.jsonl"
+
+    @property
     def init_checkpoint(self) -> Path:
         return self.out_dir / "init"
 
@@ -188,7 +198,7 @@ def write_split(folder: Path, split: str, n: int, cfg: GridTaskConfig):
     lines = []
     for i in range(n):
         grid, full, image = sample(rng, cfg)
-        row = make_row(split, i, grid, full or split == "heldout")
+        row = make_row(split, i, grid, full or split != "train")
         image.save(folder / row["image"], format="PNG")
         lines.append(json.dumps(row))
     (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
@@ -235,6 +245,21 @@ def prepare(out_dir, cfg: GridTaskConfig | None = None) -> GridTask:
     write_init(task.init_checkpoint, cfg)
     (task.out_dir / MANIFEST).write_text(json.dumps(_settings(cfg), indent=2) + "\n")
     return task
+
+def prepare_ood(task: GridTask, n: int | None = None) -> Path:
+    """The OOD held-out split of a prepared task (n rows, default the held-out count): written once, refused when
+    asked again with other settings. Returns its jsonl."""
+    cfg = replace(task.config, **OOD)
+    settings = {"generator_version": GENERATOR_VERSION, **asdict(cfg), "n": n or cfg.n_heldout}
+    marker = task.out_dir / "data" / "heldout_ood.json"
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != settings:
+            raise ValueError(f"{marker} holds other settings {found}, asked {settings}: delete it to rewrite")
+        return task.heldout_ood_jsonl
+    write_split(task.out_dir / "data", "heldout_ood", settings["n"], cfg)
+    marker.write_text(json.dumps(settings, indent=2) + "\n")
+    return task.heldout_ood_jsonl
 
 # -----------------------------------------------------------------------------------------------------------------
 # Command line: prepare and summarise

@@ -47,6 +47,9 @@ def test_command_line_configures_grpo_and_names_the_variant():
     default = R.from_command_line([])
     assert default.out == Path("runs/default") and default.variant == "" and default.grpo == TrainConfig(
         **R.COMMON, **R.GRPO)
+    assert not default.paper_tables and default.distill == TrainConfig(**R.COMMON, **R.DISTILL)
+    tables = R.from_command_line(["--paper_tables", "--seed", "2"])
+    assert tables.paper_tables and tables.variant == "" and (tables.distill.seed, tables.distill.steps) == (2, 150)
 
 
 def test_short_pipeline_end_to_end(tmp_path, in_process, capsys):
@@ -99,3 +102,46 @@ def test_short_pipeline_end_to_end(tmp_path, in_process, capsys):
     R.run_default(small_run(out))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")} == before
     assert json.loads((out / "summary.json").read_text())["grpo"] == summary["grpo"]
+
+
+def test_paper_tables_short(tmp_path, in_process, capsys):
+    """--paper_tables at tiny sizes: the OOD split beside the task, every evaluation kept, the distilled SFT set made
+    of the GRPO model's correct responses, the cold start fine-tuned on it, the three tables' structure; a rerun
+    reads everything back."""
+    out = tmp_path / "run"
+    small = dict(threads=1, eval_samples=2, micro_batch=16)
+    run = R.DefaultRun(**{**small_run(out).__dict__, "connector_stage": 0, "paper_tables": True,
+                          "distill": TrainConfig(**{**R.COMMON, **R.DISTILL, **small, "steps": 3,
+                                                    "prompts_per_step": 8}),
+                          "distill_prompts": 20, "budgets": (16, 64)})
+    R.run_default(run)
+    printed = capsys.readouterr().out
+    assert "Table 4" in printed and "Fig. 9" in printed and "Table 3" in printed
+    t = json.loads((out / "paper_tables.json").read_text())
+    assert list(t["inference_modes"]) == ["slow thinking", "NoWait", "NoThink"]
+    assert list(t["thinking_budget"]) == ["16", "64"]
+    assert list(t["rl_vs_sft"]) == ["cold start (SFT)", "GRPO", "SFT on GRPO's traces"]
+    for v in t["rl_vs_sft"].values():
+        assert {"heldout", "ood"} == v.keys() and all(0 <= v[s]["greedy_accuracy"] <= 1 for s in v)
+    # a 16-token budget cannot hold a walk that reaches \boxed{}: nothing is answered, everything truncated
+    assert t["thinking_budget"]["16"]["greedy_accuracy"] == 0 and t["thinking_budget"]["16"]["truncation_rate"] == 1
+    assert t["checkpoint"] == str(out / "grpo" / "step_000004" / "model") and t["ood"]["rows"] == 12
+    where = out / "paper_tables"
+    records = lambda name: json.loads((where / f"{name}.json").read_text())["records"]
+    assert not any(" wait " in r["response"] for r in records("nowait") if r["response"])
+    assert not any(r["response"].startswith("<think>") for r in records("nothink") if r["response"])
+    assert len(records("distill_samples")) == 20 and all(r["mode"] == "sample" for r in records("distill_samples"))
+    distilled = R.load_rows(where / "distill.jsonl")
+    assert len(distilled) == t["distill"]["rows"] == sum(r["verdict"] == "correct" for r in records("distill_samples"))
+    assert all(Path(r["image"][0]).is_file() for r in distilled)
+    config = json.loads((out / "sft_distilled" / "config.json").read_text())
+    assert (config["init_from"], config["steps"]) == (str(out / "sft" / "step_000012" / "model"), 3)
+    ood = [json.loads(x) for x in (out / "task" / "data" / "heldout_ood.jsonl").read_text().splitlines()]
+    assert len(ood) == 12 and all(r["strategy"] == "full" and r["id"].startswith("heldout_ood-") for r in ood)
+    # the OOD split is written beside the task, whose own files stay valid: a rerun reuses everything
+    kept = lambda: {p: p.stat().st_mtime_ns for p in [*out.rglob("metrics.jsonl"), *where.iterdir(),
+                                                      *(out / "task" / "data").glob("*.json*")]}
+    before = kept()
+    R.run_default(run)
+    assert kept() == before and json.loads((out / "paper_tables.json").read_text())["minutes"] == t["minutes"]
+    assert json.loads((out / "paper_tables.json").read_text())["rl_vs_sft"] == t["rl_vs_sft"]
