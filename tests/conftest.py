@@ -83,3 +83,14 @@ def in_process():
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(threads)
+
+
+def hf_greedy(hf, request, n: int, stop: list[int], banned: list[int]) -> list[int]:
+    """transformers' greedy completion of a rollout.Request (the independent reference for the sampler): up to n
+    tokens, never a banned id, cut after the first stop id as the sampler's completions are."""
+    image = {} if request.pixel_values is None else dict(pixel_values=request.pixel_values)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([request.ids]), **image, do_sample=False, max_new_tokens=n, eos_token_id=stop,
+                          pad_token_id=stop[0], suppress_tokens=banned)[0, len(request.ids):].tolist()
+    ends = [k for k, t in enumerate(ref) if t in stop]
+    return ref[:ends[0] + 1] if ends else ref[:n]

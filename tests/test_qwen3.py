@@ -17,7 +17,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen3
 
 import checkpoint as C
 import model as M
-from conftest import VISION_VARIANTS, image_prompt, randomize
+from conftest import VISION_VARIANTS, hf_greedy, image_prompt, randomize
 from data import special_ids
 from entropy import IGNORE_INDEX
 from rollout import Sampler
@@ -181,12 +181,7 @@ def test_greedy_matches_transformers_generate(internvl3_5, tok, compile):
     got = Sampler(ours, max_slots=3, max_len=64, stop_ids=stop, banned_ids=banned, compile=compile).generate(
         reqs, num_samples=1, max_new_tokens=n, temperature=0.0)
     for r, (a,) in zip(reqs, got, strict=True):
-        with torch.no_grad():
-            image = {} if r.pixel_values is None else dict(pixel_values=r.pixel_values)
-            ref = hf.generate(torch.tensor([r.ids]), **image, do_sample=False, max_new_tokens=n, eos_token_id=stop,
-                              pad_token_id=stop[0], suppress_tokens=banned)[0, len(r.ids):].tolist()
-        ends = [k for k, t in enumerate(ref) if t in stop]
-        assert a.ids == ref[:ends[0] + 1 if ends else n]
+        assert a.ids == hf_greedy(hf, r, n, stop, banned)
 
 
 UNSUPPORTED = [  # (layout, change to a good config.json, the architecture the error must name)

@@ -14,7 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import checkpoint as C
 import model as M
 from entropy import logprob_entropy
-from conftest import image_prompt, make_hf_internvl, randomize, text_config
+from conftest import hf_greedy, image_prompt, make_hf_internvl, randomize, text_config
 from data import build_prompt, special_ids
 import rollout as R
 from rollout import Request, Sampler, sample, uniform
@@ -85,13 +85,9 @@ def test_greedy_matches_full_recompute_and_transformers(request, tok, which):
     for r, (a, b) in zip(reqs, got, strict=True):
         assert a.ids == b.ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)  # samples of a prompt agree
         assert a.ids == greedy_reference(ours, r, n, banned, stop)
-        with torch.no_grad():
-            image = {} if r.pixel_values is None else dict(pixel_values=r.pixel_values)
-            ref = hf.generate(torch.tensor([r.ids]), **image, do_sample=False, max_new_tokens=n, eos_token_id=stop,
-                              pad_token_id=stop[0], suppress_tokens=banned)[0, len(r.ids):].tolist()
-        ends = [k for k, t in enumerate(ref) if t in stop]
-        assert a.ids == ref[:ends[0] + 1 if ends else n]
-        assert a.finish_reason == ("stop" if ends else "length")
+        ref = hf_greedy(hf, r, n, stop, banned)
+        assert a.ids == ref
+        assert a.finish_reason == ("stop" if ref[-1] in stop else "length")
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 0.9, 8), (1.0, 1.0, 0), (0.0, 1.0, 0)])
