@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import typing
@@ -148,9 +149,12 @@ def exit_code(e: BaseException) -> int:
 
 def run(main, prog: str, argv: list[str] | None = None):
     """`main(argv)` as a script's entry point: an expected error (`EXPECTED`) is printed once as
-    `PROG: error: MESSAGE` (by rank 0 only under torchrun) and exits with `exit_code`; anything else keeps its
-    traceback. Under torchrun each rank also writes the message to its error file (TORCHELASTIC_ERROR_FILE), and
-    unexpected errors are recorded by torch's `@record`, so torchrun's summary names the root cause."""
+    `PROG: error: MESSAGE` (by each node's local rank 0 under torchrun) and exits with `exit_code`; anything else
+    keeps its traceback. Under torchrun each rank also writes the message to its error file (TORCHELASTIC_ERROR_FILE),
+    and unexpected errors are recorded by torch's `@record`, so torchrun's summary names the root cause. The other
+    ranks of a node wait for local rank 0 to fail first; torchrun then ends them with SIGTERM, which they answer with
+    exit 0, so its summary lists the root cause once, not once per rank (a rank that fails alone exits with its code
+    after the wait, and the summary names it)."""
     def guarded():
         try:
             main(argv)
@@ -160,9 +164,14 @@ def run(main, prog: str, argv: list[str] | None = None):
                 with open(error_file, "w") as f:  # as ErrorHandler.record_exception writes it, the line as traceback
                     json.dump({"message": {"message": message, "extraInfo": {
                         "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
-            if int(os.environ.get("RANK", 0)) == 0:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 print(message, file=sys.stderr, flush=True)
-            else:  # torchrun ends the other ranks as soon as one exits: let rank 0 print first
-                time.sleep(1.0)
-            sys.exit(exit_code(e))
+                sys.exit(exit_code(e))
+            # torchrun ends a node's ranks as soon as one fails: local rank 0 should be that one. Its exit (Python's
+            # teardown of torch) takes seconds, so wait for torchrun's SIGTERM, then leave without a teardown of
+            # our own, in which a signal would count as this rank's failure.
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            time.sleep(10.0)
+            sys.stdout.flush()
+            os._exit(exit_code(e))
     record(guarded)()
