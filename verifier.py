@@ -21,6 +21,7 @@ import reward
 from checkpoint import load_model
 from data import (ChatTemplate, load_chat_template, load_tokenizer, pad_id, question_text, render_chat, right_pad,
                   token_batches)
+from parallel import precision
 
 INSTRUCTION = ("Decide whether a student's final answer to a question is equivalent to the reference answer "
                "(the same value, expression, option or meaning, written any way).\n\n"
@@ -155,6 +156,6 @@ def cached(checkpoint_dir, device="cpu", **kwargs) -> Verifier:
     """One Verifier per (checkpoint, device) per process, loaded on first use: what the trainer's reward calls."""
     key = (str(checkpoint_dir), str(device))
     if key not in _loaded:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = precision(torch.device(device)).rollout_dtype  # the judge generates as the sampler does
         _loaded[key] = Verifier(checkpoint_dir, device=device, dtype=dtype, **kwargs)
     return _loaded[key]
