@@ -1,0 +1,60 @@
+"""Multi-node as users launch it, on one machine: two torchrun agents (`--nnodes 2`, one process each, c10d
+rendezvous on 127.0.0.1) against one agent with two processes. The same parameters after each step, checkpoints and
+logs written once (by global rank 0, although each node has a local rank 0), and `--resume` from what they wrote."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DIST_ENV
+from grid_task import GridTaskConfig, prepare
+from test_train import common, launch, max_diff, weights
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = ["--stage", "grpo", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
+        "--lr", "1e-3", "--no-dynamic_sampling", "--temperature", "1.5"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("grid"), GridTaskConfig(n_train=32, n_heldout=8))
+
+
+def two_agents(args: list[str], timeout: int = 300) -> list[str]:
+    """`torchrun --nnodes 2 --node_rank R --nproc_per_node 1 ... train_rl.py ARGS` for R = 0, 1, started together;
+    both must exit 0. Returns each agent's output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "nanor1v-test",
+         str(REPO / "train_rl.py"), *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT) for r in (0, 1)]
+    outputs = [a.communicate(timeout=timeout)[0] for a in agents]
+    for a, text in zip(agents, outputs):
+        assert a.returncode == 0, text[-5000:]
+    return outputs
+
+
+def test_two_agents_match_one_agent_and_resume_from_what_they_wrote(task, tmp_path):
+    one, multi = tmp_path / "one", tmp_path / "multi"
+    launch([str(REPO / "train_rl.py"), *common(task, one), *ARGS, "--steps", "2"], nproc=2)
+    first = two_agents([*common(task, multi), *ARGS, "--steps", "1"])
+    second = two_agents([*common(task, multi), *ARGS, "--steps", "2", "--resume"])
+    for step in (1, 2):
+        assert max_diff(weights(one, step), weights(multi, step)) <= 1e-5
+    assert max_diff(weights(multi, 1), weights(multi, 2)) > 1e-4  # the resumed step did update
+    steps = [json.loads(x)["step"] for x in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # one line per step, by one process
+    assert (multi / "latest").read_text() == "step_000002"
+    assert sorted(p.name for p in multi.iterdir() if p.name.startswith("step_")) == ["step_000001", "step_000002"]
+    assert not list(multi.rglob("*.tmp")) and not (multi / ".lock").exists()
+    for run in (first, second):  # the step lines and the saves are printed by the one agent holding rank 0
+        saves = [[x for x in out.splitlines() if x.startswith(f"saved {multi}")] for out in run]
+        assert sorted(len(s) for s in saves) == [0, 1], run
