@@ -102,3 +102,33 @@ def test_tp2_generates_what_one_process_does(vlm, tok, tmp_path):
     sampled = [c.ids for group in sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=1.0)
                for c in group]
     assert len({tuple(s) for s in sampled}) > 1  # the sampled check is not a greedy one in disguise
+
+
+def test_grpo_step_with_tp2_matches_without(tmp_path):
+    """One GRPO step (temperature 1.5 rollouts) and a held-out evaluation, on 2 processes with and without
+    --rollout_tp 2: the same rollouts, rewards and evaluation, the same parameters after the step (the checkpoint is
+    saved from the gathered copy), and the split copy equal to its slices of the trained weights after every
+    refresh."""
+    from grid_task import GridTaskConfig, prepare
+    task = prepare(tmp_path / "grid", GridTaskConfig(n_train=16, n_heldout=4))
+    args = ["--init_from", task.init_checkpoint, "--data", task.train_jsonl, "--eval_data", task.heldout_jsonl,
+            "--eval_samples", "2", "--max_len", "96", "--max_new_tokens", "40", "--threads", "1", "--seed", "3",
+            "--stage", "grpo", "--steps", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
+            "--lr", "1e-3", "--no-dynamic_sampling", "--temperature", "1.5"]
+    torchrun([REPO / "train_rl.py", *args, "--out", tmp_path / "plain"])
+    torchrun([DRIVER, "train", *args, "--out", tmp_path / "tp", "--rollout_tp", "2"])
+    checks = [json.loads((tmp_path / "tp" / f"refresh_rank{r}.json").read_text()) for r in range(2)]
+    assert all(len(c) == 2 and all(c) for c in checks), checks  # after loading and after the step
+    read = lambda run, name: json.loads((tmp_path / run / name).read_text().splitlines()[0])
+    plain, split = read("plain", "metrics.jsonl"), read("tp", "metrics.jsonl")
+    for key in ("rollout_tokens", "response_len_max", "reward", "accuracy"):
+        assert plain[key] == split[key], key
+    assert plain["loss"] == pytest.approx(split["loss"], rel=1e-5, abs=1e-7)
+    evals = [read(run, "eval.jsonl") for run in ("plain", "tp")]
+    for key in ("greedy_accuracy", "sampled_accuracy", "response_length"):
+        assert evals[0][key] == evals[1][key], key
+    for saved in ("step_000001/model", "best"):
+        a, b = (C.load_model(tmp_path / run / saved).state_dict() for run in ("plain", "tp"))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    init = C.load_model(task.init_checkpoint).state_dict()
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the step moved the weights
