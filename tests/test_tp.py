@@ -17,6 +17,7 @@ import model as M
 import parallel as P
 from conftest import DIST_ENV, image_prompt
 from rollout import Request, Sampler
+from test_eval import ckpt, mmmu_dir, tok  # noqa: F401 - eval's tiny checkpoint and MMMU folder (and their tokenizer)
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "tp_driver.py"
@@ -132,3 +133,27 @@ def test_grpo_step_with_tp2_matches_without(tmp_path):
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     init = C.load_model(task.init_checkpoint).state_dict()
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the step moved the weights
+
+
+def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, tmp_path):
+    """eval.py on 2 processes holding one copy split between them: the same records as one process without tensor
+    parallelism (entropies within float rounding), and the same answers to --question."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    common = ["eval.py", "--ckpt", ckpt, "--data", mmmu_dir, "--samples", "2", "--max_new_tokens", "6",
+              "--max_len", "256", "--chunk", "2", "--no-progress"]
+    subprocess.run([sys.executable, *map(str, common), "--out", tmp_path / "one.json"], check=True, cwd=REPO,
+                   env=env, capture_output=True)
+    torchrun([*common, "--out", tmp_path / "tp.json", "--rollout_tp", "2"])
+    one, split = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "tp.json"))
+    assert len(one["records"]) == len(split["records"]) == 15 and any(r["entropy"] for r in one["records"])
+    for a, b in zip(one["records"], split["records"]):
+        ea, eb = a.pop("entropy"), b.pop("entropy")
+        assert a == b
+        assert (ea is None) == (eb is None)  # the sampled responses carry entropies, the greedy ones none
+        assert ea is None or ea.keys() == eb.keys() and all(ea[k] == pytest.approx(eb[k], rel=1e-5, abs=1e-6)
+                                                            for k in ea)
+    ask = ["eval.py", "--ckpt", ckpt, "--question", "how many squares", "--samples", "2", "--max_new_tokens", "6"]
+    answers = lambda out: [line for line in out.splitlines() if not line.startswith("[")]
+    alone = subprocess.run([sys.executable, *map(str, ask)], check=True, cwd=REPO, env=env, capture_output=True,
+                           text=True)
+    assert answers(alone.stdout) == answers(torchrun([*ask, "--rollout_tp", "2"]).stdout) != []
