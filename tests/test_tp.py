@@ -15,6 +15,7 @@ import checkpoint as C
 import data as D
 import model as M
 import parallel as P
+import trainer as TR
 from conftest import DIST_ENV, image_prompt
 from rollout import Request, Sampler
 from test_eval import ckpt, mmmu_dir, tok  # noqa: F401 - eval's tiny checkpoint and MMMU folder (and their tokenizer)
@@ -157,3 +158,19 @@ def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, tmp_path):
     alone = subprocess.run([sys.executable, *map(str, ask)], check=True, cwd=REPO, env=env, capture_output=True,
                            text=True)
     assert answers(alone.stdout) == answers(torchrun([*ask, "--rollout_tp", "2"]).stdout) != []
+
+
+def test_sizes_that_cannot_split_are_refused_at_the_door(ckpt, tmp_path):
+    """One line, exit 2, before anything is loaded or OUT is made: train_rl.py and eval.py alike."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(dict(id="a", question="how many", answer="1")) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                                       env=env, timeout=300)
+    train = run("train_rl.py", "--init_from", ckpt, "--data", rows, "--out", tmp_path / "out", "--rollout_tp", "2")
+    assert (train.returncode, train.stderr) == (2, "train_rl.py: error: --rollout_tp 2 must divide the 1 processes\n")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    ev = run("eval.py", "--ckpt", ckpt, "--data", rows, "--out", tmp_path / "e.json", "--rollout_tp", "3")
+    assert (ev.returncode, ev.stderr) == (2, "eval.py: error: --rollout_tp 3 must divide the 1 processes\n")
+    with pytest.raises(P.UsageError, match="--rollout_tp must be >= 1, got 0"):
+        TR.TrainConfig(rollout_tp=0)
