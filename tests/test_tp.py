@@ -4,6 +4,7 @@ log-probs on an image prompt, the copy equal to its slices of the trained weight
 step ending with the same parameters as without tensor parallelism; bad values refused at the door."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import model as M
 import parallel as P
 import trainer as TR
 from conftest import DIST_ENV, image_prompt
+from grid_task import GridTaskConfig, prepare
 from rollout import Request, Sampler
 from test_eval import ckpt, mmmu_dir, tok  # noqa: F401 - eval's tiny checkpoint and MMMU folder (and their tokenizer)
 
@@ -82,12 +84,28 @@ def vlm(request, tmp_path_factory, tok):
 def test_tp2_generates_what_one_process_does(vlm, tok, tmp_path):
     """Greedy and temperature-1 completions (tokens exactly, log-probs within 1e-5) of image and text prompts, each
     rank keeping its own share; the copy equals its slices of the trained weights and gathers back to all of them."""
+    sampler, requests = against_one_process(vlm, tok, tmp_path)
+    sampled = [c.ids for group in sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=1.0)
+               for c in group]
+    assert len({tuple(s) for s in sampled}) > 1  # the sampled check is not a greedy one in disguise
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.parametrize("vlm", ["qwen2"], indirect=True)
+def test_tp2_compiled_decode_step_generates_what_one_process_does(vlm, tok, tmp_path):
+    """The decode step compiled with the all-reduce hooks in its graph (functional collectives trace)."""
+    against_one_process(vlm, tok, tmp_path, compile=True)
+
+
+def against_one_process(vlm, tok, tmp_path, compile: bool = False) -> tuple[Sampler, list[Request]]:
+    """The driver's completions on 2 ranks with --rollout_tp 2 against one process's, with the plain copy."""
     ref = C.load_model(vlm)
     ids, pixels = image_prompt(tok, ref.config)
     text = D.build_prompt(tok, ref.config, "how many squares")[0]
     rows = [(ids[0].tolist(), pixels, 11), (text, None, 12), (ids[0].tolist(), pixels, 13)]
     torch.save(rows, tmp_path / "requests.pt")
-    torchrun([DRIVER, "generate", vlm, tmp_path / "requests.pt", tmp_path])
+    torchrun([DRIVER, "generate", vlm, tmp_path / "requests.pt", tmp_path, *(["compile"] if compile else [])])
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(g["copy_matches"] and g["gathered_ok"] for g in got) and got[0]["local_heads"] == 2
     sampler = Sampler(ref, max_slots=8, max_len=64, stop_ids=[0])
@@ -101,9 +119,7 @@ def test_tp2_generates_what_one_process_does(vlm, tok, tmp_path):
                 for (tokens, logprobs), c in zip(group, ref_group):
                     assert tokens == c.ids
                     assert max(abs(a - b) for a, b in zip(logprobs, c.logprobs)) <= 1e-5
-    sampled = [c.ids for group in sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=1.0)
-               for c in group]
-    assert len({tuple(s) for s in sampled}) > 1  # the sampled check is not a greedy one in disguise
+    return sampler, requests
 
 
 def test_grpo_step_with_tp2_matches_without(tmp_path):
@@ -111,7 +127,6 @@ def test_grpo_step_with_tp2_matches_without(tmp_path):
     --rollout_tp 2: the same rollouts, rewards and evaluation, the same parameters after the step (the checkpoint is
     saved from the gathered copy), and the split copy equal to its slices of the trained weights after every
     refresh."""
-    from grid_task import GridTaskConfig, prepare
     task = prepare(tmp_path / "grid", GridTaskConfig(n_train=16, n_heldout=4))
     args = ["--init_from", task.init_checkpoint, "--data", task.train_jsonl, "--eval_data", task.heldout_jsonl,
             "--eval_samples", "2", "--max_len", "96", "--max_new_tokens", "40", "--threads", "1", "--seed", "3",

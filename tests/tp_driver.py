@@ -1,9 +1,9 @@
 """The tensor-parallel rollout copy under torchrun (gloo), for tests/test_tp.py: `generate` loads a checkpoint into
 FSDP shards and a --rollout_tp copy, checks the copy against its slices of the trained weights and the gathered
 copy against all of them, and writes each rank's greedy and sampled completions of its share of the requests;
-`train` runs train_rl.py with every refresh of the copy checked the same way.
+`compile` compiles the sampler's decode step (the all-reduce hooks traced into its graph); `train` runs train_rl.py with every refresh of the copy checked the same way.
 
-    torchrun --standalone --nproc_per_node=2 tests/tp_driver.py generate CKPT REQUESTS.pt OUT
+    torchrun --standalone --nproc_per_node=2 tests/tp_driver.py generate CKPT REQUESTS.pt OUT [compile]
     torchrun --standalone --nproc_per_node=2 tests/tp_driver.py train --init_from ... --rollout_tp 2 --out OUT
 """
 import json
@@ -45,7 +45,7 @@ def copy_matches(copy, units, tp: P.TPLayout) -> bool:
     return mine.keys() == full.keys() and all(torch.equal(expected_part(k, full[k], tp), v) for k, v in mine.items())
 
 
-def generate(ckpt: str, requests_file: str, out: Path):
+def generate(ckpt: str, requests_file: str, out: Path, compile: bool):
     d = P.init_distributed()
     with P.process_group():
         prec = P.precision(d.device)
@@ -59,7 +59,7 @@ def generate(ckpt: str, requests_file: str, out: Path):
         gathered_ok = whole is None or all(torch.equal(full[k], v) for k, v in whole.state_dict().items())
         rows = torch.load(requests_file)
         mine = [Request(ids, pixels, seed=seed) for ids, pixels, seed in rows][d.rank::d.world]
-        sampler = Sampler(copy, max_slots=8, max_len=64, stop_ids=[0])
+        sampler = Sampler(copy, max_slots=8, max_len=64, stop_ids=[0], compile=compile)
         result = dict(copy_matches=matches, gathered_ok=gathered_ok, local_heads=copy.config.llm.num_attention_heads)
         for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
             groups = P.tp_generate(sampler, mine, tp, num_samples=2, max_new_tokens=12, temperature=temperature)
@@ -83,6 +83,6 @@ def train(argv: list[str]):
 
 if __name__ == "__main__":
     if sys.argv[1] == "generate":
-        generate(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+        generate(sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5:] == ["compile"])
     else:
         train(sys.argv[2:])
