@@ -548,7 +548,7 @@ def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig
         st = sampler.stats
         reasons = ", ".join(c.finish_reason for c in group)
         echo(f"[{len(prompt.ids)} prompt tokens, {st['tokens']} generated ({reasons}) in {st['seconds']:.2f}s: "
-              f"{st['tokens_per_s']:.1f} tokens/s]", flush=True)
+             f"{st['tokens_per_s']:.1f} tokens/s]", flush=True)
 
 
 def run_benchmark(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, cmd: EvalCommand, d: Dist,

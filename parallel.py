@@ -347,17 +347,20 @@ def _all_reduce_output(group):
 
 @torch.no_grad()
 def gathered(copy: VLM, tp: TPLayout, config: VLMConfig) -> VLM | None:
-    """The whole rollout copy (of the full `config`), what a checkpoint saves: `copy` itself without tensor
-    parallelism; with it, its parts all-gathered over the group into a plain VLM on the host of the group's rank 0
-    (None on the others). Every rank of the group calls it."""
+    """The whole rollout copy (of the full `config`), what a checkpoint saves, on rank 0 (what the other ranks get
+    is not for use): `copy` itself without tensor parallelism; with it, rank 0's group gathers its parts, one
+    parameter at a time, into a plain VLM on rank 0's host (None on every other rank: one host copy per run, not
+    one per group). Every rank calls it."""
     if tp.size == 1:
         return copy
+    if dist.get_rank() >= tp.size:  # not rank 0's group: nothing of it is saved
+        return None
     state = {}
     for name, p in copy.state_dict().items():
         if (dim := tp_split_dim(name)) is not None:
-            parts = [torch.empty_like(p) for _ in range(tp.size)]
-            dist.all_gather(parts, p.contiguous(), group=tp.group)
-            p = torch.cat(parts, dim)
+            parts = [torch.empty_like(p) for _ in range(tp.size)] if tp.rank == 0 else None
+            dist.gather(p.contiguous(), parts, dst=0, group=tp.group)
+            p = torch.cat(parts, dim) if tp.rank == 0 else p
         if tp.rank == 0:
             state[name] = p.cpu()
     if tp.rank:

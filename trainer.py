@@ -288,8 +288,8 @@ class Policy:
             self.rollout_stale = False
 
     def saved_copy(self) -> VLM | None:
-        """The whole rollout copy, what a checkpoint saves (parallel.gathered: under --rollout_tp, on rank 0 of each
-        group, None elsewhere); every rank calls it."""
+        """The whole rollout copy, what a checkpoint saves, on rank 0 (parallel.gathered: under --rollout_tp
+        gathered from rank 0's group); every rank calls it."""
         return gathered(self.rollout_model, self.tp, self.model.config)
 
 

@@ -98,22 +98,29 @@ def test_tp2_compiled_decode_step_generates_what_one_process_does(vlm, tok, tmp_
     against_one_process(vlm, tok, tmp_path, compile=True)
 
 
-def against_one_process(vlm, tok, tmp_path, compile: bool = False) -> tuple[Sampler, list[Request]]:
-    """The driver's completions on 2 ranks with --rollout_tp 2 against one process's, with the plain copy."""
+@pytest.mark.parametrize("vlm", ["qwen2"], indirect=True)
+def test_two_groups_of_two_generate_what_one_process_does(vlm, tok, tmp_path):
+    """4 processes, 2 tensor-parallel groups: each group generates its own ranks' requests."""
+    against_one_process(vlm, tok, tmp_path, nproc=4)
+
+
+def against_one_process(vlm, tok, tmp_path, compile: bool = False, nproc: int = 2) -> tuple[Sampler, list[Request]]:
+    """The driver's completions on `nproc` ranks with --rollout_tp 2 against one process's, with the plain copy."""
     ref = C.load_model(vlm)
     ids, pixels = image_prompt(tok, ref.config)
     text = D.build_prompt(tok, ref.config, "how many squares")[0]
-    rows = [(ids[0].tolist(), pixels, 11), (text, None, 12), (ids[0].tolist(), pixels, 13)]
+    rows = [(ids[0].tolist(), pixels, 11), (text, None, 12), (ids[0].tolist(), pixels, 13), (text, None, 14),
+            (text[:-2], None, 15)]
     torch.save(rows, tmp_path / "requests.pt")
-    torchrun([DRIVER, "generate", vlm, tmp_path / "requests.pt", tmp_path, *(["compile"] if compile else [])])
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    torchrun([DRIVER, "generate", vlm, tmp_path / "requests.pt", tmp_path, *(["compile"] if compile else [])], nproc)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
     assert all(g["copy_matches"] and g["gathered_ok"] for g in got) and got[0]["local_heads"] == 2
     sampler = Sampler(ref, max_slots=8, max_len=64, stop_ids=[0])
     requests = [Request(i, px, seed=s) for i, px, s in rows]
     for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         want = sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=temperature)
-        for r in range(2):
-            mine = want[r::2]
+        for r in range(nproc):
+            mine = want[r::nproc]
             assert len(got[r][name]) == len(mine)
             for group, ref_group in zip(got[r][name], mine):
                 for (tokens, logprobs), c in zip(group, ref_group):

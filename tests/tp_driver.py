@@ -1,6 +1,6 @@
 """The tensor-parallel rollout copy under torchrun (gloo), for tests/test_tp.py: `generate` loads a checkpoint into
 FSDP shards and a --rollout_tp copy, checks the copy against its slices of the trained weights and the gathered
-copy against all of them, and writes each rank's greedy and sampled completions of its share of the requests;
+copy against all of them (--rollout_tp 2 on any even number of processes), and writes each rank's greedy and sampled completions of its share of the requests;
 `compile` compiles the sampler's decode step (the all-reduce hooks traced into its graph); `train` runs train_rl.py with every refresh of the copy checked the same way.
 
     torchrun --standalone --nproc_per_node=2 tests/tp_driver.py generate CKPT REQUESTS.pt OUT [compile]
@@ -49,7 +49,7 @@ def generate(ckpt: str, requests_file: str, out: Path, compile: bool):
     d = P.init_distributed()
     with P.process_group():
         prec = P.precision(d.device)
-        tp = P.tp_layout(d.world, d)
+        tp = P.tp_layout(2, d)
         model, units, config = P.build_sharded(ckpt, "llm", d, prec=prec)
         copy = P.build_rollout_copy(config, d.device, prec, tp)
         P.refresh(copy, units, tp)
