@@ -12,6 +12,7 @@ What it follows (MMMU's own definitions and answer rules live in mmmu.py):
 
     python eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --split validation --max_new_tokens 16384 --max_len 20480
     torchrun --nproc_per_node=8 eval.py --ckpt CKPT --data MMMU/ --samples 8 --temperature 0.6 --top_p 0.95
+    torchrun --nproc_per_node=8 eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --rollout_tp 2   # 4 copies of 2 cards
     torchrun --nproc_per_node=8 eval.py --ckpt Skywork-R1V3-38B --data MMMU/ --no-greedy --samples 5 \
         --temperature 1.0 --headline avg --scoring r1v3 --judge Qwen2.5-32B-Instruct \
         --system "You are a helpful assistant." --max_new_tokens 16384 --max_len 20480      # R1V3's Table 1
@@ -27,7 +28,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ from data import (IMAGE_PLACEHOLDER, ChatTemplate, build_prompt, check_tokenizer
 from entropy import CRITICAL_WORDS, CRITICAL_WORDS_BROAD, critical_entropy, critical_token_ids
 from mmmu import DISCIPLINE_OF, DISCIPLINES, OTHER, SCORINGS, Verdict, load_eval_rows, verdict
 from model import VLM
-from parallel import Dist, init_distributed, process_group
+from parallel import (Dist, TPLayout, check_tp, init_distributed, load_rollout_copy, precision, process_group,
+                      tp_layout)
 from rollout import Request, Sampler
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -369,7 +371,7 @@ def metrics(records: list[dict], headline: str = "greedy") -> dict:
 
 
 def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: Sampler | None = None,
-             template: ChatTemplate | None = None, judge=None) -> dict:
+             template: ChatTemplate | None = None, judge=None, tp: TPLayout | None = None) -> dict:
     """Evaluate `model` on `rows` (data.load_rows rows or load_mmmu rows): the numbers of `metrics` over all rows,
     `k` (samples per question), generated_tokens / generation_s / tokens_per_s, "subjects" and "disciplines" (the
     same numbers per group) and "records" (one per answer: prompt, response, final answer, parsed answer, verdict,
@@ -382,7 +384,10 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
     cfg.max_len is built (with --no_wait's bans; a given sampler must already ban them). `template`: the checkpoint's
     chat template (data.load_chat_template; None: ChatML). `judge`: a verifier.Verifier asked about the answers the
     rules call wrong; without one, cfg.judge names a checkpoint to load one from. `accuracy` is cfg.headline's, and
-    "judge" holds the judge's counts when there is one."""
+    "judge" holds the judge's counts when there is one. With a tensor-parallel `tp` (the ranks of a group each hold
+    part of one copy: parallel.build_rollout_copy) the chunks are shared out among the groups, each group's ranks
+    run theirs in lockstep (the same calls, hence the same collectives and the same results), and the records are
+    taken from each group's rank 0."""
     if not rows:
         raise ValueError("no rows to evaluate")
     if sampler is None:
@@ -395,8 +400,9 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
         judge = verifier.cached(cfg.judge, model.language_model.embed_tokens.weight.device)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    tp = tp or TPLayout()
     chunks = [list(enumerate(rows))[c:c + cfg.chunk] for c in range(0, len(rows), cfg.chunk)]
-    my_chunks = chunks[rank::world]
+    my_chunks = chunks[rank // tp.size::world // tp.size]  # groups are consecutive ranks
     critical_ids = critical_token_ids(tokenizer, cfg.critical_words)
     stats, records, t0 = dict(tokens=0, seconds=0.0), [], time.perf_counter()
     JUDGE_COUNTS = ("asked", "yes", "errors", "failed")
@@ -415,6 +421,7 @@ def evaluate(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, sampler: 
     if distributed:
         parts = [None] * world
         dist.all_gather_object(parts, (records, stats, judge_counts))
+        parts = parts[::tp.size]  # the other ranks of a group hold the same records
         records = [r for part, _, _ in parts for r in part]
         stats = dict(tokens=sum(s["tokens"] for _, s, _ in parts), seconds=max(s["seconds"] for _, s, _ in parts))
         if judge_counts is not None:
@@ -492,7 +499,11 @@ class EvalCommand:
     subjects: tuple[str, ...] = cli.arg((), "only these subjects (e.g. Math,Art_Theory; any case; none: all)")
     limit: int | None = cli.arg(None, "at most this many questions per subject")
     out: str = cli.arg("runs/eval.json", "results JSON (every prompt, response and verdict)")
-    dtype: str | None = cli.arg(None, "weights dtype (unset: bfloat16 on CUDA, float32 on a CPU)", tuple(DTYPES))
+    dtype: str | None = cli.arg(None, "weights dtype (unset: parallel.precision's rollout dtype, bf16 on CUDA and "
+                                "fp32 on a CPU)", tuple(DTYPES))
+    rollout_tp: int = cli.arg(1, "ranks that hold one copy of the model split between them (tensor parallelism, as "
+                              "train_rl.py's --rollout_tp): must divide the processes of a node and the checkpoint's "
+                              "heads, key/value heads and MLP channels")
     progress: bool = cli.arg(True, "a progress line on stderr")
     question: str | None = cli.arg(None, "ask this one question instead of evaluating --data, and print the answers")
     image: str | None = cli.arg(None, "the image shown with --question")
@@ -520,9 +531,10 @@ def check_out_file(out) -> Path:
     return out
 
 
-def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig, template: ChatTemplate | None = None):
-    """Print the answers to one question as `evaluate` asks it (greedy, then cfg.samples sampled), each generate
-    call's followed by its prompt length, tokens generated, finish reasons and speed."""
+def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig, template: ChatTemplate | None = None,
+        echo=print):
+    """Print (through `echo`) the answers to one question as `evaluate` asks it (greedy, then cfg.samples sampled),
+    each generate call's followed by its prompt length, tokens generated, finish reasons and speed."""
     max_len = min(cfg.max_len, model.config.llm.max_position_embeddings)
     row = {"question": question, "image": [image] if image else []}
     prompt = build_eval_prompt(row, tokenizer, model.config, cfg, max_len, template)
@@ -532,20 +544,20 @@ def ask(model: VLM, tokenizer, question: str, image: str | None, cfg: EvalConfig
     for _, n, temperature in answer_modes(cfg):
         [group] = generate(sampler, [(0, prompt)], n, temperature, cfg)
         for c in group:
-            print(decode_response(tokenizer, c.ids, sampler.stop_ids, prompt.opens_think))
+            echo(decode_response(tokenizer, c.ids, sampler.stop_ids, prompt.opens_think))
         st = sampler.stats
         reasons = ", ".join(c.finish_reason for c in group)
-        print(f"[{len(prompt.ids)} prompt tokens, {st['tokens']} generated ({reasons}) in {st['seconds']:.2f}s: "
-              f"{st['tokens_per_s']:.1f} tokens/s]", flush=True)
+        echo(f"[{len(prompt.ids)} prompt tokens, {st['tokens']} generated ({reasons}) in {st['seconds']:.2f}s: "
+             f"{st['tokens_per_s']:.1f} tokens/s]", flush=True)
 
 
 def run_benchmark(model: VLM, tokenizer, rows: list[dict], cfg: EvalConfig, cmd: EvalCommand, d: Dist,
-                  template: ChatTemplate | None = None):
+                  template: ChatTemplate | None = None, tp: TPLayout | None = None):
     """Evaluate on every rank; rank 0 prints the table and writes the results file."""
     if d.rank == 0:
         print(f"eval: {len(rows)} questions from {cmd.data} on {d.device} x {d.world} | {json.dumps(asdict(cfg))}",
               flush=True)
-    result = evaluate(model, tokenizer, rows, cfg, template=template)
+    result = evaluate(model, tokenizer, rows, cfg, template=template, tp=tp)
     if d.rank != 0:
         return
     print(format_table(result))
@@ -579,16 +591,23 @@ def main(argv=None):
         raise cli.InputError(str(e)) from None
     tokenizer = load_tokenizer(cmd.ckpt)
     check_tokenizer(tokenizer, config, cmd.ckpt)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_tp(cmd.rollout_tp, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), config)
     d = init_distributed()
     with process_group():
-        dtype = DTYPES[cmd.dtype or ("bfloat16" if d.device.type == "cuda" else "float32")]
-        model = load_model(cmd.ckpt, dtype=dtype, device=d.device)
+        prec = precision(d.device)
+        if cmd.dtype:
+            prec = replace(prec, rollout_dtype=DTYPES[cmd.dtype])
+        tp = tp_layout(cmd.rollout_tp, d)
+        model = (load_model(cmd.ckpt, dtype=prec.rollout_dtype, device=d.device) if tp.size == 1 else
+                 load_rollout_copy(cmd.ckpt, d, prec, tp))
         template = load_chat_template(cmd.ckpt)
-        if rows is None:
-            if d.rank == 0:
-                ask(model, tokenizer, cmd.question, cmd.image, cfg, template)
+        if rows is None:  # one question: the ranks of rank 0's group (its copy), rank 0 printing
+            if d.rank < tp.size:
+                ask(model, tokenizer, cmd.question, cmd.image, cfg, template, print if d.rank == 0 else
+                    lambda *args, **kw: None)
         else:
-            run_benchmark(model, tokenizer, rows, cfg, cmd, d, template)
+            run_benchmark(model, tokenizer, rows, cfg, cmd, d, template, tp)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The distributed plumbing of train_rl.py: processes, FSDP2 sharding and the plain copy the sampler reads.
-model.py never imports torch.distributed; this file does (and rundir.py, for checkpoints).
+"""The distributed plumbing of train_rl.py: processes, FSDP2 sharding and the plain copy the sampler reads, whole
+or split across a tensor-parallel group (--rollout_tp). model.py never imports torch.distributed; this file does
+(and rundir.py, for checkpoints).
 
 One code path for `python train_rl.py` (a world of one on a free local port) and `torchrun`: NCCL on CUDA, gloo on
 CPU. Sharding follows torchtitan's parallelize (build on meta -> per-block activation checkpointing and compile ->
@@ -7,7 +8,19 @@ fully_shard each block, then the root -> to_empty -> load through rank 0). Rollo
 refreshed in place unit by unit after every optimizer step: bit-exact with the trained weights, and the copy's
 parameter addresses never change, so a compiled decode step and its CUDA graphs stay valid.
 
+Tensor parallelism of the rollout copy (gpt-fast's tp.py, Megatron's split): with --rollout_tp N each group of N
+consecutive ranks holds one copy split across them, so a copy too large for one card (Skywork-R1V3-38B: 76 GB in
+bf16) fits N. Each rank's copy is a VLM of the local config (N times fewer attention heads, key/value heads and MLP
+channels); q/k/v and gate/up are column-parallel (the rank's contiguous block of output rows: its heads), o_proj and
+down_proj row-parallel (its block of input columns) followed by an all-reduce over the group, added by a forward
+hook so that model.py stays unaware of it; a row-parallel bias is held by the group's rank 0 (zeros elsewhere) so
+the sum adds it once. Norms, embeddings, the LM head, the ViT and the connector are replicated: splitting the
+vocabulary is not built, nor splitting the ViT. The ranks of a group generate the same requests in lockstep
+(`tp_generate`): the all-reduced activations are identical on all of them, and draws are counter-based per request
+seed, so every rank draws the same tokens.
+
     python -m pytest -q tests/test_train.py       # 1 vs 2 processes, resume after SIGKILL, the copy after each step
+    python -m pytest -q tests/test_tp.py          # --rollout_tp 2 against no tensor parallelism
 """
 import contextlib
 import copy
@@ -18,12 +31,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from checkpoint import load_model, read_config
-from model import VLM
+from cli import UsageError
+from data import mix_seed
+from model import VLM, VLMConfig
 
 # -----------------------------------------------------------------------------------------------------------------
 # Processes
@@ -203,24 +219,33 @@ def build_sharded(init_from: str, train: str, d: Dist, activation_checkpointing:
     return model, units, config
 
 
-def build_rollout_copy(config, device: torch.device, prec: Precision | None = None) -> VLM:
+def build_rollout_copy(config, device: torch.device, prec: Precision | None = None, tp: "TPLayout | None" = None
+                       ) -> VLM:
     """The sampler's weights: a plain unsharded model in `prec.rollout_dtype` (default: the device's: bf16 on GPU,
-    fp32 on CPU), allocated once; `refresh` copies
-    the trained weights into it in place, so the compiled decode step and its CUDA graphs stay valid. Its config is
-    the checkpoint's (`source_dir` included), so saving it writes the source's layout and tokenizer."""
+    fp32 on CPU), allocated once; `refresh` copies the trained weights into it in place, so the compiled decode
+    step and its CUDA graphs stay valid. Its config is the checkpoint's (`source_dir` included), so saving it writes
+    the source's layout and tokenizer. With a tensor-parallel `tp` of size > 1: this rank's part of the group's
+    copy, a VLM of `tp_config` whose row-parallel outputs are all-reduced over the group (to save it, `gathered`)."""
+    tp = tp or TPLayout()
     with torch.device("meta"):
-        copy = VLM(config)
+        copy = VLM(tp_config(config, tp.size))
     copy.to_empty(device=device)
     copy.to((prec or precision(device)).rollout_dtype)
     copy.requires_grad_(False)
+    if tp.size > 1:
+        for block in copy.language_model.layers:
+            for module in (block.self_attn.o_proj, block.mlp.down_proj):
+                module.register_forward_hook(_all_reduce_output(tp.group))
     return copy.eval()
 
 
 @torch.no_grad()
-def refresh(copy: VLM, units: list):
-    """Unshard each FSDP unit in the same order on every rank, copy the parameters it owns, reshard: peak memory is
-    one unit's full weights on top of the copy. The root's unshard leaves the blocks' parameters sharded (DTensor),
-    which are skipped there and copied with their own unit."""
+def refresh(copy: VLM, units: list, tp: "TPLayout | None" = None):
+    """Unshard each FSDP unit in the same order on every rank, copy the parameters it owns (with a tensor-parallel
+    `tp`: this rank's part of each, `tp_part`), reshard: peak memory is one unit's full weights on top of the copy.
+    The root's unshard leaves the blocks' parameters sharded (DTensor), which are skipped there and copied with their
+    own unit."""
+    tp = tp or TPLayout()
     targets = dict(copy.named_parameters())
     prefix = {id(u): "" for u in units}
     for name, module in units[-1].named_modules():
@@ -230,5 +255,143 @@ def refresh(copy: VLM, units: list):
         unit.unshard()
         for name, p in unit.named_parameters():
             if not isinstance(p, DTensor):
-                targets[prefix[id(unit)] + name].copy_(p)
+                name = prefix[id(unit)] + name
+                targets[name].copy_(tp_part(name, p, tp))
         unit.reshard()
+
+# -----------------------------------------------------------------------------------------------------------------
+# Tensor parallelism of the rollout copy (--rollout_tp)
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """Where this rank sits in the tensor parallelism of the rollout copy: `size` consecutive ranks hold one copy,
+    this rank is the group's `rank`-th, and `group` is their process group (None without tensor parallelism)."""
+    size: int = 1
+    rank: int = 0
+    group: dist.ProcessGroup | None = None
+
+
+def check_tp(size: int, world: int, local_world: int, config: VLMConfig, flag: str = "--rollout_tp"):
+    """UsageError, one line naming the numbers, when `size` ranks cannot split one copy: a group must lie within a
+    node (the all-reduce runs every layer) and the heads, key/value heads and MLP channels must divide evenly."""
+    llm = config.llm
+    counts = [(world, "processes"), (local_world, "processes per node"),
+              (llm.num_attention_heads, "attention heads"), (llm.num_key_value_heads, "key/value heads"),
+              (llm.intermediate_size, "MLP channels (intermediate_size)")]
+    if size < 1:
+        raise UsageError(f"{flag} must be >= 1, got {size}")
+    for n, what in counts:
+        if n % size:
+            raise UsageError(f"{flag} {size} must divide the {n} {what}")
+
+
+def tp_layout(size: int, d: Dist) -> TPLayout:
+    """This rank's TPLayout for groups of `size` consecutive ranks. Every rank creates every group, in the same
+    order (torch.distributed requires it), and keeps its own."""
+    if size == 1:
+        return TPLayout()
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, d.world, size)]
+    return TPLayout(size, d.rank % size, groups[d.rank // size])
+
+
+def tp_config(config: VLMConfig, size: int) -> VLMConfig:
+    """The config of one rank's part of a copy split `size` ways: its heads, key/value heads and MLP channels
+    (head_dim is explicit, so it stays). The Sampler sizes its KV pool from it: each rank holds its heads' KV."""
+    if size == 1:
+        return config
+    llm = config.llm
+    return dataclasses.replace(config, llm=dataclasses.replace(
+        llm, num_attention_heads=llm.num_attention_heads // size, num_key_value_heads=llm.num_key_value_heads // size,
+        intermediate_size=llm.intermediate_size // size))
+
+
+_COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+_ROW = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def tp_split_dim(name: str) -> int | None:
+    """How the parameter `name` (a VLM state-dict key) splits across a tensor-parallel group: 0 for the
+    column-parallel q/k/v and gate/up (weights and biases: a block of output rows, i.e. of heads or channels), 1 for
+    the row-parallel o_proj and down_proj weights (a block of input columns), None for what every rank holds whole
+    (norms, embeddings, LM head, ViT, connector, and the row-parallel biases, held by the group's rank 0)."""
+    if not name.startswith("language_model.layers."):
+        return None
+    module, _, kind = name.rpartition(".")
+    if module.endswith(_COLUMN):
+        return 0
+    if module.endswith(_ROW) and kind == "weight":
+        return 1
+    return None
+
+
+def tp_part(name: str, full: torch.Tensor, tp: TPLayout) -> torch.Tensor:
+    """This rank's part of the full parameter `name`: its block along `tp_split_dim`, a row-parallel bias on the
+    group's rank 0 only (zeros elsewhere: the all-reduce then adds it once), else the whole tensor."""
+    if tp.size == 1:
+        return full
+    dim = tp_split_dim(name)
+    if dim is not None:
+        chunk = full.shape[dim] // tp.size
+        return full.narrow(dim, tp.rank * chunk, chunk)
+    if tp.rank and name.rpartition(".")[0].endswith(_ROW):
+        return torch.zeros_like(full)
+    return full
+
+
+def _all_reduce_output(group):
+    """A forward hook summing a row-parallel layer's partial output over the group; PyTorch's functional
+    all-reduce, which torch.compile traces into the decode step's graph."""
+    return lambda module, args, out: funcol.all_reduce(out, "sum", group)
+
+
+@torch.no_grad()
+def gathered(copy: VLM, tp: TPLayout, config: VLMConfig) -> VLM | None:
+    """The whole rollout copy (of the full `config`), what a checkpoint saves, on rank 0 (what the other ranks get
+    is not for use): `copy` itself without tensor parallelism; with it, rank 0's group gathers its parts, one
+    parameter at a time, into a plain VLM on rank 0's host (None on every other rank: one host copy per run, not
+    one per group). Every rank calls it."""
+    if tp.size == 1:
+        return copy
+    if dist.get_rank() >= tp.size:  # not rank 0's group: nothing of it is saved
+        return None
+    state = {}
+    for name, p in copy.state_dict().items():
+        if (dim := tp_split_dim(name)) is not None:
+            parts = [torch.empty_like(p) for _ in range(tp.size)] if tp.rank == 0 else None
+            dist.gather(p.contiguous(), parts, dst=0, group=tp.group)
+            p = torch.cat(parts, dim) if tp.rank == 0 else p
+        if tp.rank == 0:
+            state[name] = p.cpu()
+    if tp.rank:
+        return None
+    with torch.device("meta"):
+        whole = VLM(config)
+    whole.load_state_dict(state, strict=True, assign=True)
+    return whole.eval()
+
+
+def tp_generate(sampler, requests: list, tp: TPLayout, seed: int = 0, **kw) -> list:
+    """`sampler.generate(requests, seed=seed, **kw)` under tensor parallelism: the group's ranks gather their
+    requests, generate all of them in lockstep (the same calls, hence the same collectives), and each keeps the
+    completions of its own. A request's draws depend only on its seed (given, or its index on this rank mixed with
+    `seed`, as generate derives it), so the completions equal a run without tensor parallelism."""
+    if tp.size == 1:
+        return sampler.generate(requests, seed=seed, **kw)
+    requests = [r if r.seed is not None else dataclasses.replace(r, seed=mix_seed(seed, i))
+                for i, r in enumerate(requests)]
+    shares = [None] * tp.size
+    dist.all_gather_object(shares, requests, group=tp.group)
+    start = sum(len(s) for s in shares[:tp.rank])
+    return sampler.generate([r for share in shares for r in share], seed=seed, **kw)[start:start + len(requests)]
+
+
+def load_rollout_copy(path: str, d: Dist, prec: Precision, tp: TPLayout) -> VLM:
+    """A rollout copy of the checkpoint at `path` for inference alone (eval.py): loaded through rank 0 into FSDP
+    shards (one host copy of the checkpoint per run, not per rank), copied into this rank's copy by `refresh`,
+    the shards then freed. The same copy a training run's sampler reads."""
+    model, units, config = build_sharded(path, "", d, prec=prec)
+    copy = build_rollout_copy(config, d.device, prec, tp)
+    refresh(copy, units, tp)
+    del model, units
+    return copy

@@ -136,9 +136,9 @@ def grpo_step(run: Run, step: int) -> dict:
     for rnd in range(cfg.max_rounds):
         prompts = take_prompts(run, step, rnd)  # this rank's share of the round's global order
         something_to_train(run, step, len(prompts))
-        groups = run.sampler.generate([p.request for p in prompts], num_samples=cfg.group_size,
-                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
-                                      top_k=0, progress=progress_line(run, step))  # rollout
+        groups = run.generate([p.request for p in prompts], num_samples=cfg.group_size,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, top_k=0,
+                              progress=progress_line(run, step))  # rollout
         scores = score(run, prompts, groups)  # reward
         advantages = group_advantages(scores.reward, cfg.adv_std)  # advantages
         kept |= informative_groups(prompts, groups, scores, advantages, rnd, cfg.dynamic_sampling)  # group filter
@@ -255,7 +255,8 @@ def first_in_global_order(kept: dict, k: int, group_size: int) -> list[Sequence]
 
 
 def progress_line(run: Run, step: int, every_s: float = 10.0):
-    """For rank 0's sampler: a line every `every_s` seconds while a rollout runs (quiet for short ones)."""
+    """For rank 0's sampler: a line every `every_s` seconds while a rollout runs (quiet for short ones); under
+    --rollout_tp its counts are those of rank 0's group."""
     if run.proc.rank != 0:
         return None
     t0 = last = time.perf_counter()
@@ -489,7 +490,7 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
             if last or (cfg.save_every and step % cfg.save_every == 0):
                 run.policy.sync_rollout_model()
                 saved = save_checkpoint(out, step, proc, run.policy.model, run.policy.optimizer,
-                                        training_state(run, step), run.policy.rollout_model, saved_json, cfg.keep)
+                                        training_state(run, step), run.policy.saved_copy(), saved_json, cfg.keep)
                 if proc.rank == 0:
                     print(f"saved {saved}", flush=True)
             if run.policy.bad_steps >= 3:

@@ -9,6 +9,7 @@ SFT steps) and the loop that calls them.
 import hashlib
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -29,8 +30,8 @@ from data import (ChatTemplate, Example, MicroBatch, PromptStream, Sequence, che
 from entropy import critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
-from parallel import (MODULES, Dist, all_gather, all_max, all_sum, build_rollout_copy, build_sharded, precision,
-                      refresh)
+from parallel import (MODULES, Dist, TPLayout, all_gather, all_max, all_sum, build_rollout_copy, build_sharded,
+                      check_tp, gathered, precision, refresh, tp_generate, tp_layout)
 from rollout import Sampler
 from rundir import load_checkpoint
 
@@ -124,6 +125,9 @@ class TrainConfig:
     compile: bool | None = arg(None, "compile the sampler's decode step (default: on CUDA; on CPU it needs a C++ "
                                "compiler)")
     compile_blocks: bool = arg(False, "torch.compile each transformer block of the trainer")
+    rollout_tp: int = arg(1, "ranks that hold one rollout copy split between them (tensor parallelism of the "
+                          "sampler's weights: heads and MLP channels; a 38B copy fits 80 GB cards at 2); must divide "
+                          "the processes of a node and the checkpoint's heads, key/value heads and MLP channels")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
     precision: str = arg("auto", "dtypes (parallel.precision): auto is bf16 parameters, rollout copy and KV with fp32 "
                          "masters and gradient reduction on CUDA, fp32 on a CPU; bf16 forces that on a CPU",
@@ -144,7 +148,7 @@ class TrainConfig:
         need(bool(self.train) and set(self.train.split(",")) <= set(MODULES), "train",
              f"a comma list of {sorted(MODULES)}")
         for name in ("steps", "prompts_per_step", "group_size", "micro_batch", "max_new_tokens", "max_len",
-                     "updates_per_rollout", "max_rounds"):
+                     "updates_per_rollout", "max_rounds", "rollout_tp"):
             need(getattr(self, name) >= 1, name, ">= 1")
         need(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "micro_batch_tokens", ">= 1 (or unset)")
         for name in ("stage", "schedule", "curriculum", "select"):
@@ -227,13 +231,15 @@ def lr_lambda(cfg: TrainConfig):
 class Policy:
     """The weights being trained: the FSDP-sharded model (the parameters the optimizer updates), its units in the
     order every rank unshards them, the optimizer and its schedule, an optional frozen reference (KL term), and the
-    plain copy the sampler and evaluation read, refreshed from the trained weights."""
+    plain copy the sampler and evaluation read, refreshed from the trained weights (split across the ranks of a
+    tensor-parallel group with --rollout_tp)."""
     model: VLM
     units: list
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     reference: VLM | None
-    rollout_model: VLM
+    rollout_model: VLM  # with --rollout_tp: this rank's part of its group's copy
+    tp: TPLayout = field(default_factory=TPLayout)
     rollout_stale: bool = False  # SFT refreshes the copy only when something reads it
     bad_steps: int = 0  # non-finite steps in a row
     weights_finite: bool = True  # False once an optimizer step left a non-finite parameter: never saved
@@ -278,8 +284,13 @@ class Policy:
     def sync_rollout_model(self):
         """The trained weights into the sampler's copy, in place, if they changed since the last copy."""
         if self.rollout_stale:
-            refresh(self.rollout_model, self.units)
+            refresh(self.rollout_model, self.units, self.tp)
             self.rollout_stale = False
+
+    def saved_copy(self) -> VLM | None:
+        """The whole rollout copy, what a checkpoint saves, on rank 0 (parallel.gathered: under --rollout_tp
+        gathered from rank 0's group); every rank calls it."""
+        return gathered(self.rollout_model, self.tp, self.model.config)
 
 
 @dataclass
@@ -390,6 +401,11 @@ class Run:
         return [pack(b, self.proc.device, dtype, pad_id(config), cfg.mask_truncated, config.tokens_per_tile)
                 for b in plan + [[self.dummy]] * (count - len(plan))]
 
+    def generate(self, requests: list, **kw) -> list:
+        """The sampler's completions of this rank's `requests`; under --rollout_tp the ranks of a group generate
+        all of theirs together (parallel.tp_generate)."""
+        return tp_generate(self.sampler, requests, self.policy.tp, **kw)
+
 
 def check_paths(cfg: TrainConfig):
     """The files a run reads exist: before OUT is locked (created) and before anything is loaded."""
@@ -417,6 +433,7 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
         raise InputError(str(e)) from None
     tokenizer = load_tokenizer(cfg.init_from)
     check_checkpoint(cfg, config, tokenizer)
+    check_tp(cfg.rollout_tp, proc.world, int(os.environ.get("LOCAL_WORLD_SIZE", proc.world)), config)
     rows = load_rows(cfg.data)
     eval_rows = load_rows(cfg.eval_data) if cfg.eval_data else []
     if cfg.eval_limit:
@@ -440,13 +457,15 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
                                          cfg.compile_blocks, prec)
     reference = build_sharded(cfg.init_from, "", proc, cfg.activation_checkpointing, prec=prec)[0] \
         if cfg.kl_beta > 0 else None
-    rollout_model = build_rollout_copy(config, proc.device, prec)
-    refresh(rollout_model, units)
+    tp = tp_layout(cfg.rollout_tp, proc)
+    rollout_model = build_rollout_copy(config, proc.device, prec, tp)
+    refresh(rollout_model, units, tp)
     stop_ids, banned_ids = special_ids(tokenizer)
     # Compiled by default on CUDA (CUDA graphs). On a CPU a compile costs more per run than the compiled decode
     # step saves on this project's short rollouts (measured: README), so it stays eager unless --compile asks.
     compile = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
-    slots = cfg.prompts_per_step // proc.world * (cfg.group_size if cfg.stage == "grpo" else 1)
+    # a tensor-parallel group's ranks generate all of its ranks' prompts
+    slots = cfg.prompts_per_step // proc.world * tp.size * (cfg.group_size if cfg.stage == "grpo" else 1)
     sampler = Sampler(rollout_model, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len,
                       stop_ids=stop_ids, banned_ids=banned_ids, compile=compile, kv_tokens=cfg.kv_tokens,
                       cache_dtype=prec.kv_dtype)
@@ -455,7 +474,7 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
                                   foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     get_state_dict(model, optimizer)  # gives every trainable parameter its optimizer state now: saves are complete
-    policy = Policy(model, units, optimizer, scheduler, reference, rollout_model)
+    policy = Policy(model, units, optimizer, scheduler, reference, rollout_model, tp)
     data = TrainData(rows, eval_rows, tokenizer, PromptStream(len(rows), cfg.seed, cfg.curriculum), stop_ids,
                      critical_token_ids(tokenizer), template, set(skipped))
     return Run(cfg, proc, policy, sampler, data)
@@ -493,7 +512,7 @@ def mfu(run: Run, m: dict) -> float | None:
     if run.proc.device.type != "cuda":
         return None
     peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    params = sum(p.numel() for p in run.policy.rollout_model.parameters())
+    params = sum(p.numel() for p in run.policy.model.parameters())  # a DTensor's numel is the whole tensor's
     return 6 * params * m["forward_tokens"] / (m["t_update"] * run.proc.world * peak) if peak else None
 
 
@@ -541,7 +560,7 @@ def heldout(run: Run, step: int) -> dict:
                           temperature=cfg.temperature, max_tiles=cfg.max_tiles, seed=cfg.seed, system=cfg.system)
     if cfg.generates:
         result = evaluate(run.policy.rollout_model, run.data.tokenizer, run.data.eval_rows, eval_cfg,
-                          sampler=run.sampler, template=run.data.template)
+                          sampler=run.sampler, template=run.data.template, tp=run.policy.tp)
         summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     if cfg.stage == "sft" and all(r.get("response") for r in run.data.eval_rows):
         summary |= val_loss(run)
@@ -550,16 +569,18 @@ def heldout(run: Run, step: int) -> dict:
     summary |= dict(step=step, t_eval=time.perf_counter() - t0)
     value = summary.get({"accuracy": "greedy_accuracy"}.get(cfg.select, cfg.select))
     better = (lambda new, old: new < old) if cfg.select == "val_loss" else (lambda new, old: new > old)
+    best_file = out / "best.json"  # read on rank 0; every rank learns whether this evaluation is the best so far
+    best = all_gather(json.loads(best_file.read_text()) if run.proc.rank == 0 and best_file.is_file() else None)[0]
+    improved = value is not None and math.isfinite(value) and (best is None or better(value, best["value"]))
+    whole = run.policy.saved_copy() if improved else None  # every rank: under --rollout_tp a gather
     if run.proc.rank == 0:
         if result is not None:  # every prompt, response, extracted answer and verdict, as eval.py writes them
             cli.write_atomic(out / f"eval_step_{step:06d}.json", json.dumps(results_json(
                 result, eval_cfg, checkpoint=f"{out} step {step}", init_from=cfg.init_from, data=cfg.eval_data,
                 stage=cfg.stage, step=step), indent=1))
         cli.append_jsonl(out / "eval.jsonl", summary)
-        best_file = out / "best.json"
-        best = json.loads(best_file.read_text()) if best_file.is_file() else None
-        if value is not None and math.isfinite(value) and (best is None or better(value, best["value"])):
-            save_model(run.policy.rollout_model, out / "best")
+        if improved:
+            save_model(whole, out / "best")
             cli.write_atomic(best_file, json.dumps(cli.json_safe(dict(select=cfg.select, value=value, **summary)),
                                                    indent=2) + "\n")
         parts = []
@@ -673,7 +694,7 @@ def resume(run: Run, previous: Path, restart_stream: bool = False) -> int:
     if not restart_stream:
         run.data.stream.load(state["stream"])
     run.policy.bad_steps = int(state["meta"]["bad_steps"])
-    refresh(run.policy.rollout_model, run.policy.units)
+    refresh(run.policy.rollout_model, run.policy.units, run.policy.tp)
     if run.proc.rank == 0:
         print(f"resumed from {previous} (step {state['meta']['step']})"
               f"{'; the prompt stream restarts at epoch 0 on the new --data' if restart_stream else ''}", flush=True)

@@ -281,8 +281,8 @@ def test_grpo_learns_and_the_rollout_copy_follows(tmp_path, in_process, monkeypa
     checks, snapshots = [], []
     original = P.refresh
 
-    def checked_refresh(copy, units):
-        original(copy, units)
+    def checked_refresh(copy, units, tp=None):
+        original(copy, units, tp)
         full = get_model_state_dict(units[-1], options=StateDictOptions(full_state_dict=True))
         checks.append(all(torch.equal(full[k], v) for k, v in copy.state_dict().items()))
         snapshots.append(copy.language_model.layers[0].mlp.up_proj.weight.clone())
