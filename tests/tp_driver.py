@@ -1,7 +1,8 @@
 """The tensor-parallel rollout copy under torchrun (gloo), for tests/test_tp.py: `generate` loads a checkpoint into
 FSDP shards and a --rollout_tp copy, checks the copy against its slices of the trained weights and the gathered
-copy against all of them (--rollout_tp 2 on any even number of processes), and writes each rank's greedy and sampled completions of its share of the requests;
-`compile` compiles the sampler's decode step (the all-reduce hooks traced into its graph); `train` runs train_rl.py with every refresh of the copy checked the same way.
+copy against all of them (--rollout_tp 2 on any even number of processes), and writes each rank's greedy and
+sampled completions of its share of the requests; `compile` compiles the sampler's decode step (the all-reduce
+hooks traced into its graph); `train` runs train_rl.py with every refresh of the copy checked the same way.
 
     torchrun --standalone --nproc_per_node=2 tests/tp_driver.py generate CKPT REQUESTS.pt OUT [compile]
     torchrun --standalone --nproc_per_node=2 tests/tp_driver.py train --init_from ... --rollout_tp 2 --out OUT
