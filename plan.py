@@ -199,6 +199,22 @@ def _unchecked_embed(self: VLM, input_ids, pixel_values=None, image_index=None):
     return x
 
 
+def _warm_dtensor_ops(params: list):
+    """Runs the gradient clip once on zero gradients before the tracker starts. A DTensor op's first call derives
+    its output's metadata by running the op on fake tensors of the *global* shapes, in the ambient FakeTensorMode
+    (torch.distributed.tensor._sharding_prop, `_propagate_tensor_meta_non_cached`), and caches the result. Inside
+    the tracer those shadow tensors are counted: `clip_grad_norm_`'s `_foreach_norm` over every sharded gradient
+    would add the unsharded gradients of the whole model (world x the shard) to the peak, which no GPU allocates
+    (a real run propagates on a private fake mode). get_state_dict already warms the optimizer step the same way
+    (it steps on zero gradients)."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for p, g in zip(params, saved):
+        p.grad = g
+
+
 def trace_step(model: VLM, cfg: PlanConfig) -> dict:
     """Peak bytes of one training step of one micro-batch on rank 0, by FSDPMemTracker category, and the total.
     The order is the trainer's: optimizer states exist from setup (get_state_dict), then forward, backward, clip,
@@ -215,6 +231,7 @@ def trace_step(model: VLM, cfg: PlanConfig) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), foreach=True)
         get_state_dict(model, optimizer)  # as train_rl.setup: every trainable parameter gets its moments now
+        _warm_dtensor_ops(params)
         ids = torch.zeros(B, T, dtype=torch.long)
         pixels = None
         if cfg.tiles and config.vision is not None:

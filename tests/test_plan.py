@@ -15,7 +15,7 @@ from checkpoint import IMG_CONTEXT, config_from_dict, save_model
 from conftest import DIST_ENV
 from data import load_tokenizer
 from grid_task import GridTaskConfig, prepare
-from model import VLM
+from model import VLM, LLMConfig, ViTConfig, VLMConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -59,6 +59,47 @@ def test_computed_terms_by_hand():
     assert whole == 2 * sum(p.numel() for p in model.parameters())
     assert r["copy"] == whole - r["copy_split_params"] * 2 + r["copy_split_params"]  # bf16, split halves
     assert P.rollout_bytes(config, P.PlanConfig(config="", rollout_tp=4))["kv_heads"] == 1  # 2 kv heads, 4 ranks
+
+
+def _small_vlm(layers: int, hidden: int, intermediate: int) -> VLMConfig:
+    """A small vocabulary, so that the blocks, not the head, decide the step's peak."""
+    return VLMConfig(llm=LLMConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2),
+                     vision=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, image_size=56, patch_size=14))
+
+
+def test_checkpointed_step_grows_by_one_saved_input_per_layer():
+    """With activation checkpointing a block keeps only its (T, hidden) input until backward, so the traced step
+    peak of 10 layers minus that of 2 is 8 x T x hidden x 2 bytes (bf16 compute) plus the 8 blocks' resident fp32
+    shard state (masters, 2 AdamW moments) from the fake world's shard shapes, nothing else. Anything the tracer
+    counts per layer beyond that (full logits, unsharded gradients of the whole model, saved block internals)
+    breaks the equality: the 8B plan once carried 30.6 GB of global-shape gradient shadows from the clip."""
+    T, hidden = 2048, 256
+    plans = {}
+    for layers in (2, 10):
+        config = _small_vlm(layers, hidden, intermediate=512)
+        cfg = P.PlanConfig(config="", gpus=2, micro_batch_tokens=T, train="llm", activation_checkpointing=True)
+        plans[layers] = P.make_plan(config, cfg)
+    small, large = plans[2], plans[10]
+    resident = 3 * (large.masters["trainable"] - small.masters["trainable"])
+    saved = 8 * T * hidden * 2
+    growth = large.step_peak - small.step_peak - resident
+    assert abs(growth - saved) < 0.02 * saved, (growth, saved)
+
+
+def test_step_holds_no_unsharded_copy_of_the_whole_model():
+    """FSDP2 holds a unit or two unsharded at a time, so on 8 ranks the traced step's transients (its peak minus
+    the resident fp32 shards: masters, gradients, AdamW moments) stay far below the whole model's fp32 gradients.
+    A tracer that counts DTensor's global-shape metadata propagation (the clip's `_foreach_norm` over every
+    sharded gradient) would put all of them, 8 x the shard, on top. A short micro-batch keeps activations small."""
+    config = _small_vlm(layers=10, hidden=256, intermediate=1024)
+    plan = P.make_plan(config, P.PlanConfig(config="", gpus=8, micro_batch_tokens=256, train="llm",
+                                            activation_checkpointing=True))
+    with torch.device("meta"):
+        full_grads = 4 * sum(p.numel() for p in VLM(config).language_model.parameters())
+    resident = 4 * plan.masters["trainable"] + plan.masters["frozen"]
+    assert plan.step_peak - resident < full_grads / 2, (plan.step_peak - resident, full_grads)
 
 
 def test_cli_flags_and_search_output(capsys):
