@@ -51,14 +51,27 @@ def test_computed_terms_by_hand():
     assert m1["trainable"] == 4 * llm_params
     assert m1["frozen"] == 4 * (sum(p.numel() for p in model.parameters()) - llm_params)
     assert abs(m2["trainable"] - m1["trainable"] / 2) <= 4 * 64 * 16  # FSDP pads each dim-0 shard by < 1 row
-    tp2 = P.PlanConfig(config="", rollout_tp=2, slots=3, max_len=100, kv_tokens=0)
-    r = P.rollout_bytes(config, tp2)
-    assert r["kv"] == 300 * 2 * llm.num_hidden_layers * (llm.num_key_value_heads // 2) * llm.head_dim * 2
-    assert r["kv"] == P.rollout_bytes(config, P.PlanConfig(config="", rollout_tp=2, kv_tokens=300))["kv"]
-    whole = P.rollout_bytes(config, P.PlanConfig(config=""))["copy"]
+    per_token = 2 * llm.num_hidden_layers * (llm.num_key_value_heads // 2) * llm.head_dim * 2  # TP 2, bf16
+    tp2 = P.PlanConfig(config="", rollout_tp=2, slots=3, max_len=100, kv_tokens=300)
+    r = P.rollout_bytes(config, tp2, resident=0)
+    assert r["kv"] == (19 + 1) * 16 * per_token  # 300 tokens in pages of 16, plus the scratch page
+    whole = P.rollout_bytes(config, P.PlanConfig(config=""), resident=0)["copy"]
     assert whole == 2 * sum(p.numel() for p in model.parameters())
-    assert r["copy"] == whole - r["copy_split_params"] * 2 + r["copy_split_params"]  # bf16, split halves
-    assert P.rollout_bytes(config, P.PlanConfig(config="", rollout_tp=4))["kv_heads"] == 1  # 2 kv heads, 4 ranks
+    blocks = model.language_model.layers
+    split = sum(p.numel() for b in blocks for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                                    b.mlp.gate_proj, b.mlp.up_proj) for p in m.parameters()) + \
+        sum(b.self_attn.o_proj.weight.numel() + b.mlp.down_proj.weight.numel() for b in blocks)
+    assert r["copy_split_params"] == split
+    assert r["copy"] == whole - split * 2 + split  # bf16, the split half on each of 2 ranks
+    # The trainer's default: half of what is free once masters (here 1 GB) and the copy exist, in whole pages, at
+    # most slots + 1 sequences of max_len (251 pages of 16 hold position 4000).
+    for slots, gb in ((3, 10), (30, 4.2)):
+        cfg = P.PlanConfig(config="", rollout_tp=2, slots=slots, max_len=4000, gpu_memory_gb=gb, reserve_gb=3)
+        r = P.rollout_bytes(config, cfg, resident=10**9)
+        tokens = (int(gb * 1e9) - 3 * 10**9 - 10**9 - r["copy"]) // 2 // per_token
+        assert r["kv_tokens"] == min(-(-tokens // 16), (slots + 1) * 251) * 16
+    assert r["kv_tokens"] < 30 * 4000  # the small card: the memory share, not the slots, sets the pool
+    assert P.check_tp(config, 4) and not P.check_tp(config, 2)  # 2 kv heads: whole heads per rank
 
 
 def _small_vlm(layers: int, hidden: int, intermediate: int) -> VLMConfig:
