@@ -394,22 +394,22 @@ class Plan:
         return min(most, max(0, left // (PAGE_SIZE * r["kv_per_token"]) * PAGE_SIZE))
 
 
-def make_plan(config: VLMConfig, cfg: PlanConfig, _cache: dict | None = None) -> Plan:
-    """The plan of one layout. The traced step depends only on the world size and the micro-batch: `_cache` keeps it
+def make_plan(config: VLMConfig, cfg: PlanConfig, cache: dict | None = None) -> Plan:
+    """The plan of one layout. The traced step depends only on the world size and the micro-batch: `cache` keeps it
     across the layouts of a search."""
     error = check_tp(config, cfg.rollout_tp)
     if error:
         raise ValueError(error)
     key = (cfg.gpus, cfg.step_tokens)
-    if _cache is None or key not in _cache:
+    if cache is None or key not in cache:
         with fake_world(cfg.gpus):
             model = sharded_model(config, cfg)
             masters, unit = shard_bytes(model), largest_unit(model)
             step = trace_step(model, cfg)
-        if _cache is not None:
-            _cache[key] = (masters, unit, step)
+        if cache is not None:
+            cache[key] = (masters, unit, step)
     else:
-        masters, unit, step = _cache[key]
+        masters, unit, step = cache[key]
     with torch.device("meta"):
         model = VLM(config)
     params = {k: sum(p.numel() for p in getattr(model, v).parameters()) if getattr(model, v) is not None else 0
@@ -467,11 +467,11 @@ def describe(plan: Plan, name: str) -> str:
     return "\n".join(lines)
 
 
-def search(config: VLMConfig, cfg: PlanConfig) -> list[Plan]:
+def search(config: VLMConfig, cfg: PlanConfig, cache: dict | None = None) -> list[Plan]:
     """Every combination of the search lists (TP degrees that do not divide the GPUs or the heads skipped); one
     traced step per GPU count and micro-batch length, since the rest changes only computed terms. Without
     --kv_tokens a layout whose default pool does not fit gets the largest pool that does."""
-    cache, plans = {}, []
+    cache, plans = {} if cache is None else cache, []
     for gpus, tp, slots, max_len in itertools.product(*(map(int, v) for v in (
             cfg.search_gpus, cfg.search_tp, cfg.search_slots, cfg.search_max_len))):
         if tp > gpus or gpus % tp or check_tp(config, tp):
@@ -515,10 +515,11 @@ def main(argv: list[str] | None = None):
     cfg = cli.config_from(p.parse_args(argv), PlanConfig)
     config = load_config(cfg.config)
     name = config.source.get("_name") or Path(cfg.config).stem
-    print(describe(make_plan(config, cfg), name))
+    cache = {}
+    print(describe(make_plan(config, cfg, cache), name))
     if cfg.search:
         print()
-        print(describe_search(search(config, cfg)))
+        print(describe_search(search(config, cfg, cache)))
 
 
 if __name__ == "__main__":
