@@ -81,7 +81,7 @@ class PlanConfig:
     search_tp: tuple[str, ...] = arg(("1", "2", "4", "8"), "rollout TP degrees the search tries")
     search_slots: tuple[str, ...] = arg(("8", "16", "32", "64"), "slot counts the search tries")
     search_max_len: tuple[str, ...] = arg(("4096", "8192", "16384", "32768"), "max_len values the search tries")
-    search_kv_fill: float = arg(0.5, "the search counts a layout only if its KV pool holds this share of slots x "
+    search_kv_fill: float = arg(0.5, "the search marks the layouts whose KV pool holds this share of slots x "
                                 "max_len (beyond it the sampler preempts; 1: no preemption even if every response "
                                 "runs to max_len)")
 
@@ -484,23 +484,25 @@ def search(config: VLMConfig, cfg: PlanConfig, cache: dict | None = None) -> lis
     return plans
 
 
-def _counts(p: Plan) -> bool:
-    return p.fits and p.rollout["kv_tokens"] >= p.cfg.search_kv_fill * p.cfg.slots * p.cfg.max_len
+def _fill(p: Plan) -> float:
+    """The KV pool's tokens as a share of slots x max_len."""
+    return p.rollout["kv_tokens"] / (p.cfg.slots * p.cfg.max_len)
 
 
 def describe_search(plans: list[Plan]) -> str:
-    """The layouts that fit with a pool of at least --search_kv_fill of slots x max_len, fewest GPUs first, then
-    the least TP, the longest max_len, the most slots."""
-    fit = sorted((p for p in plans if _counts(p)), key=lambda p: (p.cfg.gpus, p.cfg.rollout_tp, -p.cfg.max_len,
-                                                                 -p.cfg.slots))
+    """The layouts that fit with a pool of at least one max_len sequence, fewest GPUs first, then the least TP, the
+    longest max_len, the most slots; `*` marks those whose pool holds --search_kv_fill of slots x max_len."""
+    fit = sorted((p for p in plans if p.fits and p.rollout["kv_tokens"] >= p.cfg.max_len),
+                 key=lambda p: (p.cfg.gpus, p.cfg.rollout_tp, -p.cfg.max_len, -p.cfg.slots))
     fill = plans[0].cfg.search_kv_fill if plans else 0
-    lines = [f"search: {len(fit)} of {len(plans)} layouts fit with a KV pool of >= {fill:g} x slots x max_len",
-             "  gpus  rollout_tp  slots  max_len  kv_tokens (flag)          total GB  headroom GB"]
+    full = [p for p in fit if _fill(p) >= fill]
+    lines = [f"search: {len(fit)} of {len(plans)} layouts fit; {len(full)} (*) with a KV pool of >= {fill:g} x slots "
+             f"x max_len", "  gpus  rollout_tp  slots  max_len  kv_tokens (flag)           fill  total GB  headroom GB"]
     for p in fit:
         flag = f"--kv_tokens {p.cfg.kv_tokens}" if p.cfg.kv_tokens else "default"
         lines.append(f"  {p.cfg.gpus:4d}  {p.cfg.rollout_tp:10d}  {p.cfg.slots:5d}  {p.cfg.max_len:7d}  "
-                     f"{p.rollout['kv_tokens']:9d} {flag:<22s}{p.total / 1e9:9.2f}  "
-                     f"{(p.capacity - p.total) / 1e9:11.2f}")
+                     f"{p.rollout['kv_tokens']:9d} {flag:<22s}{_fill(p):5.2f}{'*' if _fill(p) >= fill else ' '}"
+                     f"{p.total / 1e9:9.2f}  {(p.capacity - p.total) / 1e9:11.2f}")
     if not fit:
         best = min(plans, key=lambda p: p.total) if plans else None
         lines.append("  none" + (f"; the smallest total is {best.total / 1e9:.2f} GB (gpus {best.cfg.gpus}, "

@@ -121,7 +121,7 @@ def test_cli_flags_and_search_output(capsys):
             "--search_max_len", "256", "--gpu_memory_gb", "12"])
     out = capsys.readouterr().out
     for text in ("trainable fp32 masters", "AdamW moments", "rollout copy", "KV pool", "headroom", "FITS",
-                 "search: 3 of 3 layouts fit"):
+                 "search: 3 of 3 layouts fit;"):
         assert text in out, out
 
 
