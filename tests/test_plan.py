@@ -92,7 +92,8 @@ def test_checkpointed_step_grows_by_one_saved_input_per_layer():
     plans = {}
     for layers in (2, 10):
         config = _small_vlm(layers, hidden, intermediate=512)
-        cfg = P.PlanConfig(config="", gpus=2, micro_batch_tokens=T, train="llm", activation_checkpointing=True)
+        cfg = P.PlanConfig(config="", gpus=2, micro_batch_tokens=T, max_len=T, train="llm",
+                           activation_checkpointing=True)
         plans[layers] = P.make_plan(config, cfg)
     small, large = plans[2], plans[10]
     resident = 3 * (large.masters["trainable"] - small.masters["trainable"])
@@ -107,7 +108,7 @@ def test_step_holds_no_unsharded_copy_of_the_whole_model():
     A tracer that counts DTensor's global-shape metadata propagation (the clip's `_foreach_norm` over every
     sharded gradient) would put all of them, 8 x the shard, on top. A short micro-batch keeps activations small."""
     config = _small_vlm(layers=10, hidden=256, intermediate=1024)
-    plan = P.make_plan(config, P.PlanConfig(config="", gpus=8, micro_batch_tokens=256, train="llm",
+    plan = P.make_plan(config, P.PlanConfig(config="", gpus=8, micro_batch_tokens=256, max_len=256, train="llm",
                                             activation_checkpointing=True))
     with torch.device("meta"):
         full_grads = 4 * sum(p.numel() for p in VLM(config).language_model.parameters())
