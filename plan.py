@@ -13,20 +13,26 @@ What is simulated and what is computed:
   fused kernel allocates it (output, log-sum-exp, gradients), never the (T x T) scores. Host reads the trace cannot
   answer (the id-range and image-count checks, `nonzero` of the target mask) are answered as for a valid batch in
   which every position is a target (the worst case of the fused head).
-- Computed from the shapes: the rollout copy (bf16 on GPU, unsharded, the TP-split parameters divided by
-  --rollout_tp), the KV pool (kv_tokens x 2 x layers x kv_heads/TP x head_dim x bytes; the default budget is
-  today's static cache, slots x max_len), the sampler's per-slot buffers, and a fixed reserve (CUDA context, NCCL,
-  fragmentation).
-Rollout TP is not built yet (another task): the plan assumes the TP copy splits attention q/k/v/o and MLP
-gate/up/down over the TP ranks, the embedding and head too unless --no-tp_embeddings, and replicates the ViT
-unless --tp_vit; norms and the connector are replicated.
+  DTensor ops are warmed before tracing (`_warm_dtensor_ops`): their first call's metadata propagation on
+  global-shape fake tensors is no GPU allocation.
+- Computed from the shapes: the rollout copy (bf16 on GPU, unsharded; the TP copy of --rollout_tp N, built as
+  `--rollout_tp N` in the trainer, splits the LLM blocks' q/k/v/gate/up by output rows and o_proj/down_proj by
+  input columns over the N ranks of an engine and replicates the embeddings, LM head, norms, ViT and connector;
+  N must divide the heads, kv heads and MLP width), the paged KV pool (pages of 16 tokens x 2 x layers x
+  kv_heads/N x head_dim x bytes, budgeted as rollout.Sampler does: --kv_tokens, or by default CUDA_KV_FRACTION of
+  the memory free once the master shards and the copy exist, never more than slots + 1 sequences of max_len, plus
+  the scratch page), the sampler's per-slot buffers (outputs, block table, the decode kernel's split buffers per
+  layer), and a fixed reserve (CUDA context, NCCL, fragmentation). The micro-batch is at least one max_len
+  sequence (a longer one goes alone). Not counted: the rollout phase's own transients (a no-grad prefill
+  batch), which come while no gradients or step transients exist.
 
     python plan.py --config configs/skywork-r1v3-38b.json --gpus 32 --gpu_memory_gb 80 --rollout_tp 4 \\
-        --max_len 16384 --slots 16 --train vit,connector,llm --activation_checkpointing --micro_batch_tokens 16384
-    python plan.py --config configs/internvl3-8b.json --gpus 8 --search      # which layouts fit
+        --max_len 20480 --slots 32 --train vit,connector,llm --activation_checkpointing --micro_batch_tokens 16384
+    python plan.py --config configs/internvl3-8b.json --gpus 8 --activation_checkpointing --search  # what fits
 """
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -42,9 +48,11 @@ import cli
 from checkpoint import config_from_dict, read_config
 from cli import arg
 from model import VLM, VLMConfig
+from decode_attention import DEFAULT_SPLIT_TOKENS, _buffer_specs
 from parallel import MODULES, set_trainable, shard
+from rollout import CPU_KV_BYTES, CUDA_KV_FRACTION, Sampler
 
-GiB = 2 ** 30
+PAGE_SIZE = inspect.signature(Sampler).parameters["page_size"].default  # the trainer keeps the default
 
 # -----------------------------------------------------------------------------------------------------------------
 # Config
@@ -58,14 +66,13 @@ class PlanConfig:
     rollout_tp: int = arg(1, "tensor-parallel degree of the rollout copy (1: the whole model on every GPU)")
     max_len: int = arg(4096, "prompt + response tokens per sequence (the trainer's --max_len)")
     slots: int = arg(16, "sequences in flight per rollout engine")
-    kv_tokens: int = arg(0, "KV pool budget in tokens per rollout engine (0: slots x max_len, today's static cache)")
+    kv_tokens: int = arg(0, "KV pool budget in tokens per rollout engine, the trainer's --kv_tokens (0: its default, "
+                         "half the GPU memory free once the masters and the rollout copy are built)")
     train: str = arg("connector,llm", "trainable modules, a comma list of vit, connector, llm")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
     micro_batch_tokens: int = arg(8192, "tokens of one training micro-batch (padded sequences x length)")
     micro_batch: int = arg(1, "sequences in that micro-batch (micro_batch_tokens split evenly between them)")
     tiles: int = arg(0, "image tiles in the micro-batch (0: the one blank tile a text-only batch runs)")
-    tp_embeddings: bool = arg(True, "the TP copy splits the embedding and head over the TP ranks (vocab-parallel)")
-    tp_vit: bool = arg(False, "the TP copy splits the ViT blocks too (default: replicated)")
     device: str = arg("cuda", "cuda: bf16 compute, copy and KV (a GPU run); cpu: fp32 everywhere, as on CPU",
                       ("cuda", "cpu"))
     reserve_gb: float = arg(3.0, "per GPU, on top: CUDA context, NCCL buffers, allocator fragmentation (GB)")
@@ -74,6 +81,9 @@ class PlanConfig:
     search_tp: tuple[str, ...] = arg(("1", "2", "4", "8"), "rollout TP degrees the search tries")
     search_slots: tuple[str, ...] = arg(("8", "16", "32", "64"), "slot counts the search tries")
     search_max_len: tuple[str, ...] = arg(("4096", "8192", "16384", "32768"), "max_len values the search tries")
+    search_kv_fill: float = arg(0.5, "the search marks the layouts whose KV pool holds this share of slots x "
+                                "max_len (beyond it the sampler preempts; 1: no preemption even if every response "
+                                "runs to max_len)")
 
     def __post_init__(self):
         for name in ("gpus", "rollout_tp", "max_len", "slots", "micro_batch_tokens", "micro_batch"):
@@ -90,8 +100,10 @@ class PlanConfig:
             raise ValueError(f"--device must be cuda or cpu, got {self.device!r}")
 
     @property
-    def kv_budget(self) -> int:
-        return self.kv_tokens or self.slots * self.max_len
+    def step_tokens(self) -> int:
+        """Tokens of the traced micro-batch: a sequence longer than --micro_batch_tokens goes alone
+        (data.token_batches), so at least one of max_len."""
+        return max(self.micro_batch_tokens, self.max_len) if self.micro_batch == 1 else self.micro_batch_tokens
 
 
 def load_config(path) -> VLMConfig:
@@ -199,6 +211,22 @@ def _unchecked_embed(self: VLM, input_ids, pixel_values=None, image_index=None):
     return x
 
 
+def _warm_dtensor_ops(params: list):
+    """Runs the gradient clip once on zero gradients before the tracker starts. A DTensor op's first call derives
+    its output's metadata by running the op on fake tensors of the *global* shapes, in the ambient FakeTensorMode
+    (torch.distributed.tensor._sharding_prop, `_propagate_tensor_meta_non_cached`), and caches the result. Inside
+    the tracer those shadow tensors are counted: `clip_grad_norm_`'s `_foreach_norm` over every sharded gradient
+    would add the unsharded gradients of the whole model (world x the shard) to the peak, which no GPU allocates
+    (a real run propagates on a private fake mode). get_state_dict already warms the optimizer step the same way
+    (it steps on zero gradients)."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for p, g in zip(params, saved):
+        p.grad = g
+
+
 def trace_step(model: VLM, cfg: PlanConfig) -> dict:
     """Peak bytes of one training step of one micro-batch on rank 0, by FSDPMemTracker category, and the total.
     The order is the trainer's: optimizer states exist from setup (get_state_dict), then forward, backward, clip,
@@ -208,13 +236,14 @@ def trace_step(model: VLM, cfg: PlanConfig) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     config = model.config
     model.embed = types.MethodType(_unchecked_embed, model)
-    B, T = cfg.micro_batch, cfg.micro_batch_tokens // cfg.micro_batch
+    B, T = cfg.micro_batch, cfg.step_tokens // cfg.micro_batch
     with FakeTensorMode(allow_non_fake_inputs=True), _AnswerHostReads(), \
             (_gpu_attention() if cfg.device == "cuda" else contextlib.nullcontext()):
         model.to_empty(device="cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), foreach=True)
         get_state_dict(model, optimizer)  # as train_rl.setup: every trainable parameter gets its moments now
+        _warm_dtensor_ops(params)
         ids = torch.zeros(B, T, dtype=torch.long)
         pixels = None
         if cfg.tiles and config.vision is not None:
@@ -249,38 +278,67 @@ def largest_unit(model: VLM) -> tuple[str, int]:
 # The rollout side, from the shapes
 
 
+# The rollout TP copy (--rollout_tp, built in parallel to this file) splits whole heads: q/k/v (weight and bias)
+# and gate/up by output rows, o_proj/down_proj weights by input columns; everything else is replicated.
 _TP_LLM = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.weight", "mlp.gate_proj.",
-           "mlp.up_proj.", "mlp.down_proj.weight")  # column-parallel weight+bias, row-parallel weight only
-_TP_VIT = ("attn.qkv.", "attn.proj.weight", "mlp.fc1.", "mlp.fc2.weight")
+           "mlp.up_proj.", "mlp.down_proj.weight")
 
 
-def tp_split(name: str, cfg: PlanConfig) -> bool:
-    """Whether the TP rollout copy splits parameter `name` over the TP ranks (see the file docstring)."""
-    if name.startswith("language_model.layers."):
-        return any(k in name for k in _TP_LLM)
-    if name in ("language_model.embed_tokens.weight", "language_model.lm_head.weight"):
-        return cfg.tp_embeddings
-    if name.startswith("vision_model.encoder.layers."):
-        return cfg.tp_vit and any(k in name for k in _TP_VIT)
-    return False
+def tp_split(name: str) -> bool:
+    """Whether the TP rollout copy splits parameter `name` over the TP ranks: the LLM blocks' attention and MLP
+    projections; the embeddings, LM head, norms, ViT and connector are replicated on every TP rank."""
+    return name.startswith("language_model.layers.") and any(k in name for k in _TP_LLM)
 
 
-def rollout_bytes(config: VLMConfig, cfg: PlanConfig) -> dict:
-    """The rollout copy and KV pool of one GPU: a TP share of one engine."""
+def check_tp(config: VLMConfig, tp: int) -> str | None:
+    """Why the TP copy cannot split this LLM over `tp` ranks (it splits whole heads), or None."""
+    llm = config.llm
+    for what, n in (("num_attention_heads", llm.num_attention_heads), ("num_key_value_heads",
+                    llm.num_key_value_heads), ("intermediate_size", llm.intermediate_size)):
+        if n % tp:
+            return f"--rollout_tp {tp} does not divide the LLM's {what} {n}"
+    return None
+
+
+def rollout_bytes(config: VLMConfig, cfg: PlanConfig, resident: int) -> dict:
+    """The rollout copy, KV pool and sampler buffers of one GPU: a TP share of one engine of --slots sequences.
+    `resident`: the bytes allocated before the sampler is built besides the copy (the fp32 master shards), which
+    the default KV budget (a share of the memory then free) depends on."""
     with torch.device("meta"):
         model = VLM(config)
-    esize = 2 if cfg.device == "cuda" else 4  # bf16 copy and cache on GPU; fp32 on CPU (build_rollout_copy)
-    tp = cfg.rollout_tp
-    split = sum(p.numel() for n, p in model.named_parameters() if tp_split(n, cfg))
+    esize = 2 if cfg.device == "cuda" else 4  # bf16 copy and pool on GPU; fp32 on CPU (parallel.precision)
+    tp, llm, S = cfg.rollout_tp, config.llm, cfg.slots
+    split = sum(p.numel() for n, p in model.named_parameters() if tp_split(n))
     whole = sum(p.numel() for p in model.parameters())
-    llm = config.llm
-    kv_heads = max(1, math.ceil(llm.num_key_value_heads / tp))  # fewer kv heads than ranks: each rank keeps one
+    copy = (whole - split) * esize + split // tp * esize
+    kv_heads, heads = llm.num_key_value_heads // tp, llm.num_attention_heads // tp
     kv_per_token = 2 * llm.num_hidden_layers * kv_heads * llm.head_dim * esize
-    # Today's sampler (rollout.py) also keeps a one-slot staging cache of max_len and per-slot output buffers.
-    buffers = cfg.max_len * kv_per_token + cfg.slots * cfg.max_len * (8 + 4)
-    return {"copy": (whole - split) * esize + math.ceil(split / tp) * esize, "copy_split_params": split,
-            "params": whole, "kv": cfg.kv_budget * kv_per_token, "kv_per_token": kv_per_token,
-            "kv_heads": kv_heads, "sampler_buffers": buffers}
+    # Sampler's pool: kv_tokens rounded up to pages, at most max_slots + 1 sequences of max_len, plus a scratch page.
+    max_pages = math.ceil((cfg.max_len + 1) / PAGE_SIZE)
+    kv_tokens = cfg.kv_tokens or default_kv_tokens(cfg, resident + copy, kv_per_token)
+    pages = min(math.ceil(kv_tokens / PAGE_SIZE), (S + 1) * max_pages) + 1
+    # Per-slot state: completions (int64) and their log-probs (fp32) of max_len, the block table, six int64
+    # counters; on CUDA the Triton decode kernel's output and split buffers, one set per layer.
+    buffers = S * cfg.max_len * (8 + 4) + S * max_pages * 4 + 6 * S * 8
+    if cfg.device == "cuda":
+        with torch.device("meta"):
+            q = torch.empty(S, heads, llm.head_dim, dtype=torch.bfloat16)
+            specs = _buffer_specs(q, torch.empty(S, max_pages, dtype=torch.int32), PAGE_SIZE, DEFAULT_SPLIT_TOKENS)
+        per_layer = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+        buffers += llm.num_hidden_layers * per_layer
+    return {"copy": copy, "copy_split_params": split, "params": whole, "kv": pages * PAGE_SIZE * kv_per_token,
+            "kv_tokens": (pages - 1) * PAGE_SIZE, "kv_per_token": kv_per_token, "kv_heads": kv_heads,
+            "sampler_buffers": buffers}
+
+
+def default_kv_tokens(cfg: PlanConfig, allocated: int, kv_per_token: int) -> int:
+    """The Sampler's default budget (rollout.py): on CUDA, CUDA_KV_FRACTION of the memory free when it is built,
+    after the master shards and the rollout copy (the AdamW moments and gradients come later); CPU_KV_BYTES on a
+    CPU. The caching allocator still holds the checkpoint load's freed blocks then, so a real pool is at most this."""
+    if cfg.device != "cuda":
+        return CPU_KV_BYTES // kv_per_token
+    free = int(cfg.gpu_memory_gb * 1e9) - int(cfg.reserve_gb * 1e9) - allocated
+    return max(0, int(CUDA_KV_FRACTION * free)) // kv_per_token
 
 # -----------------------------------------------------------------------------------------------------------------
 # The plan
@@ -296,10 +354,6 @@ class Plan:
     unit: tuple[str, int]
 
     @property
-    def grads(self) -> int:
-        return self.masters["trainable"]  # fp32, sharded like the masters
-
-    @property
     def adam(self) -> int:
         return 2 * self.masters["trainable"]
 
@@ -308,9 +362,10 @@ class Plan:
         return int(self.step.get("Total", 0))
 
     @property
-    def transients(self) -> int:
-        """What the traced step holds at its peak beyond the resident masters, gradients and moments."""
-        return self.step_peak - self.masters["trainable"] - self.masters["frozen"] - self.grads - self.adam
+    def step_rest(self) -> int:
+        """What the traced step holds at its peak beyond the masters and moments, which live through the whole run:
+        the gradients then present, activations, unsharded units, collective buffers."""
+        return self.step_peak - self.masters["trainable"] - self.masters["frozen"] - self.adam
 
     @property
     def reserve(self) -> int:
@@ -329,25 +384,38 @@ class Plan:
     def fits(self) -> bool:
         return self.total <= self.capacity
 
+    @property
+    def kv_room(self) -> int:
+        """The largest --kv_tokens (whole pages) with which this layout fits, 0 if none; at most what the sampler
+        would use (max_slots + 1 sequences of max_len)."""
+        r, c = self.rollout, self.cfg
+        left = self.capacity - (self.total - r["kv"]) - PAGE_SIZE * r["kv_per_token"]  # the scratch page
+        most = (c.slots + 1) * math.ceil((c.max_len + 1) / PAGE_SIZE) * PAGE_SIZE
+        return min(most, max(0, left // (PAGE_SIZE * r["kv_per_token"]) * PAGE_SIZE))
 
-def make_plan(config: VLMConfig, cfg: PlanConfig, _cache: dict | None = None) -> Plan:
-    """The plan of one layout. The traced step depends only on the world size and the micro-batch: `_cache` keeps it
+
+def make_plan(config: VLMConfig, cfg: PlanConfig, cache: dict | None = None) -> Plan:
+    """The plan of one layout. The traced step depends only on the world size and the micro-batch: `cache` keeps it
     across the layouts of a search."""
-    key = cfg.gpus
-    if _cache is None or key not in _cache:
+    error = check_tp(config, cfg.rollout_tp)
+    if error:
+        raise ValueError(error)
+    key = (cfg.gpus, cfg.step_tokens)
+    if cache is None or key not in cache:
         with fake_world(cfg.gpus):
             model = sharded_model(config, cfg)
             masters, unit = shard_bytes(model), largest_unit(model)
             step = trace_step(model, cfg)
-        if _cache is not None:
-            _cache[key] = (masters, unit, step)
+        if cache is not None:
+            cache[key] = (masters, unit, step)
     else:
-        masters, unit, step = _cache[key]
+        masters, unit, step = cache[key]
     with torch.device("meta"):
         model = VLM(config)
     params = {k: sum(p.numel() for p in getattr(model, v).parameters()) if getattr(model, v) is not None else 0
               for k, v in MODULES.items()}
-    return Plan(cfg, params, masters, step, rollout_bytes(config, cfg), unit)
+    rollout = rollout_bytes(config, cfg, masters["trainable"] + masters["frozen"])
+    return Plan(cfg, params, masters, step, rollout, unit)
 
 
 def _gb(n: float) -> str:
@@ -358,39 +426,39 @@ def describe(plan: Plan, name: str) -> str:
     """The per-GPU table."""
     c, r = plan.cfg, plan.rollout
     dtype = "bf16" if c.device == "cuda" else "fp32"
-    split_parts = "attention q/k/v/o, MLP gate/up/down" + (", embedding and head" if c.tp_embeddings else "") + \
-        (", ViT qkv/proj/fc1/fc2" if c.tp_vit else "")
     copy_note = "the whole model, unsharded" if c.rollout_tp == 1 else \
-        f"TP {c.rollout_tp} splits {split_parts} ({r['copy_split_params'] / 1e9:.2f}B params); " \
-        f"{'ViT split' if c.tp_vit else 'ViT replicated'}, norms and connector replicated"
+        f"TP {c.rollout_tp} splits the LLM's q/k/v/gate/up by output rows and o_proj/down_proj by input columns " \
+        f"({r['copy_split_params'] / 1e9:.2f}B params); embeddings, LM head, norms, ViT and connector replicated"
+    kv_note = f"--kv_tokens {c.kv_tokens}" if c.kv_tokens else "the trainer's default"
     ag = 2 * plan.unit[1] * (2 if c.device == "cuda" else 4)
     p = plan.params
-    row = lambda label, n: f"  {label:<58s}{_gb(n)}"
+    row = lambda label, n: f"  {label:<62s}{_gb(n)}"
     lines = [
         f"{name}: {sum(p.values()) / 1e9:.2f}B params (ViT {p['vit'] / 1e9:.2f}B, "
         f"connector {p['connector'] / 1e9:.3f}B,"
         f" LLM {p['llm'] / 1e9:.2f}B); train {c.train}; {c.gpus} GPUs x {c.gpu_memory_gb:g} GB; {dtype} compute",
-        f"micro-batch {c.micro_batch} x {c.micro_batch_tokens // c.micro_batch} tokens"
+        f"micro-batch {c.micro_batch} x {c.step_tokens // c.micro_batch} tokens"
         f"{', ' + str(c.tiles) + ' tiles' if c.tiles else ''}, activation checkpointing "
         f"{'on' if c.activation_checkpointing else 'off'}; rollout TP {c.rollout_tp}, {c.slots} slots x "
-        f"{c.max_len} tokens, KV budget {c.kv_budget} tokens",
+        f"{c.max_len} tokens, KV pool {r['kv_tokens']} tokens ({kv_note})",
         "",
-        f"  {'per GPU':<58s}     GB",
+        f"  {'per GPU':<62s}     GB",
         row("trainable fp32 masters (FSDP shard)", plan.masters["trainable"]),
-        row("gradients (fp32, sharded)", plan.grads),
-        row("AdamW moments (2 x fp32)", plan.adam),
         row("frozen fp32 masters (FSDP shard)", plan.masters["frozen"]),
-        row("step transients at the traced peak (1)", plan.transients),
-        row(f"rollout copy ({dtype}, unsharded) (2)", r["copy"]),
-        row(f"KV pool: {c.kv_budget} tokens x {r['kv_per_token'] / 1024:.0f} KiB ({r['kv_heads']} kv heads/rank)",
+        row("AdamW moments (2 x fp32, sharded)", plan.adam),
+        row("training step at its traced peak, beyond the above (1)", plan.step_rest),
+        row(f"rollout copy ({dtype}) (2)", r["copy"]),
+        row(f"KV pool: {r['kv_tokens']} tokens x {r['kv_per_token'] / 1024:.0f} KiB ({r['kv_heads']} kv heads/rank)",
             r["kv"]),
-        row("sampler buffers (staging cache of max_len, outputs)", r["sampler_buffers"]),
+        row("sampler buffers (per-slot outputs, block table, decode splits)", r["sampler_buffers"]),
         row("reserve (CUDA context, NCCL, fragmentation)", plan.reserve),
         row("total", plan.total),
         row("headroom", plan.capacity - plan.total) + f"   -> {'FITS' if plan.fits else 'DOES NOT FIT'}",
+        f"  largest --kv_tokens that fits: {plan.kv_room}" + (f" ({plan.kv_room / c.max_len:.1f} sequences of "
+                                                             f"max_len)" if plan.kv_room else ""),
         "",
-        "(1) activations, unsharded params/grads, all-gather and reduce-scatter buffers and optimizer temporaries, "
-        "traced (FakeTensorMode + FSDPMemTracker, rank 0) at the step's peak: "
+        "(1) gradients present, activations, unsharded params/grads, all-gather and reduce-scatter buffers, "
+        "traced (FakeTensorMode + FSDPMemTracker, rank 0) at the step's peak, by category: "
         + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan.step.items() if v and k != "Total")
         + f"; step total {plan.step_peak / 1e9:.2f} GB. Cross-check: the largest FSDP unit is the {plan.unit[0]}, "
         f"{plan.unit[1] / 1e9:.2f}B params, {ag / 1e9:.2f} GB unsharded {dtype} x2 for prefetch.",
@@ -399,34 +467,47 @@ def describe(plan: Plan, name: str) -> str:
     return "\n".join(lines)
 
 
-def search(config: VLMConfig, cfg: PlanConfig) -> list[Plan]:
-    """Every combination of the search lists (TP degrees above the GPU count skipped); one traced step per GPU
-    count, since the rest changes only computed terms."""
-    cache, plans = {}, []
+def search(config: VLMConfig, cfg: PlanConfig, cache: dict | None = None) -> list[Plan]:
+    """Every combination of the search lists (TP degrees that do not divide the GPUs or the heads skipped); one
+    traced step per GPU count and micro-batch length, since the rest changes only computed terms. Without
+    --kv_tokens a layout whose default pool does not fit gets the largest pool that does."""
+    cache, plans = {} if cache is None else cache, []
     for gpus, tp, slots, max_len in itertools.product(*(map(int, v) for v in (
             cfg.search_gpus, cfg.search_tp, cfg.search_slots, cfg.search_max_len))):
-        if tp > gpus or gpus % tp:
+        if tp > gpus or gpus % tp or check_tp(config, tp):
             continue
-        c = dataclasses.replace(cfg, gpus=gpus, rollout_tp=tp, slots=slots, max_len=max_len, kv_tokens=0
-                                if not cfg.kv_tokens else cfg.kv_tokens)
-        plans.append(make_plan(config, c, cache))
+        c = dataclasses.replace(cfg, gpus=gpus, rollout_tp=tp, slots=slots, max_len=max_len)
+        plan = make_plan(config, c, cache)
+        if not plan.fits and not cfg.kv_tokens and plan.kv_room:
+            plan = make_plan(config, dataclasses.replace(c, kv_tokens=plan.kv_room), cache)
+        plans.append(plan)
     return plans
 
 
+def _fill(p: Plan) -> float:
+    """The KV pool's tokens as a share of slots x max_len."""
+    return p.rollout["kv_tokens"] / (p.cfg.slots * p.cfg.max_len)
+
+
 def describe_search(plans: list[Plan]) -> str:
-    """The layouts that fit, fewest GPUs first, then the least TP, the most slots x max_len; and the smallest fitting
-    GPU count per max_len."""
-    fit = sorted((p for p in plans if p.fits), key=lambda p: (p.cfg.gpus, p.cfg.rollout_tp, -p.cfg.max_len,
-                                                             -p.cfg.slots))
-    lines = [f"search: {len(fit)} of {len(plans)} layouts fit", "  gpus  rollout_tp  slots  max_len   total GB  "
-             "headroom GB"]
+    """The layouts that fit with a pool of at least one max_len sequence, fewest GPUs first, then the least TP, the
+    longest max_len, the most slots; `*` marks those whose pool holds --search_kv_fill of slots x max_len."""
+    fit = sorted((p for p in plans if p.fits and p.rollout["kv_tokens"] >= p.cfg.max_len),
+                 key=lambda p: (p.cfg.gpus, p.cfg.rollout_tp, -p.cfg.max_len, -p.cfg.slots))
+    fill = plans[0].cfg.search_kv_fill if plans else 0
+    full = [p for p in fit if _fill(p) >= fill]
+    lines = [f"search: {len(fit)} of {len(plans)} layouts fit; {len(full)} (*) with a KV pool of >= {fill:g} x slots "
+             f"x max_len", "  gpus  rollout_tp  slots  max_len  kv_tokens (flag)           fill  total GB  headroom GB"]
     for p in fit:
+        flag = f"--kv_tokens {p.cfg.kv_tokens}" if p.cfg.kv_tokens else "default"
         lines.append(f"  {p.cfg.gpus:4d}  {p.cfg.rollout_tp:10d}  {p.cfg.slots:5d}  {p.cfg.max_len:7d}  "
+                     f"{p.rollout['kv_tokens']:9d} {flag:<22s}{_fill(p):5.2f}{'*' if _fill(p) >= fill else ' '}"
                      f"{p.total / 1e9:9.2f}  {(p.capacity - p.total) / 1e9:11.2f}")
     if not fit:
-        best = min(plans, key=lambda p: p.total)
-        lines.append(f"  none; the smallest total is {best.total / 1e9:.2f} GB (gpus {best.cfg.gpus}, rollout_tp "
-                     f"{best.cfg.rollout_tp}, slots {best.cfg.slots}, max_len {best.cfg.max_len})")
+        best = min(plans, key=lambda p: p.total) if plans else None
+        lines.append("  none" + (f"; the smallest total is {best.total / 1e9:.2f} GB (gpus {best.cfg.gpus}, "
+                                 f"rollout_tp {best.cfg.rollout_tp}, slots {best.cfg.slots}, max_len "
+                                 f"{best.cfg.max_len})" if best else ""))
     return "\n".join(lines)
 
 
@@ -436,10 +517,11 @@ def main(argv: list[str] | None = None):
     cfg = cli.config_from(p.parse_args(argv), PlanConfig)
     config = load_config(cfg.config)
     name = config.source.get("_name") or Path(cfg.config).stem
-    print(describe(make_plan(config, cfg), name))
+    cache = {}
+    print(describe(make_plan(config, cfg, cache), name))
     if cfg.search:
         print()
-        print(describe_search(search(config, cfg)))
+        print(describe_search(search(config, cfg, cache)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from checkpoint import IMG_CONTEXT, config_from_dict, save_model
 from conftest import DIST_ENV
 from data import load_tokenizer
 from grid_task import GridTaskConfig, prepare
-from model import VLM
+from model import VLM, LLMConfig, ViTConfig, VLMConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -51,14 +51,69 @@ def test_computed_terms_by_hand():
     assert m1["trainable"] == 4 * llm_params
     assert m1["frozen"] == 4 * (sum(p.numel() for p in model.parameters()) - llm_params)
     assert abs(m2["trainable"] - m1["trainable"] / 2) <= 4 * 64 * 16  # FSDP pads each dim-0 shard by < 1 row
-    tp2 = P.PlanConfig(config="", rollout_tp=2, slots=3, max_len=100, kv_tokens=0)
-    r = P.rollout_bytes(config, tp2)
-    assert r["kv"] == 300 * 2 * llm.num_hidden_layers * (llm.num_key_value_heads // 2) * llm.head_dim * 2
-    assert r["kv"] == P.rollout_bytes(config, P.PlanConfig(config="", rollout_tp=2, kv_tokens=300))["kv"]
-    whole = P.rollout_bytes(config, P.PlanConfig(config=""))["copy"]
+    per_token = 2 * llm.num_hidden_layers * (llm.num_key_value_heads // 2) * llm.head_dim * 2  # TP 2, bf16
+    tp2 = P.PlanConfig(config="", rollout_tp=2, slots=3, max_len=100, kv_tokens=300)
+    r = P.rollout_bytes(config, tp2, resident=0)
+    assert r["kv"] == (19 + 1) * 16 * per_token  # 300 tokens in pages of 16, plus the scratch page
+    whole = P.rollout_bytes(config, P.PlanConfig(config=""), resident=0)["copy"]
     assert whole == 2 * sum(p.numel() for p in model.parameters())
-    assert r["copy"] == whole - r["copy_split_params"] * 2 + r["copy_split_params"]  # bf16, split halves
-    assert P.rollout_bytes(config, P.PlanConfig(config="", rollout_tp=4))["kv_heads"] == 1  # 2 kv heads, 4 ranks
+    blocks = model.language_model.layers
+    split = sum(p.numel() for b in blocks for m in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                                    b.mlp.gate_proj, b.mlp.up_proj) for p in m.parameters()) + \
+        sum(b.self_attn.o_proj.weight.numel() + b.mlp.down_proj.weight.numel() for b in blocks)
+    assert r["copy_split_params"] == split
+    assert r["copy"] == whole - split * 2 + split  # bf16, the split half on each of 2 ranks
+    # The trainer's default: half of what is free once masters (here 1 GB) and the copy exist, in whole pages, at
+    # most slots + 1 sequences of max_len (251 pages of 16 hold position 4000).
+    for slots, gb in ((3, 10), (30, 4.2)):
+        cfg = P.PlanConfig(config="", rollout_tp=2, slots=slots, max_len=4000, gpu_memory_gb=gb, reserve_gb=3)
+        r = P.rollout_bytes(config, cfg, resident=10**9)
+        tokens = (int(gb * 1e9) - 3 * 10**9 - 10**9 - r["copy"]) // 2 // per_token
+        assert r["kv_tokens"] == min(-(-tokens // 16), (slots + 1) * 251) * 16
+    assert r["kv_tokens"] < 30 * 4000  # the small card: the memory share, not the slots, sets the pool
+    assert P.check_tp(config, 4) and not P.check_tp(config, 2)  # 2 kv heads: whole heads per rank
+
+
+def _small_vlm(layers: int, hidden: int, intermediate: int) -> VLMConfig:
+    """A small vocabulary, so that the blocks, not the head, decide the step's peak."""
+    return VLMConfig(llm=LLMConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2),
+                     vision=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, image_size=56, patch_size=14))
+
+
+def test_checkpointed_step_grows_by_one_saved_input_per_layer():
+    """With activation checkpointing a block keeps only its (T, hidden) input until backward, so the traced step
+    peak of 10 layers minus that of 2 is 8 x T x hidden x 2 bytes (bf16 compute) plus the 8 blocks' resident fp32
+    shard state (masters, 2 AdamW moments) from the fake world's shard shapes, nothing else. Anything the tracer
+    counts per layer beyond that (full logits, unsharded gradients of the whole model, saved block internals)
+    breaks the equality: the 8B plan once carried 30.6 GB of global-shape gradient shadows from the clip."""
+    T, hidden = 2048, 256
+    plans = {}
+    for layers in (2, 10):
+        config = _small_vlm(layers, hidden, intermediate=512)
+        cfg = P.PlanConfig(config="", gpus=2, micro_batch_tokens=T, max_len=T, train="llm",
+                           activation_checkpointing=True)
+        plans[layers] = P.make_plan(config, cfg)
+    small, large = plans[2], plans[10]
+    resident = 3 * (large.masters["trainable"] - small.masters["trainable"])
+    saved = 8 * T * hidden * 2
+    growth = large.step_peak - small.step_peak - resident
+    assert abs(growth - saved) < 0.02 * saved, (growth, saved)
+
+
+def test_step_holds_no_unsharded_copy_of_the_whole_model():
+    """FSDP2 holds a unit or two unsharded at a time, so on 8 ranks the traced step's transients (its peak minus
+    the resident fp32 shards: masters, gradients, AdamW moments) stay far below the whole model's fp32 gradients.
+    A tracer that counts DTensor's global-shape metadata propagation (the clip's `_foreach_norm` over every
+    sharded gradient) would put all of them, 8 x the shard, on top. A short micro-batch keeps activations small."""
+    config = _small_vlm(layers=10, hidden=256, intermediate=1024)
+    plan = P.make_plan(config, P.PlanConfig(config="", gpus=8, micro_batch_tokens=256, max_len=256, train="llm",
+                                            activation_checkpointing=True))
+    with torch.device("meta"):
+        full_grads = 4 * sum(p.numel() for p in VLM(config).language_model.parameters())
+    resident = 4 * plan.masters["trainable"] + plan.masters["frozen"]
+    assert plan.step_peak - resident < full_grads / 2, (plan.step_peak - resident, full_grads)
 
 
 def test_cli_flags_and_search_output(capsys):
@@ -67,7 +122,7 @@ def test_cli_flags_and_search_output(capsys):
             "--search_max_len", "256", "--gpu_memory_gb", "12"])
     out = capsys.readouterr().out
     for text in ("trainable fp32 masters", "AdamW moments", "rollout copy", "KV pool", "headroom", "FITS",
-                 "search: 3 of 3 layouts fit"):
+                 "search: 3 of 3 layouts fit;"):
         assert text in out, out
 
 
