@@ -15,16 +15,14 @@ What is simulated and what is computed:
   which every position is a target (the worst case of the fused head).
   DTensor ops are warmed before tracing (`_warm_dtensor_ops`): their first call's metadata propagation on
   global-shape fake tensors is no GPU allocation.
-- Computed from the shapes: the rollout copy (bf16 on GPU, unsharded; the TP copy of --rollout_tp N, built as
-  `--rollout_tp N` in the trainer, splits the LLM blocks' q/k/v/gate/up by output rows and o_proj/down_proj by
-  input columns over the N ranks of an engine and replicates the embeddings, LM head, norms, ViT and connector;
-  N must divide the heads, kv heads and MLP width), the paged KV pool (pages of 16 tokens x 2 x layers x
-  kv_heads/N x head_dim x bytes, budgeted as rollout.Sampler does: --kv_tokens, or by default CUDA_KV_FRACTION of
-  the memory free once the master shards and the copy exist, never more than slots + 1 sequences of max_len, plus
-  the scratch page), the sampler's per-slot buffers (outputs, block table, the decode kernel's split buffers per
-  layer), and a fixed reserve (CUDA context, NCCL, fragmentation). The micro-batch is at least one max_len
-  sequence (a longer one goes alone). Not counted: the rollout phase's own transients (a no-grad prefill
-  batch), which come while no gradients or step transients exist.
+- Computed from the shapes: the rollout copy (bf16 on GPU, unsharded; with --rollout_tp N, the trainer's split copy:
+  parallel.tp_split_dim says which parameters the N ranks of an engine split, parallel.check_tp which N can), the
+  paged KV pool (pages of 16 tokens x 2 x layers x kv_heads/N x head_dim x bytes, budgeted as rollout.Sampler does:
+  --kv_tokens, or by default CUDA_KV_FRACTION of the memory free once the master shards, their AdamW moments and the
+  copy exist, never more than slots + 1 sequences of max_len, plus the scratch page), the sampler's per-slot buffers
+  (outputs, block table, the decode kernel's split buffers per layer), and a fixed reserve (CUDA context, NCCL,
+  fragmentation). The micro-batch is at least one max_len sequence (a longer one goes alone). Not counted: the
+  rollout phase's own transients (a no-grad prefill batch), which come while no gradients or step transients exist.
 
     python plan.py --config configs/skywork-r1v3-38b.json --gpus 32 --gpu_memory_gb 80 --rollout_tp 4 \\
         --max_len 20480 --slots 32 --train vit,connector,llm --activation_checkpointing --micro_batch_tokens 16384
@@ -46,10 +44,11 @@ from torch.distributed.tensor import DTensor
 
 import cli
 from checkpoint import config_from_dict, read_config
-from cli import arg
+from cli import UsageError, arg
 from model import VLM, VLMConfig
 from decode_attention import DEFAULT_SPLIT_TOKENS, _buffer_specs
-from parallel import MODULES, set_trainable, shard
+from parallel import MODULES, set_trainable, shard, tp_split_dim
+from parallel import check_tp as parallel_check_tp
 from rollout import CPU_KV_BYTES, CUDA_KV_FRACTION, Sampler
 
 PAGE_SIZE = inspect.signature(Sampler).parameters["page_size"].default  # the trainer keeps the default
@@ -278,37 +277,26 @@ def largest_unit(model: VLM) -> tuple[str, int]:
 # The rollout side, from the shapes
 
 
-# The rollout TP copy (--rollout_tp, built in parallel to this file) splits whole heads: q/k/v (weight and bias)
-# and gate/up by output rows, o_proj/down_proj weights by input columns; everything else is replicated.
-_TP_LLM = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.o_proj.weight", "mlp.gate_proj.",
-           "mlp.up_proj.", "mlp.down_proj.weight")
-
-
-def tp_split(name: str) -> bool:
-    """Whether the TP rollout copy splits parameter `name` over the TP ranks: the LLM blocks' attention and MLP
-    projections; the embeddings, LM head, norms, ViT and connector are replicated on every TP rank."""
-    return name.startswith("language_model.layers.") and any(k in name for k in _TP_LLM)
-
-
 def check_tp(config: VLMConfig, tp: int) -> str | None:
-    """Why the TP copy cannot split this LLM over `tp` ranks (it splits whole heads), or None."""
-    llm = config.llm
-    for what, n in (("num_attention_heads", llm.num_attention_heads), ("num_key_value_heads",
-                    llm.num_key_value_heads), ("intermediate_size", llm.intermediate_size)):
-        if n % tp:
-            return f"--rollout_tp {tp} does not divide the LLM's {what} {n}"
+    """Why the trainer's TP copy cannot split this LLM over `tp` ranks (parallel.check_tp, whose process counts
+    are given as `tp` itself: the search pairs each TP degree with GPU counts it divides), or None."""
+    try:
+        parallel_check_tp(tp, tp, tp, config)
+    except UsageError as e:
+        return str(e)
     return None
 
 
 def rollout_bytes(config: VLMConfig, cfg: PlanConfig, resident: int) -> dict:
     """The rollout copy, KV pool and sampler buffers of one GPU: a TP share of one engine of --slots sequences.
-    `resident`: the bytes allocated before the sampler is built besides the copy (the fp32 master shards), which
+    `resident`: the bytes allocated before the sampler is built besides the copy (the fp32 master shards and the
+    AdamW moments), which
     the default KV budget (a share of the memory then free) depends on."""
     with torch.device("meta"):
         model = VLM(config)
     esize = 2 if cfg.device == "cuda" else 4  # bf16 copy and pool on GPU; fp32 on CPU (parallel.precision)
     tp, llm, S = cfg.rollout_tp, config.llm, cfg.slots
-    split = sum(p.numel() for n, p in model.named_parameters() if tp_split(n))
+    split = sum(p.numel() for n, p in model.named_parameters() if tp_split_dim(n) is not None)
     whole = sum(p.numel() for p in model.parameters())
     copy = (whole - split) * esize + split // tp * esize
     kv_heads, heads = llm.num_key_value_heads // tp, llm.num_attention_heads // tp
@@ -333,7 +321,7 @@ def rollout_bytes(config: VLMConfig, cfg: PlanConfig, resident: int) -> dict:
 
 def default_kv_tokens(cfg: PlanConfig, allocated: int, kv_per_token: int) -> int:
     """The Sampler's default budget (rollout.py): on CUDA, CUDA_KV_FRACTION of the memory free when it is built,
-    after the master shards and the rollout copy (the AdamW moments and gradients come later); CPU_KV_BYTES on a
+    after the master shards, their AdamW moments and the rollout copy (the gradients come later); CPU_KV_BYTES on a
     CPU. The caching allocator still holds the checkpoint load's freed blocks then, so a real pool is at most this."""
     if cfg.device != "cuda":
         return CPU_KV_BYTES // kv_per_token
@@ -414,7 +402,7 @@ def make_plan(config: VLMConfig, cfg: PlanConfig, cache: dict | None = None) -> 
         model = VLM(config)
     params = {k: sum(p.numel() for p in getattr(model, v).parameters()) if getattr(model, v) is not None else 0
               for k, v in MODULES.items()}
-    rollout = rollout_bytes(config, cfg, masters["trainable"] + masters["frozen"])
+    rollout = rollout_bytes(config, cfg, 3 * masters["trainable"] + masters["frozen"])  # masters + moments
     return Plan(cfg, params, masters, step, rollout, unit)
 
 

@@ -457,6 +457,12 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
                                          cfg.compile_blocks, prec)
     reference = build_sharded(cfg.init_from, "", proc, cfg.activation_checkpointing, prec=prec)[0] \
         if cfg.kl_beta > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                                  foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    get_state_dict(model, optimizer)  # gives every trainable parameter its optimizer state now: saves are complete,
+    # and the sampler's default KV pool (a share of the memory free when it is built) leaves the moments their room
     tp = tp_layout(cfg.rollout_tp, proc)
     rollout_model = build_rollout_copy(config, proc.device, prec, tp)
     refresh(rollout_model, units, tp)
@@ -469,11 +475,6 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     sampler = Sampler(rollout_model, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len,
                       stop_ids=stop_ids, banned_ids=banned_ids, compile=compile, kv_tokens=cfg.kv_tokens,
                       cache_dtype=prec.kv_dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-                                  foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    get_state_dict(model, optimizer)  # gives every trainable parameter its optimizer state now: saves are complete
     policy = Policy(model, units, optimizer, scheduler, reference, rollout_model, tp)
     data = TrainData(rows, eval_rows, tokenizer, PromptStream(len(rows), cfg.seed, cfg.curriculum), stop_ids,
                      critical_token_ids(tokenizer), template, set(skipped))
