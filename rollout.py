@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import torch
 
 from data import mix_seed, pad_id, token_batches
-from decode_attention import attend_pages, decode_buffers, live_pages, paged_decode_attention, triton
+from decode_attention import attend_pages, attend_pages_compiled, decode_buffers, live_pages, paged_decode_attention, triton
 from model import VLM, LLMConfig, causal_attention
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -257,7 +257,8 @@ class _DecodeKV:
         self.pool.write(layer, self.page, self.offset, k[:, 0], v[:, 0])
         k_pages, v_pages = self.pool.k[layer], self.pool.v[layer]
         if self.buffers is None:  # idle slots' outputs are garbage nobody reads
-            y = attend_pages(q[:, 0], k_pages, v_pages, *self.live)
+            attend = attend_pages_compiled if torch.compiler.is_compiling() else attend_pages
+            y = attend(q[:, 0], k_pages, v_pages, *self.live)
         else:
             y = paged_decode_attention(q[:, 0], k_pages, v_pages, self.table, self.lengths, impl="triton",
                                        buffers=self.buffers[layer])  # (S, H, D)
