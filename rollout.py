@@ -302,6 +302,11 @@ class _Seq:
         """Tokens its pages must hold once decode steps 0..steps-1 have run."""
         return self.start + max(0, min(steps - self.admitted_at, self.steps_left))
 
+    def paged_through(self, page_size: int) -> float:
+        """The largest `steps` whose tokens_after its pages already hold (inf: all it may ever write)."""
+        room = len(self.pages) * page_size - self.start
+        return math.inf if room >= self.steps_left else self.admitted_at + room
+
 
 class Sampler:
     """Generates from `model` with `max_slots` sequences in flight and at most `max_len` tokens (prompt +
@@ -364,7 +369,10 @@ class Sampler:
                       self.step, self.limit, self.seed, self.sample_idx, self.done, self.out_tok, self.out_lp):
                 torch._dynamo.mark_static_address(t)  # mutated in place: CUDA graphs must not copy them
             mode = "reduce-overhead" if dev.type == "cuda" else None
-            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            # A CPU step launches ~60 small kernels: a C++ wrapper calls them without Python's per-kernel cost, and
+            # the inputs are the same tensors every step, so their size checks are dropped.
+            options = dict(cpp_wrapper=True, size_asserts=False) if dev.type == "cpu" else None
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False, options=options)
 
     def _decode_step(self, temperature: float, top_p: float, top_k: int, num_pages: int | None):
         """Every slot advances one token in one batched call; idle and finished slots attend over nothing, write
@@ -613,6 +621,7 @@ class Sampler:
             state.append((s, tok, lp, start, step, L, run.seeds[i], w.sample))
             slots[s] = _Seq(i, w.sample, pages, start, run.steps, L - step, run.admissions)
             run.admissions += 1
+        run.paged_until = 0  # the new sequences hold only their prompts' pages: _grow gives them the rest
         if copies:
             pool.copy(*zip(*copies))
         self._set_cells(cells)
@@ -638,6 +647,8 @@ class Sampler:
         """Pages for what every running sequence writes through decode step `until`, oldest first. Out of pages:
         prompts waiting for slots give theirs back, then the newest other sequence is preempted, then, alone and
         still short (never: _check), the sequence itself."""
+        if until <= run.paged_until:  # most steps: no sequence reaches a new page
+            return
         slots, pool = run.slots, self.pool
         order = sorted((s for s, q in enumerate(slots) if q is not None), key=lambda s: slots[s].order)
         cells, at, done = [], 0, None
@@ -664,6 +675,7 @@ class Sampler:
                 seq.pages += pages
             at += 1
         self._set_cells(cells)
+        run.paged_until = min((slots[s].paged_through(self.page_size) for s in order), default=math.inf)
 
     def _preempt(self, run: "_Run", s: int):
         """Slot s gives its pages back; its sample waits at the queue's head with what it has generated."""
@@ -690,6 +702,8 @@ class _Run:
     groups: dict[int, _Group]  # prefilled prompts with samples still waiting, by request
     pending: list[int]  # samples of each request never admitted yet
     steps: int = 0  # decode steps run
+    paged_until: float = 0  # _grow(until) has nothing to do while until <= this: every running sequence's pages
+    #                         hold what it writes through that step (a preemption only frees pages: still true)
     admissions: int = 0
     prefills: int = 0  # prompts prefilled
     recomputes: int = 0  # preempted sequences prefilled again
