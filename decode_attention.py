@@ -144,7 +144,8 @@ def attend_pages_compiled(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch
 def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                                      block_table: torch.Tensor, lengths: torch.Tensor,
                                      scale: float | None = None, num_pages: int | None = None) -> torch.Tensor:
-    """Plain torch, also the CPU decode path (rollout.py calls its two halves, sharing live_pages across layers):
+    """Plain torch, also the eager CPU decode path (rollout.py calls its two halves, sharing live_pages across
+    layers; its compiled step calls attend_pages_compiled in place of attend_pages):
     gather every slot's live pages up to the longest length (or num_pages: see live_pages), mask positions past
     each slot's length, softmax in fp32. An idle slot's output is zeros."""
     pages, visible = live_pages(block_table, lengths, k_pages.shape[1], num_pages)

@@ -25,9 +25,10 @@ at `generate`'s door, naming it.
 
 Decode attention reads only live tokens in every mode (decode_attention.py). CUDA: the Triton kernel walks each
 slot's block table up to its length; under CUDA graphs the table, the lengths and the kernel's `decode_buffers`
-are preallocated, fixed-shape inputs. CPU: the plain-torch reference over the first `num_pages` block-table
-columns, the most any running slot holds by the end of the next host-check interval, gathered and masked to each
-slot's length. Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8, 12, ... pages: at most 1.5x the
+are preallocated, fixed-shape inputs. CPU: over the first `num_pages` block-table columns, the most any running
+slot holds by the end of the next host-check interval, masked to each slot's length: eager, the plain-torch
+reference (gathered pages, SDPA); compiled, `attend_pages_compiled`, whose page gather inductor fuses into the
+score and output loops (no gathered copies). Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8, 12, ... pages: at most 1.5x the
 pages needed) and each bucket gets its own static graph, compiled the first time a sequence grows into it; the
 number of compiles grows with the log of the longest sequence, not with max_len. Measured on the tiny model, this
 beat one symbolic-length graph (dynamic shapes lose inductor's fused SDPA on a CPU) and power-of-two buckets
