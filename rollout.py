@@ -28,9 +28,9 @@ slot's block table up to its length; under CUDA graphs the table, the lengths an
 are preallocated, fixed-shape inputs. CPU: over the first `num_pages` block-table columns, the most any running
 slot holds by the end of the next host-check interval, masked to each slot's length: eager, the plain-torch
 reference (gathered pages, SDPA); compiled, `attend_pages_compiled`, whose page gather inductor fuses into the
-score and output loops (no gathered copies). Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8, 12, ... pages: at most 1.5x the
-pages needed) and each bucket gets its own static graph, compiled the first time a sequence grows into it; the
-number of compiles grows with the log of the longest sequence, not with max_len. Measured on the tiny model, this
+score and output loops (no gathered copies). Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8,
+12, ... pages: at most 1.5x the pages needed) and each bucket gets its own static graph, compiled the first time a
+sequence grows into it; the number of compiles grows with the log of the longest sequence, not with max_len. Measured on the tiny model, this
 beat one symbolic-length graph (dynamic shapes lose inductor's fused SDPA on a CPU) and power-of-two buckets
 (up to 2x masked keys); attending over the whole table, as the static cache did, made a long max_len slow. Idle and
 finished slots have length 0 and write to page 0, a scratch page no sequence owns.
@@ -68,7 +68,8 @@ from dataclasses import dataclass, field
 import torch
 
 from data import mix_seed, pad_id, token_batches
-from decode_attention import attend_pages, attend_pages_compiled, decode_buffers, live_pages, paged_decode_attention, triton
+from decode_attention import (attend_pages, attend_pages_compiled, decode_buffers, live_pages, paged_decode_attention,
+                              triton)
 from model import VLM, LLMConfig, causal_attention
 
 # -----------------------------------------------------------------------------------------------------------------
