@@ -30,10 +30,11 @@ slot holds by the end of the next host-check interval, masked to each slot's len
 reference (gathered pages, SDPA); compiled, `attend_pages_compiled`, whose page gather inductor fuses into the
 score and output loops (no gathered copies). Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8,
 12, ... pages: at most 1.5x the pages needed) and each bucket gets its own static graph, compiled the first time a
-sequence grows into it; the number of compiles grows with the log of the longest sequence, not with max_len. Measured on the tiny model, this
-beat one symbolic-length graph (dynamic shapes lose inductor's fused SDPA on a CPU) and power-of-two buckets
-(up to 2x masked keys); attending over the whole table, as the static cache did, made a long max_len slow. Idle and
-finished slots have length 0 and write to page 0, a scratch page no sequence owns.
+sequence grows into it; the number of compiles grows with the log of the longest sequence, not with max_len.
+Measured on the tiny model, this beat one symbolic-length graph (with SDPA: dynamic shapes lost inductor's fused
+SDPA on a CPU) and power-of-two buckets (up to 2x masked keys); attending over the whole table, as the static cache
+did, made a long max_len slow. Idle and finished slots have length 0 and write to page 0, a scratch page no
+sequence owns.
 References: vLLM's PagedAttention (Kwon et al. 2023) and nano-vllm `engine/block_manager.py`, `scheduler.py`,
 `model_runner.py` (block pool with reference counts, preempt-the-newest by recompute, decode CUDA graphs over
 fixed-shape block tables), gpt-fast `generate.py` (compiled one-token decode, sampling without host syncs),
