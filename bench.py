@@ -579,7 +579,7 @@ def bench_trl(cfg: TrlBench) -> None:
                  "--steps", str(cfg.steps), "--prompts_per_step", str(S["prompts"]), "--group_size", str(S["group"]),
                  "--max_new_tokens", str(S["new_tokens"]), "--max_len", "128", "--no-dynamic_sampling",
                  "--micro_batch", str(S["prompts"] * S["group"]), "--threads", "1", "--overlong_buffer", "0",
-                 "--reward_workers", "1", "--lr", "1e-5"]
+                 "--reward_workers", "1", "--lr", "1e-5", "--train", "llm"]  # text-only: all of it, as TRL does
     if cfg.compile is not None:
         ours_args.append("--compile" if cfg.compile else "--no-compile")
     trl_runs, our_runs = [], []
