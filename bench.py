@@ -32,6 +32,7 @@ from data import load_tokenizer
 from entropy import Chunks, logprob_entropy, logprob_entropy_reference, triton
 from grid_task import GridTaskConfig, prepare
 from model import VLM, LLMConfig, ViTConfig, VLMConfig
+from parallel import precision
 from reward import SERIAL_BELOW, RewardConfig, score, score_batch, warm_up
 from rollout import Request, Sampler
 
@@ -65,7 +66,8 @@ class EntropyBench:
     n: int | None = arg(None, "tokens; unset: 16384 on CUDA, 4096 on CPU")
     d: int | None = arg(None, "hidden size; unset: 5120 on CUDA, 512 on CPU")
     v: int | None = arg(None, "vocabulary size; unset: 151936 on CUDA, 32768 on CPU")
-    dtype: str | None = arg(None, "inputs' dtype; unset: bfloat16 on CUDA, float32 on CPU",
+    dtype: str | None = arg(None, "inputs' dtype; unset: parallel.precision's compute dtype (bfloat16 on CUDA, "
+                                  "float32 on CPU)",
                             choices=("bfloat16", "float32"))
     impl: str | None = arg(None, "fused impl; unset: triton on CUDA, torch on CPU", choices=("torch", "triton"))
     iters: int | None = arg(None, "timed iterations after the first; unset: 5 on CUDA, 3 on CPU")
@@ -122,7 +124,7 @@ def bench_entropy(cfg: EntropyBench) -> None:
     cuda = torch.cuda.is_available()
     n, d, v = (cfg.n or (16384 if cuda else 4096), cfg.d or (5120 if cuda else 512),
                cfg.v or (151936 if cuda else 32768))
-    dtype = cfg.dtype or ("bfloat16" if cuda else "float32")
+    dtype = cfg.dtype or str(precision(default_device()).param_dtype).removeprefix("torch.")
     impl = cfg.impl or ("triton" if cuda else "torch")
     iters = cfg.iters or (5 if cuda else 3)
     chunks = Chunks(**{k: v for k, v in dict(tokens=cfg.chunk_tokens, vocab=cfg.chunk_vocab).items() if v is not None})
@@ -191,7 +193,8 @@ def bench_rollout(cfg: RolloutBench) -> None:
 
 def bench_size(cfg: RolloutBench, size: str, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM  # the reference engine: a test-only dependency
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prec = precision(device)  # the training run's choice: bf16 weights and KV on CUDA, fp32 on a CPU
+    dtype = prec.rollout_dtype
     hf_config = Qwen2Config(**BENCH_SIZES[size], max_position_embeddings=max(4096, cfg.long_max_len),
                             rope_theta=1e6)
     torch.manual_seed(0)
@@ -208,9 +211,10 @@ def bench_size(cfg: RolloutBench, size: str, device):
     B, P, N = cfg.batch, cfg.prompt_len, cfg.new_tokens
     prompts = torch.randint(0, hf_config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).to(device)
     requests = [Request(p.tolist()) for p in prompts]
-    sampler = Sampler(ours, max_slots=B, max_len=P + N, compile=cfg.compile, sync_every=cfg.sync_every)
+    sampler = Sampler(ours, max_slots=B, max_len=P + N, compile=cfg.compile, sync_every=cfg.sync_every,
+                      cache_dtype=prec.kv_dtype)
     long = cfg.long_max_len and Sampler(ours, max_slots=B, max_len=cfg.long_max_len, compile=cfg.compile,
-                                        sync_every=cfg.sync_every)
+                                        sync_every=cfg.sync_every, cache_dtype=prec.kv_dtype)
     name = device_name(device)
     params = sum(p.numel() for p in ours.language_model.parameters())
     print(f"device {name}, {size} ({params / 1e6:.1f}M params, {dtype}), batch {B}, prompt {P}, {N} new tokens, "
@@ -266,7 +270,8 @@ def bandwidth_at_batch_1(model, P: int, compile: bool, sync_every: int | None, n
     reached, on average: decode reads live pages only)."""
     device = model.language_model.embed_tokens.weight.device
     n1, n2 = 32, 544
-    sampler = Sampler(model, max_slots=1, max_len=P + n2, compile=compile, sync_every=sync_every)
+    sampler = Sampler(model, max_slots=1, max_len=P + n2, compile=compile, sync_every=sync_every,
+                      cache_dtype=precision(device).kv_dtype)
     req = [Request(list(range(1, P + 1)))]
     gen = lambda n: sampler.generate(req, max_new_tokens=n, temperature=0.0)
     gen(n1)
@@ -403,7 +408,8 @@ def internvl3_1b(out: Path, tokenizer_dir: Path) -> Path:
                                         intermediate_size=4096, image_size=448, patch_size=14),
                        image_token_id=tok.token_to_id("<IMG_CONTEXT>"), max_dynamic_patch=1, use_thumbnail=False,
                        layout="native")
-    save_model(VLM.from_config(config, dtype=torch.bfloat16, device=default_device()).cpu(), out)
+    on_disk = precision(default_device(), "bf16").host_dtype  # as the published checkpoint ships
+    save_model(VLM.from_config(config, dtype=on_disk, device=default_device()).cpu(), out)
     tok.save(str(out / "tokenizer.json"))
     return out
 
@@ -509,7 +515,7 @@ def _trl_run(cfg: TrlBench, ckpt: Path, run: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
     rows = cli.read_jsonl(Path(cfg.out) / "rows.jsonl")
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}]} for r in rows])
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=precision(torch.device("cpu")).param_dtype)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     S = TRL_SHAPES
     n = S["prompts"] * S["group"]
@@ -573,7 +579,7 @@ def bench_trl(cfg: TrlBench) -> None:
                  "--steps", str(cfg.steps), "--prompts_per_step", str(S["prompts"]), "--group_size", str(S["group"]),
                  "--max_new_tokens", str(S["new_tokens"]), "--max_len", "128", "--no-dynamic_sampling",
                  "--micro_batch", str(S["prompts"] * S["group"]), "--threads", "1", "--overlong_buffer", "0",
-                 "--reward_workers", "1", "--lr", "1e-5"]
+                 "--reward_workers", "1", "--lr", "1e-5", "--train", "llm"]  # text-only: all of it, as TRL does
     if cfg.compile is not None:
         ours_args.append("--compile" if cfg.compile else "--no-compile")
     trl_runs, our_runs = [], []

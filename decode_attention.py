@@ -116,10 +116,36 @@ def attend_pages(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
     return out.reshape(slots, heads, head_dim).to(q.dtype)
 
 
+def attend_pages_compiled(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, pages: torch.Tensor,
+                          visible: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """attend_pages written for torch.compile on a CPU, the same arguments and result: scores and output as
+    broadcast products summed over head_dim and over keys, which inductor turns into two loops reading K and V
+    straight from the pool through `pages` (the gather fused into the reductions), where SDPA needs the gathered
+    (slots, kv_heads, L, D) copies first: at the tiny bench shapes the copies and SDPA's masked flash kernel cost
+    more than the attention's arithmetic. Eager, the products would be materialised ((slots, L, H, D) each): call
+    it only inside a compiled graph."""
+    slots, heads, head_dim = q.shape
+    kv_heads = k_pages.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = head_dim ** -0.5 if scale is None else scale
+    # Inductor would inline whatever computes q (the rotary embedding), pages and visible into the loops over keys,
+    # recomputing them for every key: an identity as_strided view makes it store each of them once.
+    q, pages, visible = (x.as_strided(x.shape, x.stride()) for x in (q, pages, visible))
+    k = k_pages[pages].flatten(1, 2).to(dtype)  # (slots, L, kv_heads, D), L = pages x size: fused, never stored
+    v = v_pages[pages].flatten(1, 2).to(dtype)
+    qg = (q.to(dtype) * scale).reshape(slots, 1, kv_heads, heads // kv_heads, head_dim)  # (slots, 1, kv, G, D)
+    s = (qg * k[:, :, :, None, :]).sum(-1)  # (slots, L, kv, G)
+    s = s.masked_fill(~visible.reshape(slots, -1, 1, 1), float("-inf"))
+    e = (s - s.amax(1, keepdim=True)).exp()  # key 0 is always visible: the max is finite
+    out = (e[..., None] * v[:, :, :, None, :]).sum(1) / e.sum(1)[..., None]  # (slots, kv, G, D)
+    return out.reshape(slots, heads, head_dim).to(q.dtype)
+
+
 def paged_decode_attention_reference(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                                      block_table: torch.Tensor, lengths: torch.Tensor,
                                      scale: float | None = None, num_pages: int | None = None) -> torch.Tensor:
-    """Plain torch, also the CPU decode path (rollout.py calls its two halves, sharing live_pages across layers):
+    """Plain torch, also the eager CPU decode path (rollout.py calls its two halves, sharing live_pages across
+    layers; its compiled step calls attend_pages_compiled in place of attend_pages):
     gather every slot's live pages up to the longest length (or num_pages: see live_pages), mask positions past
     each slot's length, softmax in fp32. An idle slot's output is zeros."""
     pages, visible = live_pages(block_table, lengths, k_pages.shape[1], num_pages)

@@ -25,14 +25,16 @@ at `generate`'s door, naming it.
 
 Decode attention reads only live tokens in every mode (decode_attention.py). CUDA: the Triton kernel walks each
 slot's block table up to its length; under CUDA graphs the table, the lengths and the kernel's `decode_buffers`
-are preallocated, fixed-shape inputs. CPU: the plain-torch reference over the first `num_pages` block-table
-columns, the most any running slot holds by the end of the next host-check interval, gathered and masked to each
-slot's length. Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8, 12, ... pages: at most 1.5x the
-pages needed) and each bucket gets its own static graph, compiled the first time a sequence grows into it; the
-number of compiles grows with the log of the longest sequence, not with max_len. Measured on the tiny model, this
-beat one symbolic-length graph (dynamic shapes lose inductor's fused SDPA on a CPU) and power-of-two buckets
-(up to 2x masked keys); attending over the whole table, as the static cache did, made a long max_len slow. Idle and
-finished slots have length 0 and write to page 0, a scratch page no sequence owns.
+are preallocated, fixed-shape inputs. CPU: over the first `num_pages` block-table columns, the most any running
+slot holds by the end of the next host-check interval, masked to each slot's length: eager, the plain-torch
+reference (gathered pages, SDPA); compiled, `attend_pages_compiled`, whose page gather inductor fuses into the
+score and output loops (no gathered copies). Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8,
+12, ... pages: at most 1.5x the pages needed) and each bucket gets its own static graph, compiled the first time a
+sequence grows into it; the number of compiles grows with the log of the longest sequence, not with max_len.
+Measured on the tiny model, this beat one symbolic-length graph (with SDPA: dynamic shapes lost inductor's fused
+SDPA on a CPU) and power-of-two buckets (up to 2x masked keys); attending over the whole table, as the static cache
+did, made a long max_len slow. Idle and finished slots have length 0 and write to page 0, a scratch page no
+sequence owns.
 References: vLLM's PagedAttention (Kwon et al. 2023) and nano-vllm `engine/block_manager.py`, `scheduler.py`,
 `model_runner.py` (block pool with reference counts, preempt-the-newest by recompute, decode CUDA graphs over
 fixed-shape block tables), gpt-fast `generate.py` (compiled one-token decode, sampling without host syncs),
@@ -67,7 +69,8 @@ from dataclasses import dataclass, field
 import torch
 
 from data import mix_seed, pad_id, token_batches
-from decode_attention import attend_pages, decode_buffers, live_pages, paged_decode_attention, triton
+from decode_attention import (attend_pages, attend_pages_compiled, decode_buffers, live_pages, paged_decode_attention,
+                              triton)
 from model import VLM, LLMConfig, causal_attention
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -257,7 +260,8 @@ class _DecodeKV:
         self.pool.write(layer, self.page, self.offset, k[:, 0], v[:, 0])
         k_pages, v_pages = self.pool.k[layer], self.pool.v[layer]
         if self.buffers is None:  # idle slots' outputs are garbage nobody reads
-            y = attend_pages(q[:, 0], k_pages, v_pages, *self.live)
+            attend = attend_pages_compiled if torch.compiler.is_compiling() else attend_pages
+            y = attend(q[:, 0], k_pages, v_pages, *self.live)
         else:
             y = paged_decode_attention(q[:, 0], k_pages, v_pages, self.table, self.lengths, impl="triton",
                                        buffers=self.buffers[layer])  # (S, H, D)
@@ -300,6 +304,11 @@ class _Seq:
     def tokens_after(self, steps: int) -> int:
         """Tokens its pages must hold once decode steps 0..steps-1 have run."""
         return self.start + max(0, min(steps - self.admitted_at, self.steps_left))
+
+    def paged_through(self, page_size: int) -> float:
+        """The largest `steps` whose tokens_after its pages already hold (inf: all it may ever write)."""
+        room = len(self.pages) * page_size - self.start
+        return math.inf if room >= self.steps_left else self.admitted_at + room
 
 
 class Sampler:
@@ -363,7 +372,10 @@ class Sampler:
                       self.step, self.limit, self.seed, self.sample_idx, self.done, self.out_tok, self.out_lp):
                 torch._dynamo.mark_static_address(t)  # mutated in place: CUDA graphs must not copy them
             mode = "reduce-overhead" if dev.type == "cuda" else None
-            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            # A CPU step launches ~60 small kernels: a C++ wrapper calls them without Python's per-kernel cost, and
+            # the inputs are the same tensors every step, so their size checks are dropped.
+            options = dict(cpp_wrapper=True, size_asserts=False) if dev.type == "cpu" else None
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False, options=options)
 
     def _decode_step(self, temperature: float, top_p: float, top_k: int, num_pages: int | None):
         """Every slot advances one token in one batched call; idle and finished slots attend over nothing, write
@@ -612,6 +624,7 @@ class Sampler:
             state.append((s, tok, lp, start, step, L, run.seeds[i], w.sample))
             slots[s] = _Seq(i, w.sample, pages, start, run.steps, L - step, run.admissions)
             run.admissions += 1
+        run.paged_until = 0  # the new sequences hold only their prompts' pages: _grow gives them the rest
         if copies:
             pool.copy(*zip(*copies))
         self._set_cells(cells)
@@ -637,6 +650,8 @@ class Sampler:
         """Pages for what every running sequence writes through decode step `until`, oldest first. Out of pages:
         prompts waiting for slots give theirs back, then the newest other sequence is preempted, then, alone and
         still short (never: _check), the sequence itself."""
+        if until <= run.paged_until:  # most steps: no sequence reaches a new page
+            return
         slots, pool = run.slots, self.pool
         order = sorted((s for s, q in enumerate(slots) if q is not None), key=lambda s: slots[s].order)
         cells, at, done = [], 0, None
@@ -663,6 +678,7 @@ class Sampler:
                 seq.pages += pages
             at += 1
         self._set_cells(cells)
+        run.paged_until = min((slots[s].paged_through(self.page_size) for s in order), default=math.inf)
 
     def _preempt(self, run: "_Run", s: int):
         """Slot s gives its pages back; its sample waits at the queue's head with what it has generated."""
@@ -689,6 +705,8 @@ class _Run:
     groups: dict[int, _Group]  # prefilled prompts with samples still waiting, by request
     pending: list[int]  # samples of each request never admitted yet
     steps: int = 0  # decode steps run
+    paged_until: float = 0  # _grow(until) has nothing to do while until <= this: every running sequence's pages
+    #                         hold what it writes through that step (a preemption only frees pages: still true)
     admissions: int = 0
     prefills: int = 0  # prompts prefilled
     recomputes: int = 0  # preempted sequences prefilled again

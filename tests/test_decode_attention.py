@@ -73,6 +73,26 @@ def test_matches_fp64_oracle(impl, config):
     assert torch.all(out[2] == 0)  # the idle slot
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # from inside torch.compile
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_compiled_form_matches_fp64_oracle(compiled, config):
+    """attend_pages_compiled, the sampler's compiled CPU attention, over every block-table column (more than the
+    longest slot needs with pages of 8) with garbage past each slot's pages; eager at these tiny shapes, and through
+    inductor."""
+    page_size, kv_heads, group, head_dim, _ = CONFIGS[config]
+    q, k_pages, v_pages, table, lengths = make_case(LENGTHS, page_size, kv_heads, group, head_dim, seed=4)
+    pages, visible = DA.live_pages(table, lengths, page_size, table.shape[1])
+    attend = torch.compile(DA.attend_pages_compiled, fullgraph=True, dynamic=False) if compiled else \
+        DA.attend_pages_compiled
+    out = attend(q, k_pages, v_pages, pages, visible, 0.3)
+    want = oracle(q, k_pages, v_pages, table, lengths, 0.3)
+    live = lengths > 0  # an idle slot's output is garbage the sampler never reads
+    torch.testing.assert_close(out[live].double(), want[live], rtol=1e-5, atol=1e-5)
+    ref = DA.attend_pages(q, k_pages, v_pages, pages, visible, 0.3)
+    torch.testing.assert_close(out[live], ref[live], rtol=1e-5, atol=1e-6)
+
+
 def test_reference_bf16_pool_fp32_query():
     """bf16 K/V widened exactly to fp32: the oracle reads the same bf16 values, so fp32 tolerances hold."""
     q, k_pages, v_pages, table, lengths = make_case(LENGTHS, 16, 2, 5, 64, seed=1, pool_dtype=torch.bfloat16)
