@@ -119,25 +119,27 @@ def attend_pages(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
 def attend_pages_compiled(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, pages: torch.Tensor,
                           visible: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """attend_pages written for torch.compile on a CPU, the same arguments and result: scores and output as
-    broadcast products summed over head_dim and over keys, which inductor turns into two loops reading K and V
-    straight from the pool through `pages` (the gather fused into the reductions), where SDPA needs the gathered
+    broadcast products summed over head_dim and over keys, which inductor turns into loops reading K and V straight
+    from the pool through `pages` (the gather fused into the reductions), where SDPA needs the gathered
     (slots, kv_heads, L, D) copies first: at the tiny bench shapes the copies and SDPA's masked flash kernel cost
-    more than the attention's arithmetic. Eager, the products would be materialised ((slots, L, H, D) each): call
-    it only inside a compiled graph."""
+    more than the attention's arithmetic. Keys stay in their (page, offset) dimensions, so the loops find a key's
+    address from its page alone, with no division of a flat key index by the page size (about a fifth faster at
+    the bench shapes than flat keys). Eager, the products would be materialised ((slots, L, H, D) each): call it
+    only inside a compiled graph."""
     slots, heads, head_dim = q.shape
-    kv_heads = k_pages.shape[2]
+    _, page_size, kv_heads, _ = k_pages.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     scale = head_dim ** -0.5 if scale is None else scale
     # Inductor would inline whatever computes q (the rotary embedding), pages and visible into the loops over keys,
     # recomputing them for every key: an identity as_strided view makes it store each of them once.
     q, pages, visible = (x.as_strided(x.shape, x.stride()) for x in (q, pages, visible))
-    k = k_pages[pages].flatten(1, 2).to(dtype)  # (slots, L, kv_heads, D), L = pages x size: fused, never stored
-    v = v_pages[pages].flatten(1, 2).to(dtype)
-    qg = (q.to(dtype) * scale).reshape(slots, 1, kv_heads, heads // kv_heads, head_dim)  # (slots, 1, kv, G, D)
-    s = (qg * k[:, :, :, None, :]).sum(-1)  # (slots, L, kv, G)
-    s = s.masked_fill(~visible.reshape(slots, -1, 1, 1), float("-inf"))
-    e = (s - s.amax(1, keepdim=True)).exp()  # key 0 is always visible: the max is finite
-    out = (e[..., None] * v[:, :, :, None, :]).sum(1) / e.sum(1)[..., None]  # (slots, kv, G, D)
+    k = k_pages[pages].to(dtype)  # (slots, pages, page_size, kv, D): fused into the loops, never stored
+    v = v_pages[pages].to(dtype)
+    qg = (q.to(dtype) * scale).reshape(slots, 1, 1, kv_heads, heads // kv_heads, head_dim)  # (slots, 1, 1, kv, G, D)
+    s = (qg * k[:, :, :, :, None, :]).sum(-1)  # (slots, pages, page_size, kv, G)
+    s = s.masked_fill(~visible.reshape(slots, pages.shape[1], page_size, 1, 1), float("-inf"))
+    e = (s - s.amax((1, 2), keepdim=True)).exp()  # key 0 is always visible: the max is finite
+    out = (e[..., None] * v[:, :, :, :, None, :]).sum((1, 2)) / e.sum((1, 2))[..., None]  # (slots, kv, G, D)
     return out.reshape(slots, heads, head_dim).to(q.dtype)
 
 

@@ -305,15 +305,17 @@ def rollout_bytes(config: VLMConfig, cfg: PlanConfig, resident: int) -> dict:
     max_pages = math.ceil((cfg.max_len + 1) / PAGE_SIZE)
     kv_tokens = cfg.kv_tokens or default_kv_tokens(cfg, resident + copy, kv_per_token)
     pages = min(math.ceil(kv_tokens / PAGE_SIZE), (S + 1) * max_pages) + 1
-    # Per-slot state: completions (int64) and their log-probs (fp32) of max_len, the block table, six int64
-    # counters; on CUDA the Triton decode kernel's output and split buffers, one set per layer.
-    buffers = S * cfg.max_len * (8 + 4) + S * max_pages * 4 + 6 * S * 8
+    # Per-slot state: completions (int64) and their log-probs (fp32) of max_len, the block table (rollout.py: two
+    # spare columns at most), six int64 counters; on CUDA the Triton decode kernel's output per layer and one set
+    # of split buffers shared by the layers.
+    columns = max(2, max_pages) + 1
+    buffers = S * cfg.max_len * (8 + 4) + S * columns * 4 + 6 * S * 8
     if cfg.device == "cuda":
         with torch.device("meta"):
             q = torch.empty(S, heads, llm.head_dim, dtype=torch.bfloat16)
-            specs = _buffer_specs(q, torch.empty(S, max_pages, dtype=torch.int32), PAGE_SIZE, DEFAULT_SPLIT_TOKENS)
-        per_layer = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-        buffers += llm.num_hidden_layers * per_layer
+            specs = _buffer_specs(q, torch.empty(S, columns, dtype=torch.int32), PAGE_SIZE, DEFAULT_SPLIT_TOKENS)
+        size = {name: math.prod(shape) * dtype.itemsize for name, (shape, dtype) in specs.items()}
+        buffers += llm.num_hidden_layers * size["out"] + size["partial_out"] + size["partial_lse"]
     return {"copy": copy, "copy_split_params": split, "params": whole, "kv": pages * PAGE_SIZE * kv_per_token,
             "kv_tokens": (pages - 1) * PAGE_SIZE, "kv_per_token": kv_per_token, "kv_heads": kv_heads,
             "sampler_buffers": buffers}

@@ -25,16 +25,17 @@ at `generate`'s door, naming it.
 
 Decode attention reads only live tokens in every mode (decode_attention.py). CUDA: the Triton kernel walks each
 slot's block table up to its length; under CUDA graphs the table, the lengths and the kernel's `decode_buffers`
-are preallocated, fixed-shape inputs. CPU: over the first `num_pages` block-table columns, the most any running
-slot holds by the end of the next host-check interval, masked to each slot's length: eager, the plain-torch
-reference (gathered pages, SDPA); compiled, `attend_pages_compiled`, whose page gather inductor fuses into the
-score and output loops (no gathered copies). Compiled, `num_pages` is rounded up to a bucket (1, 2, 3, 4, 6, 8,
-12, ... pages: at most 1.5x the pages needed) and each bucket gets its own static graph, compiled the first time a
-sequence grows into it; the number of compiles grows with the log of the longest sequence, not with max_len.
-Measured on the tiny model, this beat one symbolic-length graph (with SDPA: dynamic shapes lost inductor's fused
-SDPA on a CPU) and power-of-two buckets (up to 2x masked keys); attending over the whole table, as the static cache
-did, made a long max_len slow. Idle and finished slots have length 0 and write to page 0, a scratch page no
-sequence owns.
+are preallocated, fixed-shape inputs; all layers share one set of split partials (each layer's merge consumes
+them before the next layer's kernel runs). CPU: over the block table's first columns, as many as the longest
+running sequence holds by the end of the next host-check interval, masked to each slot's length: eager, the
+plain-torch reference (gathered pages, SDPA); compiled, `attend_pages_compiled`, whose page gather inductor fuses
+into the score and output loops (no gathered copies). Compiled, the step takes those columns as a view of the
+table whose width is a dynamic dimension, so one graph serves every length (up to 4096 keys, where inductor's
+fp32 sums switch to chunked accumulation: one more graph beyond) and the step compiles once per sampler and
+sampling setting. Measured on the tiny model, that graph runs as fast as graphs specialised to each width,
+whose compiles (one per bucket of widths) cost more than a whole CPU rollout; attending over the whole table, as
+the static cache did, made a long max_len slow. Idle and finished slots have length 0 and write to page 0, a
+scratch page no sequence owns.
 References: vLLM's PagedAttention (Kwon et al. 2023) and nano-vllm `engine/block_manager.py`, `scheduler.py`,
 `model_runner.py` (block pool with reference counts, preempt-the-newest by recompute, decode CUDA graphs over
 fixed-shape block tables), gpt-fast `generate.py` (compiled one-token decode, sampling without host syncs),
@@ -64,7 +65,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -156,13 +157,8 @@ CUDA_KV_FRACTION = 0.5  # default pool on CUDA: this share of the memory free on
 #                         needs the rest: verl/EasyR1 give vLLM 0.5-0.7 of the whole device)
 
 
-RECOMPILE_LIMIT = 64  # graphs of the compiled CPU decode step: 2 buckets per doubling of the pages read
-
-
-def _bucket(n: int) -> int:
-    """The smallest 2^k or 3 x 2^k >= n (n >= 1): reading at most 1.5x the pages needed, in few distinct sizes."""
-    p = 1 << (n - 1).bit_length()
-    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+RECOMPILE_LIMIT = 64  # compiled decode steps per process: one per sampler and sampling setting, all in the cache
+#                        of the one `_decode_step` code object (dynamo's default stops at 8)
 
 
 class PagePool:
@@ -246,14 +242,13 @@ class _DecodeKV:
     pool: PagePool
     page: torch.Tensor  # (S,)
     offset: torch.Tensor  # (S,)
-    table: torch.Tensor  # (S, max_pages) int32
+    table: torch.Tensor  # (S, columns) int32: CPU, the columns to read; the Triton kernel, the whole table
     lengths: torch.Tensor  # (S,) int32, 0 for idle and finished slots
-    num_pages: int | None  # CPU: block-table columns to read; None: the Triton kernel reads the lengths
     buffers: list | None  # CUDA: one decode_buffers per layer (fixed addresses for CUDA graphs)
 
     def __post_init__(self):
         if self.buffers is None:
-            self.live = live_pages(self.table, self.lengths, self.pool.page_size, self.num_pages)
+            self.live = live_pages(self.table, self.lengths, self.pool.page_size, self.table.shape[1])
 
     def attend(self, layer: int, q, k, v, positions, slots=None):
         S, _, H, D = q.shape
@@ -343,10 +338,12 @@ class Sampler:
             budget = (CUDA_KV_FRACTION * torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else CPU_KV_BYTES)
             kv_tokens = int(budget) // per_token
         # max_slots sequences of max_len plus one prompt waiting for slots is the most the pool could ever hold.
-        self.max_pages = math.ceil((max_len + 1) / page_size)  # block-table width: room for position max_len
+        self.max_pages = math.ceil((max_len + 1) / page_size)  # the most a sequence holds: room for position max_len
         num_pages = min(math.ceil(kv_tokens / page_size), (S + 1) * self.max_pages)
         self.pool = PagePool(cfg, num_pages + 1, page_size, cache_dtype, dev)  # + the scratch page
-        self.table = torch.zeros(S, self.max_pages, dtype=torch.int32, device=dev)
+        # The CPU step reads at least 2 columns (a dynamic dimension of size 1 would be specialised: a second graph)
+        # and never the whole table (a full-width view has other strides: a second graph too), hence the spare ones.
+        self.table = torch.zeros(S, max(2, self.max_pages) + 1, dtype=torch.int32, device=dev)
         self.stop_ids = set(stop_ids)
         self.stop = torch.tensor(sorted(self.stop_ids) or [-1], device=dev)  # -1 matches nothing, keeps a shape
         self.banned = torch.tensor(sorted({*banned_ids, model.config.image_token_id} - {None}), dtype=torch.long,
@@ -362,10 +359,11 @@ class Sampler:
         if dev.type == "cuda" and triton is not None:  # the Triton kernel's outputs and partials, one set per layer,
             # at fixed addresses (without Triton, CUDA takes the CPU path: the reference over bucketed pages)
             q = torch.empty(S, cfg.num_attention_heads, cfg.head_dim, dtype=param.dtype, device=dev)
-            self.buffers = [decode_buffers(q, self.table, page_size) for _ in range(cfg.num_hidden_layers)]
+            shared = decode_buffers(q, self.table, page_size)  # the split partials: one set for all layers
+            self.buffers = [replace(shared, out=torch.empty_like(shared.out)) for _ in range(cfg.num_hidden_layers)]
         self.sync_every = sync_every or (8 if dev.type == "cuda" else 1)
         self.stats: dict = {}
-        self._step, self._graphs = self._decode_step, set()  # (sampling, bucket) of the graphs compiled so far
+        self._step, self._graphs = self._decode_step, set()  # the sampling settings compiled so far
         if compile:
             buffers = [getattr(b, f) for b in self.buffers or () for f in ("out", "partial_out", "partial_lse")]
             for t in (*self.pool.k, *self.pool.v, self.table, *buffers, self.stop, self.banned, self.tok, self.pos,
@@ -377,15 +375,16 @@ class Sampler:
             options = dict(cpp_wrapper=True, size_asserts=False) if dev.type == "cpu" else None
             self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False, options=options)
 
-    def _decode_step(self, temperature: float, top_p: float, top_k: int, num_pages: int | None):
+    def _decode_step(self, temperature: float, top_p: float, top_k: int, columns: torch.Tensor | None):
         """Every slot advances one token in one batched call; idle and finished slots attend over nothing, write
         to the scratch page and compute garbage that is never read (their position stays put), so shapes never
-        change. num_pages: block-table columns the CPU attention reads (None on CUDA)."""
+        change. columns: the first block-table columns, a view, that the CPU attention reads (None on CUDA)."""
         lm, P = self.model.language_model, self.page_size
         live = ~self.done
         page = torch.where(live, self.table.gather(1, (self.pos // P)[:, None])[:, 0].long(), 0)
         lengths = torch.where(live, self.pos + 1, 0).int()
-        kv = _DecodeKV(self.pool, page, self.pos % P, self.table, lengths, num_pages, self.buffers)
+        kv = _DecodeKV(self.pool, page, self.pos % P, self.table if columns is None else columns, lengths,
+                       self.buffers)
         h = lm(lm.embed_tokens(self.tok[:, None]), self.pos[:, None], kv)  # (S, 1, C)
         u = uniform(self.seed, self.sample_idx, self.step)
         tok, lp = sample(lm.logits(h[:, 0]), u, temperature, top_p, top_k, self.banned)
@@ -506,19 +505,20 @@ class Sampler:
             running = [q for q in slots if q is not None]
             if not running:  # all preempted: admit again (the oldest alone always fits: _check)
                 continue
-            num_pages = None
+            columns = None
             if self.buffers is None:  # CPU: read only the columns the longest running sequence reaches
-                num_pages = max(len(q.pages) for q in running)
-                if self.compiled:  # one static graph per bucket: 1, 2, 3, 4, 6, 8, 12, ... pages
-                    num_pages = min(_bucket(num_pages), self.max_pages)
+                columns = self.table[:, :max(2, max(len(q.pages) for q in running))]
+                if self.compiled:  # the width is symbolic in the graph: one compile serves every length (inductor
+                    # specialises its fp32 sums over keys to at most 4096 keys: longer sequences compile a second)
+                    torch._dynamo.maybe_mark_dynamic(columns, 1)
             for _ in range(n):
-                graph = (temperature, top_p, top_k, num_pages)
+                graph = (temperature, top_p, top_k)
                 if self.compiled and graph not in self._graphs:  # a new graph compiles: past dynamo's usual limit
                     self._graphs.add(graph)
                     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                        self._step(temperature, top_p, top_k, num_pages)
+                        self._step(temperature, top_p, top_k, columns)
                 else:
-                    self._step(temperature, top_p, top_k, num_pages)
+                    self._step(temperature, top_p, top_k, columns)
                 run.steps += 1
         seconds = time.perf_counter() - t_start  # the last harvest synchronised the device
         self.stats = dict(tokens=generated, seconds=seconds, tokens_per_s=generated / seconds, decode_steps=run.steps,

@@ -18,6 +18,7 @@ from conftest import hf_greedy, image_prompt, make_hf_internvl, randomize, text_
 from data import build_prompt, special_ids
 import rollout as R
 from rollout import Request, Sampler, sample, uniform
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 SEED = int(os.environ.get("ROLLOUT_TEST_SEED", 0))  # the random models' seed (the assertions hold for any)
 
@@ -287,19 +288,23 @@ def test_bf16_cache_under_fp32_weights(internvl, tok):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # from inside torch.compile
 def test_compiled_decode_matches_eager(tok):
-    """compile=True: the whole static cache, one compiled step (CUDA graphs on a GPU, inductor C++ on a CPU): the
-    same tokens and the same log-probs as the eager step."""
+    """compile=True (CUDA graphs on a GPU, inductor C++ on a CPU): the same tokens and the same log-probs as the
+    eager step, from one compiled graph although the sequences grow over several pages (on a CPU the width of the
+    block table read is a dynamic dimension)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = M.VLM.from_config(M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT)), device=device)
     reqs = mixed_requests(tok, model.config)
     for r in reqs:
         r.pixel_values = None if r.pixel_values is None else r.pixel_values.to(device)
-    kw = dict(num_samples=3, max_new_tokens=20, temperature=1.0, top_p=0.9)
+    kw = dict(num_samples=3, max_new_tokens=36, temperature=1.0, top_p=0.9)
     eager = Sampler(model, max_slots=4, max_len=64, sync_every=3).generate(reqs, **kw)
+    graphs = len(_debug_get_cache_entry_list(Sampler._decode_step.__code__))
     compiled = Sampler(model, max_slots=4, max_len=64, sync_every=3, compile=True).generate(reqs, **kw)
+    assert len(_debug_get_cache_entry_list(Sampler._decode_step.__code__)) == graphs + 1
+    assert max(len(r.ids) for r in reqs) + 36 > 3 * 16 and min(len(r.ids) for r in reqs) < 32  # 2 to 4 pages read
     assert [[c.ids for c in g] for g in eager] == [[c.ids for c in g] for g in compiled]
     pairs = [(a, b) for g, h in zip(eager, compiled, strict=True) for a, b in zip(g, h, strict=True)]
-    assert sum(len(a.logprobs) for a, _ in pairs) == 5 * 3 * 20
+    assert sum(len(a.logprobs) for a, _ in pairs) == 5 * 3 * 36
     assert max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-5
 
 
