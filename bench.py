@@ -524,7 +524,9 @@ def _trl_run(cfg: TrlBench, ckpt: Path, run: Path) -> dict:
                       num_iterations=1, max_completion_length=S["new_tokens"],
                       generation_kwargs={"min_new_tokens": S["new_tokens"]}, gradient_checkpointing=False,
                       max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to="none",
-                      dataloader_num_workers=0, seed=0)
+                      dataloader_num_workers=0, seed=0,
+                      bf16=False)  # fp32 like ours: TRL's default bf16 autocast is emulated, and many times
+#                                    slower, on a CPU without bf16 instructions (README: the figures)
     reward = lambda completions, **kw: [float(len(c[0]["content"]) % 5) for c in completions]
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
     times = dict(step=[], generate=[], tokens=[])
