@@ -442,8 +442,11 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
     saved_json = json.dumps(asdict(cfg) | {"data_file": data_file(cfg.data)}, indent=2) + "\n"  # step_N/config.json
     if proc.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        decode = "compiled (once per sampling setting: the first rollout waits for it)" if run.sampler.compiled \
+            else "eager"
         print(f"{cfg.stage} on {proc.world} process(es), {proc.device}, {torch.get_num_threads()} threads each; "
-              f"{len(run.data.rows)} rows, {len(run.data.eval_rows)} held-out; config:\n{config_json}", flush=True)
+              f"decode step {decode}; {len(run.data.rows)} rows, {len(run.data.eval_rows)} held-out; config:\n"
+              f"{config_json}", flush=True)
         cli.write_atomic(out / "config.json", config_json)  # this run's settings, resumed ones included
     start = 0
     if cfg.resume:  # the newest checkpoint that loads, falling back past broken ones (with a warning)

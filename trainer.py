@@ -467,8 +467,9 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     rollout_model = build_rollout_copy(config, proc.device, prec, tp)
     refresh(rollout_model, units, tp)
     stop_ids, banned_ids = special_ids(tokenizer)
-    # Compiled by default on CUDA (CUDA graphs). On a CPU a compile costs more per run than the compiled decode
-    # step saves on this project's short rollouts (measured: README), so it stays eager unless --compile asks.
+    # Compiled by default on CUDA (CUDA graphs). On a CPU the compile needs a C++ toolchain with OpenMP, which a
+    # laptop may lack, and pays back only after several steps (README: bench.py trl), so it stays eager there
+    # unless --compile asks; compiled, it compiles once per sampling setting whatever the lengths.
     compile = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
     # a tensor-parallel group's ranks generate all of its ranks' prompts
     slots = cfg.prompts_per_step // proc.world * tp.size * (cfg.group_size if cfg.stage == "grpo" else 1)
