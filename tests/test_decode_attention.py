@@ -2,6 +2,7 @@
 import importlib.util
 import math
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -119,6 +120,23 @@ def test_triton_buffers_reused_batch_invariant():
     wide = torch.cat([table[3:4], torch.full((1, 4), GARBAGE[1], dtype=torch.int32)], dim=1)
     alone = DA.paged_decode_attention(q[3:4], k_pages, v_pages, wide, lengths[3:4], impl="triton", split_tokens=32)
     assert torch.equal(alone[0], out[3])
+
+
+def test_layers_share_split_buffers():
+    """The sampler's layout: each layer its own output, one set of split partials for all of them. The second
+    call, with fewer splits per slot than the first left behind, leaves the first's output as it was, and each
+    equals a call with buffers of its own."""
+    layers = [make_case(LENGTHS, 16, 2, 5, 64, seed=3), make_case([17, 1, 0, 40, 16], 16, 2, 5, 64, seed=4)]
+    short = layers[1][3]  # padded with garbage columns to the first table's width: the same buffer shapes
+    layers[1][3] = torch.cat([short, torch.full((5, layers[0][3].shape[1] - short.shape[1]), GARBAGE[1],
+                                                dtype=torch.int32)], dim=1)
+    shared = DA.decode_buffers(layers[0][0], layers[0][3], page_size=16, split_tokens=32)
+    outs = [DA.paged_decode_attention(*case, impl="triton", split_tokens=32,
+                                      buffers=replace(shared, out=torch.empty_like(shared.out))) for case in layers]
+    for case, out in zip(layers, outs):
+        assert torch.equal(out, DA.paged_decode_attention(*case, impl="triton", split_tokens=32))
+    for case, out in zip(layers, outs):
+        torch.testing.assert_close(out.double(), oracle(*case, 64 ** -0.5), rtol=1e-5, atol=1e-5)
 
 
 def test_checks_shapes_without_reading_values():
