@@ -356,7 +356,7 @@ class Sampler:
         self.out_tok = torch.zeros(S, max_len, dtype=torch.long, device=dev)  # completions, written at `step`
         self.out_lp = torch.zeros(S, max_len, dtype=torch.float32, device=dev)
         self.buffers = None
-        if dev.type == "cuda" and triton is not None:  # the Triton kernel's outputs and partials, one set per layer,
+        if dev.type == "cuda" and triton is not None:  # the Triton kernel's outputs (one per layer) and partials,
             # at fixed addresses (without Triton, CUDA takes the CPU path: the reference over the live pages)
             q = torch.empty(S, cfg.num_attention_heads, cfg.head_dim, dtype=param.dtype, device=dev)
             shared = decode_buffers(q, self.table, page_size)  # the split partials: one set for all layers
