@@ -417,7 +417,7 @@ def internvl3_1b(out: Path, tokenizer_dir: Path) -> Path:
 def bench_train(cfg: TrainBench) -> None:
     """GRPO steps of the grid task (a VLM task with an image per prompt) from a random init, on each process count
     (torchrun), every group kept (no dynamic sampling: a random model's rewards are all 0); the median step and its
-    split (rollout / old log-probs / update), tokens/s, the padding fraction, peak memory and MFU (CUDA)."""
+    split (rollout / old log-probs / update), tokens/s, the packed fraction, peak memory and MFU (CUDA)."""
     out = Path(cfg.out)
     task = prepare(out / "task", GridTaskConfig(seed=cfg.seed))
     init = cfg.init_from or (internvl3_1b(out / "internvl3-1b", task.init_checkpoint) if cfg.size != "tiny"
@@ -432,7 +432,7 @@ def bench_train(cfg: TrainBench) -> None:
         args.append("--compile" if cfg.compile else "--no-compile")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     results = {}
-    keys = ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s", "padding", "peak_mem_mb", "mfu")
+    keys = ("t_step", "t_rollout", "t_logprob", "t_update", "tokens_per_s", "packed", "peak_mem_mb", "mfu")
     for n in map(int, cfg.nproc.split(",")):
         run = out / f"nproc{n}"
         subprocess.run(["rm", "-rf", str(run)], check=True)
@@ -445,13 +445,14 @@ def bench_train(cfg: TrainBench) -> None:
         med = lambda k: sorted(m.get(k, float("nan")) for m in metrics)[len(metrics) // 2]
         results[n] = {k: med(k) for k in keys}
     print(f"{'processes':>10s}{'step s':>10s}{'rollout':>10s}{'logprob':>10s}{'update':>10s}{'tokens/s':>10s}"
-          f"{'padding':>10s}{'peak MB':>10s}{'MFU':>8s}")
+          f"{'packed':>10s}{'peak MB':>10s}{'MFU':>8s}")
     for n, r in results.items():
         print(f"{n:>10d}{r['t_step']:>10.3f}{r['t_rollout']:>10.3f}{r['t_logprob']:>10.3f}{r['t_update']:>10.3f}"
-              f"{r['tokens_per_s']:>10.0f}{r['padding']:>10.2f}{r['peak_mem_mb']:>10.0f}{r['mfu']:>8.1%}")
+              f"{r['tokens_per_s']:>10.0f}{r['packed']:>10.2f}{r['peak_mem_mb']:>10.0f}{r['mfu']:>8.1%}")
     print(f"(medians over steps 2..{cfg.steps}; 8 prompts x 8 samples of up to {cfg.max_new_tokens} tokens per step; "
-          f"tokens/s = generated tokens per second of step time; padding = padded tokens in no sequence / padded "
-          f"tokens of the update; MFU of the update, CUDA only)")
+          f"tokens/s = generated tokens per second of step time; packed = token positions the update ran / "
+          f"prompt + response tokens of its sequences (each prompt once for its samples, no padding); MFU of the "
+          f"update, CUDA only)")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -607,8 +608,7 @@ def bench_trl(cfg: TrlBench) -> None:
         m = cli.read_jsonl(run / "metrics.jsonl")[1:]
         med = lambda k: _median([x[k] for x in m])
         our_runs.append(dict(step=med("t_step"), rollout=med("t_rollout"), update=med("t_update"),
-                             logprob=med("t_logprob"), tokens=med("rollout_tokens"), padding=med("padding")
-                             if "padding" in m[0] else float("nan")))
+                             logprob=med("t_logprob"), tokens=med("rollout_tokens"), packed=med("packed")))
     best = lambda runs: min(runs, key=lambda x: x["step"] / x["tokens"])
     a, b = best(trl_runs), best(our_runs)
     print(f"device: {device_name(torch.device('cpu'))} x 1 process, torch {torch.__version__}, trl {trl.__version__}; "
@@ -624,7 +624,7 @@ def bench_trl(cfg: TrlBench) -> None:
     step_ratio = b["tokens"] / b["step"] / (a["tokens"] / a["step"])
     print(f"ratios (ours / TRL, tokens per second): whole step {step_ratio:.2f}x"
           f", rollout vs generate {b['tokens'] / b['rollout'] / (a['tokens'] / a['rollout']):.2f}x, update "
-          f"{(a['step'] - a['rollout']) / b['update']:.2f}x; our padding fraction {b['padding']:.2f}")
+          f"{(a['step'] - a['rollout']) / b['update']:.2f}x; our packed fraction {b['packed']:.2f}")
     for name, runs in (("TRL", trl_runs), ("ours", our_runs)):
         print(f"  every {name} run (step s): " + ", ".join(f"{x['step']:.3f}" for x in runs))
 

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 import cli
 from checkpoint import IMG_CONTEXT, read_config
 from entropy import IGNORE_INDEX
-from model import VLMConfig
+from model import PromptSpan, SharedPrompts, VLMConfig
 from reward import validate_row
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -466,36 +466,38 @@ def pad_id(config: VLMConfig) -> int:
 
 
 @dataclass
-class Padded:
-    """Prompt + response sequences, right-padded into one batch. Position t predicts token t + 1, so row b's
-    response tokens are its targets from `starts[b]` = len(prompt) - 1 on, for `lengths[b]` positions."""
-    input_ids: torch.Tensor  # (B, T)
-    targets: torch.Tensor  # (B, T): the response token each position predicts, IGNORE_INDEX elsewhere
+class Layout:
+    """Where each sequence's response sits in a batch of token rows. Position t predicts token t + 1, so sequence i's
+    response tokens are the targets of row `rows[i]` from column `starts[i]` on, for `lengths[i]` positions."""
+    input_ids: torch.Tensor  # (R, T)
+    targets: torch.Tensor  # (R, T): the response token each position predicts, IGNORE_INDEX elsewhere
+    rows: list[int]
     starts: list[int]
     lengths: list[int]
 
-    def place(self, rows, dtype=torch.float32) -> torch.Tensor:
-        """(B, T) zeros with row b's values at its response positions: a number per row (broadcast), or a list or
-        tensor of lengths[b] values."""
+    def place(self, values, dtype=torch.float32) -> torch.Tensor:
+        """(R, T) zeros with sequence i's values at its response positions: a number per sequence (broadcast), or a
+        list or tensor of lengths[i] values."""
         out = torch.zeros(self.targets.shape, dtype=dtype)
-        for b, (start, n, values) in enumerate(zip(self.starts, self.lengths, rows)):
-            out[b, start:start + n] = values if isinstance(values, (int, float)) else torch.as_tensor(values)
+        for row, start, n, v in zip(self.rows, self.starts, self.lengths, values):
+            out[row, start:start + n] = v if isinstance(v, (int, float)) else torch.as_tensor(v)
         return out
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Row b's response positions of a (B, T) tensor aligned with `targets`."""
-        return [x[b, start:start + n] for b, (start, n) in enumerate(zip(self.starts, self.lengths))]
+        """Each sequence's response positions of an (R, T) tensor aligned with `targets`."""
+        return [x[row, start:start + n] for row, start, n in zip(self.rows, self.starts, self.lengths)]
 
 
-def right_pad(prompts: list[list[int]], responses: list[list[int]], pad: int) -> Padded:
-    """One batch of prompt + response ids with the targets that teach (or score) the responses."""
+def right_pad(prompts: list[list[int]], responses: list[list[int]], pad: int) -> Layout:
+    """One right-padded row per prompt + response, with the targets that teach (or score) the responses (what
+    inference batches use; training packs, see `pack`)."""
     T = max(len(p) + len(r) for p, r in zip(prompts, responses))
     ids = torch.full((len(prompts), T), pad, dtype=torch.long)
     targets = torch.full((len(prompts), T), IGNORE_INDEX, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompts, responses)):
         ids[b, :len(p) + len(r)] = torch.tensor(p + r)
         targets[b, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r, dtype=torch.long)
-    return Padded(ids, targets, [len(p) - 1 for p in prompts], [len(r) for r in responses])
+    return Layout(ids, targets, list(range(len(prompts))), [len(p) - 1 for p in prompts], [len(r) for r in responses])
 
 
 def token_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -605,70 +607,96 @@ class Sequence:
     order: int = 0  # position in the step's global order: what splits a rollout into mini-batches on any world size
 
 
+def prompt_key(s: Sequence) -> tuple:
+    """What makes sequences share a prompt: the same tokens and the same image tensor (a group's samples share
+    their prompt's)."""
+    return tuple(s.prompt), None if s.pixel_values is None else id(s.pixel_values)
+
+
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # (B, T)
+    """One packed row (model.SharedPrompts): per-token tensors are (1, T), aligned with `targets`."""
+    input_ids: torch.Tensor  # (1, T)
+    positions: torch.Tensor  # (1, T): each token's position in its own sequence (RoPE)
+    attention: SharedPrompts  # where the row's prompts and samples are, for attention
     pixel_values: torch.Tensor | None  # (tiles, 3, S, S): each distinct image of the batch once (a group shares one)
     image_index: torch.Tensor | None  # (<IMG_CONTEXT> tokens,): the feature row of pixel_values each one takes
-    targets: torch.Tensor  # (B, T): the response token each position predicts, IGNORE_INDEX elsewhere
-    mask: torch.Tensor  # (B, T) float: 1 on the response tokens that count in the loss
-    advantages: torch.Tensor  # (B,)
-    sampler_logprobs: torch.Tensor  # (B, T), aligned with targets
-    old_logprobs: torch.Tensor | None  # (B, T)
-    seqs: list[Sequence]
-    padded: Padded  # where each sequence's response sits
+    targets: torch.Tensor  # (1, T): the response token each position predicts, IGNORE_INDEX elsewhere
+    mask: torch.Tensor  # (1, T) float: 1 on the response tokens that count in the loss
+    advantages: torch.Tensor  # (1, T): each response token's sequence's advantage
+    sampler_logprobs: torch.Tensor  # (1, T)
+    old_logprobs: torch.Tensor | None  # (1, T)
+    seqs: list[Sequence]  # grouped by prompt: the order of `layout`
+    layout: Layout  # where each sequence's response sits
 
 
-def shared_images(seqs: list[Sequence], tokens_per_tile: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(tiles, index): each distinct image tensor of `seqs` once (a group's samples share their prompt's), and for
-    every <IMG_CONTEXT> token of the batch in row-major order the row of the tiles' features it takes. The vision
-    tower then runs once per prompt; autograd sums the gradient of a prompt's G uses into its one forward."""
-    unique, offsets, index = [], {}, []
+def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, mask_truncated: bool,
+         image_token_id: int | None = None, tokens_per_tile: int = 0) -> MicroBatch:
+    """The sequences grouped by prompt (`prompt_key`, in order of first appearance) into one row: per prompt, its
+    tokens but the last once, then each sample's suffix (the prompt's last token and the response but its last,
+    the positions that predict the response; positions continue the prompt's). The per-token values sit on the
+    suffixes; each distinct image tensor goes in once, `image_index` placing its features at every image token
+    of the row, so the vision tower, like the LLM, runs once per prompt and autograd sums the gradient of its G
+    uses."""
+    groups: dict[tuple, list[Sequence]] = {}
     for s in seqs:
-        if s.pixel_values is None:
-            continue
-        key = id(s.pixel_values)
-        if key not in offsets:
-            offsets[key] = sum(u.shape[0] for u in unique) * tokens_per_tile
-            unique.append(s.pixel_values)
-        index.append(torch.arange(s.pixel_values.shape[0] * tokens_per_tile) + offsets[key])
-    if not unique:
-        return None, None
-    return torch.cat(unique), torch.cat(index)
-
-
-def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, pad: int, mask_truncated: bool,
-         tokens_per_tile: int = 0) -> MicroBatch:
-    """Right-padded rows (data.right_pad), each sequence's per-token values placed on its response positions, the
-    distinct images once with the index that places their features (`shared_images`; `tokens_per_tile` 0: every
-    sequence's tiles, in order, as the model's default placement)."""
-    padded = right_pad([s.prompt for s in seqs], [s.response for s in seqs], pad)
-    mask = padded.place([s.weight * (0.0 if mask_truncated and s.truncated else 1.0) for s in seqs])
-    sampler = padded.place([s.sampler_logprobs if s.sampler_logprobs is not None else 0.0 for s in seqs])
-    old = padded.place([s.old_logprobs if s.old_logprobs is not None else 0.0 for s in seqs]) \
-        if any(s.old_logprobs is not None for s in seqs) else None
-    if tokens_per_tile:
-        pixels, index = shared_images(seqs, tokens_per_tile)
-    else:
-        tiles = [s.pixel_values for s in seqs if s.pixel_values is not None]
-        pixels, index = (torch.cat(tiles) if tiles else None), None
+        groups.setdefault(prompt_key(s), []).append(s)
+    ids, targets, positions, spans, starts, ordered = [], [], [], [], [], []
+    tiles, offsets, index = [], {}, []  # distinct images; feature row of each one's first token; per image token
+    for members in groups.values():
+        prompt, pixels = members[0].prompt, members[0].pixel_values
+        P, lengths, at = len(prompt) - 1, [len(s.response) for s in members], len(ids)
+        if P + sum(lengths) == 0:
+            continue  # a one-token prompt without responses predicts nothing
+        ids += prompt[:-1]
+        positions += range(P)
+        targets += [IGNORE_INDEX] * P
+        S = max(lengths)
+        for s, n in zip(members, lengths):
+            starts.append(len(ids))
+            ids += ([prompt[-1]] + s.response)[:n]
+            positions += range(P, P + n)
+            targets += s.response
+        first = [P + sum(lengths[:j]) for j in range(len(members))]  # each suffix's start within the span
+        last = P + sum(lengths) - 1  # a sample without response tokens points its padding at the span's end
+        suffix = torch.tensor([[min(f + min(i, n - 1), last) if n else last for i in range(S)]
+                               for f, n in zip(first, lengths)], dtype=torch.long).view(len(members), S)  # (G, S)
+        real = torch.tensor([j * S + i for j, n in enumerate(lengths) for i in range(n)], dtype=torch.long)
+        spans.append(PromptSpan(P, len(ids) - at, suffix.to(device), real.to(device)))
+        ordered += members
+        if pixels is not None:
+            if id(pixels) not in offsets:
+                offsets[id(pixels)] = sum(t.shape[0] for t in tiles) * tokens_per_tile
+                tiles.append(pixels)
+            n_prefix = prompt[:-1].count(image_token_id)
+            ends = [n_prefix] * sum(n > 0 for n in lengths) if prompt[-1] == image_token_id else []
+            index.append(torch.tensor(list(range(n_prefix)) + ends, dtype=torch.long) + offsets[id(pixels)])
+    row = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype).view(1, len(ids))  # (1, T)
+    layout = Layout(row(ids), row(targets), [0] * len(ordered), starts, [len(s.response) for s in ordered])
+    mask = layout.place([s.weight * (0.0 if mask_truncated and s.truncated else 1.0) for s in ordered])
+    sampler = layout.place([s.sampler_logprobs if s.sampler_logprobs is not None else 0.0 for s in ordered])
+    old = layout.place([s.old_logprobs if s.old_logprobs is not None else 0.0 for s in ordered]) \
+        if any(s.old_logprobs is not None for s in ordered) else None
     to = lambda t: None if t is None else t.to(device, non_blocking=True)
-    return MicroBatch(to(padded.input_ids), None if pixels is None else pixels.to(device, dtype), to(index),
-                      to(padded.targets), to(mask), to(torch.tensor([s.advantage for s in seqs])), to(sampler),
-                      to(old), seqs, padded)
+    return MicroBatch(to(layout.input_ids), to(row(positions)), SharedPrompts(spans),
+                      torch.cat(tiles).to(device, dtype) if tiles else None, to(torch.cat(index)) if tiles else None,
+                      to(layout.targets), to(mask), to(layout.place([s.advantage for s in ordered])), to(sampler),
+                      to(old), ordered, layout)
 
 
 def micro_batch_plan(seqs: list[Sequence], size: int, max_tokens: int | None = None) -> list[list[Sequence]]:
     """This rank's micro-batches. `max_tokens` unset: runs of `size` sequences in the given order (a group's
     samples are consecutive). Set: sequences ordered by length and cut into runs whose padded size (count x
-    longest) fills the budget (`token_batches`); with images, a prompt's samples stay together (ordered by the
-    group's longest, then their own length), so its tiles go through the tower once where the budget allows.
-    The loss is a token-level mean over the whole step, so the grouping changes the cost, never the result."""
+    longest prompt + response) stays within the budget (`token_batches`), a prompt's samples together (ordered by
+    the group's longest, then their own length), so that the packed row holds its prompt once where the budget
+    allows. The packed row is never longer than that bound, nor is what its attention gathers (model.SharedPrompts),
+    so the bound is what memory plans count (plan.py). The loss is a token-level mean over the whole step, so the
+    grouping changes the cost, never the result."""
     if max_tokens is None:
         return [seqs[i:i + size] for i in range(0, len(seqs), size)]
     n = lambda s: len(s.prompt) + len(s.response)
-    first: dict[int, int] = {}  # a group's key -> where it first appears: a deterministic tie-break
-    group = lambda s: first.setdefault(id(s.pixel_values) if s.pixel_values is not None else id(s), len(first))
+    first: dict[tuple, int] = {}  # a group's key -> where it first appears: a deterministic tie-break
+    group = lambda s: first.setdefault(prompt_key(s), len(first))
     longest: dict[int, int] = {}
     for s in seqs:
         longest[group(s)] = max(longest.get(group(s), 0), n(s))

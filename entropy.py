@@ -105,7 +105,9 @@ if triton is not None:  # without Triton the kernels stay undefined and logprob_
 def _stats_torch(logits: torch.Tensor, targets: torch.Tensor, state: torch.Tensor, v0: int, inv_temp: float):
     """Plain-torch twin of `_stats_kernel`: the whole block row at once instead of BLOCK_V pieces."""
     m, s, u, zt = state  # each (nc,), views into state (4, nc)
-    z = logits.float() * inv_temp  # (nc, vc)
+    z = logits.float()  # (nc, vc): fp32 logits are this block's own buffer, worked on in place
+    if inv_temp != 1.0:
+        z = z * inv_temp
     local = targets - v0
     hit = (local >= 0) & (local < z.shape[1])
     zt.copy_(torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), zt))
@@ -147,13 +149,15 @@ if triton is not None:
 def _dlogits_torch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ez: torch.Tensor,
                    dlogp: torch.Tensor, dent: torch.Tensor, v0: int, inv_temp: float):
     """Plain-torch twin of `_dlogits_kernel`."""
-    z = logits.float() * inv_temp  # (nc, vc)
+    z = logits.float()  # (nc, vc): fp32 logits are the block's own buffer, overwritten below anyway
+    if inv_temp != 1.0:
+        z = z * inv_temp
     p = (z - lse[:, None]).exp_()
     dz = z.neg_().add_(ez[:, None]).mul_(dent[:, None]).sub_(dlogp[:, None]).mul_(p)  # in z's buffer
     local = targets - v0
     rows = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
     dz[rows, local[rows]] += dlogp[rows]
-    logits.copy_(dz.mul_(inv_temp))
+    logits.copy_(dz.mul_(inv_temp) if inv_temp != 1.0 else dz)  # a no-op where dz is logits' buffer
 
 
 def _interpreted() -> bool:

@@ -351,6 +351,44 @@ def cached_attention(q, k, v, mask):
     return y.view(B, KV, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
 
 
+@dataclass
+class PromptSpan:
+    """One prompt and its samples in a packed row (see SharedPrompts): `prefix` tokens of the prompt, then each
+    sample's suffix, `length` tokens in all."""
+    prefix: int
+    length: int
+    suffix: torch.Tensor  # (G, S): each sample's suffix positions within the span, right-padded with its last one
+    real: torch.Tensor  # (suffix tokens,): the rows of the (G * S) suffix outputs that are real tokens, in order
+
+
+@dataclass
+class SharedPrompts:
+    """Attention for a packed training micro-batch (data.pack): a single row of tokens in which each prompt
+    appears once, all but its last token (the prefix its G samples share), followed by each sample's suffix (the
+    prompt's last token, then the response but its last: the positions that predict the response). The linear
+    layers, the norms and the vision tower see each prompt once instead of G times, and no padding.
+
+    Attention, per prompt, gathers the span into G rows of prefix + suffix and runs SDPA's causal kernel on them
+    (flash, GQA, no mask), taking the prefix's outputs from the first row: the prefix's queries run G times, a
+    waste of (G - 1) x prefix^2 / 2 attention scores that keeps every backend's fused causal path. Autograd sums
+    the G uses of the prefix's keys and values. Speaks KVCache's `attend` protocol (positions come from the
+    caller: a suffix continues its prefix's positions)."""
+    spans: list[PromptSpan]
+
+    @torch.compiler.disable  # --compile_blocks: the spans change every micro-batch; the rest of a block compiles
+    def attend(self, layer: int, q, k, v, positions, slots=None):
+        """q (1, T, H, D), k and v (1, T, KV, D) over the packed row -> (1, T, H * D)."""
+        out, at = [], 0
+        for span in self.spans:
+            P, G = span.prefix, span.suffix.shape[0]
+            rows = lambda x: torch.cat([x[at:at + P].expand(G, -1, -1, -1), x[at + span.suffix]],
+                                       dim=1)  # (G, P + S, heads, D)
+            y = causal_attention(rows(q[0]), rows(k[0]), rows(v[0]))  # (G, P + S, H * D)
+            out += [y[0, :P], y[:, P:].reshape(-1, y.shape[-1])[span.real]]
+            at += span.length
+        return torch.cat(out)[None]  # (1, T, H * D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -424,7 +462,7 @@ class LLM(nn.Module):
         attends only to itself, causally). `cache` (a KVCache, or a view of rollout.py's page pool) stores each
         layer's keys and values and attends over them; with a KVCache, batch row b lives in cache slot `slots[b]`
         (default b) and its keys/values are written at `positions[b]`; given positions read the cache up to each
-        query's position."""
+        query's position. A SharedPrompts `cache` is a packed training row's attention (no cache)."""
         B, T, _ = x.shape
         new = positions is None
         if new:
@@ -488,7 +526,7 @@ class VLM(nn.Module):
     def embed(self, input_ids, pixel_values=None, image_index=None):
         """Token embeddings with the connector's outputs in place of the <IMG_CONTEXT> tokens: in order, or, with
         `image_index` (one entry per <IMG_CONTEXT> token, row-major), token i takes feature row image_index[i], so a
-        prompt's tiles shared by its G samples go through the tower once (data.shared_images)."""
+        prompt's tiles shared by its G samples go through the tower once (data.pack)."""
         V = self.config.llm.vocab_size
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < V:
             raise ValueError(f"token ids must lie in [0, {V}): got {int(input_ids.min())}..{int(input_ids.max())}")

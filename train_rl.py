@@ -77,8 +77,8 @@ class UpdateStats:
     gap: float = 0.0  # sum of |trainer - sampler| log-prob before the update
     gap_max: float = 0.0  # largest such gap (reduced with max, not sum)
     entropy: EntropySums = field(default_factory=EntropySums)  # the policy's entropy, before the update
-    padded: float = 0.0  # token positions the micro-batches ran
-    padding: float = 0.0  # of which in no sequence
+    positions: float = 0.0  # token positions the forwards ran (packed: each prompt once per micro-batch)
+    unpacked: float = 0.0  # prompt + response tokens of the sequences: what one row per sequence would run
 
     def __add__(self, o: "UpdateStats") -> "UpdateStats":
         """Field by field: sums, except gap_max (the larger of the two)."""
@@ -88,10 +88,10 @@ class UpdateStats:
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, sampler_logprobs=None, ref_logprobs=None,
               entropy=None) -> tuple[torch.Tensor, UpdateStats]:
-    """PPO-clip with clip-higher and dual clip, per token; all (B, T) but advantages (B,). mask is 1 on the response
-    tokens that count. sampler_logprobs give the truncated importance weight min(exp(old - sampler), tis_cap);
-    ref_logprobs the k3 KL term; entropy the bonus."""
-    adv = advantages[:, None]  # (B, 1)
+    """PPO-clip with clip-higher and dual clip, per token; all (B, T) (advantages may broadcast: (B, 1) per
+    sequence). mask is 1 on the response tokens that count. sampler_logprobs give the truncated importance weight
+    min(exp(old - sampler), tis_cap); ref_logprobs the k3 KL term; entropy the bonus."""
+    adv = advantages
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * adv)
     loss = -surrogate
@@ -158,7 +158,7 @@ def grpo_step(run: Run, step: int) -> dict:
         update += part_stats
     run.policy.sync_rollout_model()
     update = summed_over_ranks(update if before is None else update + before, run.proc.device, maxima=("gap_max",))
-    return (stats.metrics(run) | update_metrics(update, results, seqs, run)
+    return (stats.metrics(run) | update_metrics(update, results)
             | dict(t_rollout=t1 - t0, t_logprob=t2 - t1, t_update=time.perf_counter() - t2))
 
 
@@ -286,7 +286,7 @@ def old_logprobs(run: Run, seqs: list[Sequence]) -> UpdateStats:
         for mb in run.batches(seqs):
             logprobs, entropy = run.policy.forward(mb, run.cfg.temperature)
             stats += observed(mb, logprobs, entropy, run.data.critical_ids)
-            for s, lp in zip(mb.seqs, mb.padded.split(logprobs.cpu())):
+            for s, lp in zip(mb.seqs, mb.layout.split(logprobs.cpu())):
                 s.old_logprobs = lp
     return stats
 
@@ -319,8 +319,8 @@ def backward(run: Run, seqs: list[Sequence], loss_of) -> tuple[float, UpdateStat
         loss, mb_stats = loss_of(mb, logprobs, entropy)
         (loss * proc.world / tokens).backward()
         total += loss.item() / tokens
-        filled = sum(len(s.prompt) + len(s.response) for s in mb.seqs)
-        stats += mb_stats + UpdateStats(padded=mb.input_ids.numel(), padding=mb.input_ids.numel() - filled)
+        unpacked = sum(len(s.prompt) + len(s.response) for s in mb.seqs if s.weight)
+        stats += mb_stats + UpdateStats(positions=mb.input_ids.numel(), unpacked=unpacked)
     return all_sum(total, device=proc.device)[0], stats
 
 
@@ -363,16 +363,15 @@ class RolloutStats:
                     rounds=int(t.rounds), rollout_tokens=int(t.length), skipped_rows=len(run.data.skipped))
 
 
-def update_metrics(u: UpdateStats, results: list[dict], seqs: list[Sequence], run: Run) -> dict:
+def update_metrics(u: UpdateStats, results: list[dict]) -> dict:
     """The update's metrics from its rank-summed stats and each optimizer step's result."""
     n = max(u.tokens, 1.0)
-    forward_tokens = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), device=run.proc.device)[0]
     return dict(loss=sum(r["loss"] for r in results) / len(results), grad_norm=results[-1]["grad_norm"],
                 lr=results[-1]["lr"], skipped=any(r["skipped"] for r in results), clip_low=u.clipped_low / n,
                 clip_high=u.clipped_high / n, kl=u.kl / n, entropy=u.entropy.mean,
                 critical_entropy=u.entropy.critical_mean, logprob_gap=u.gap / max(u.entropy.num_tokens, 1),
-                logprob_gap_max=u.gap_max, update_tokens=int(u.tokens), forward_tokens=int(forward_tokens),
-                padding=u.padding / max(u.padded, 1.0))
+                logprob_gap_max=u.gap_max, update_tokens=int(u.tokens), forward_tokens=int(u.positions),
+                packed=u.positions / max(u.unpacked, 1.0))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -396,10 +395,9 @@ def sft_step(run: Run, step: int) -> dict:
     loss, stats = backward(run, seqs, loss_of)
     result = run.policy.step(loss, cfg.grad_clip, proc.rank)
     stats = summed_over_ranks(stats, proc.device, maxima=("gap_max",))
-    forward_tokens = all_sum(sum(len(s.prompt) + len(s.response) for s in seqs), device=proc.device)[0]
     return result | dict(entropy=stats.entropy.mean, update_tokens=int(stats.tokens),
-                         padding=stats.padding / max(stats.padded, 1.0),
-                         forward_tokens=int(forward_tokens), skipped_rows=len(run.data.skipped),
+                         packed=stats.positions / max(stats.unpacked, 1.0),
+                         forward_tokens=int(stats.positions), skipped_rows=len(run.data.skipped),
                          t_update=time.perf_counter() - t0)
 
 

@@ -26,7 +26,7 @@ import verifier
 from checkpoint import read_config, save_model
 from cli import InputError, UsageError, arg
 from data import (ChatTemplate, Example, MicroBatch, PromptStream, Sequence, check_tokenizer, encode,
-                  load_chat_template, load_rows, load_tokenizer, micro_batch_plan, pack, pad_id, special_ids)
+                  load_chat_template, load_rows, load_tokenizer, micro_batch_plan, pack, special_ids)
 from entropy import critical_token_ids
 from eval import EvalConfig, evaluate, results_json
 from model import VLM
@@ -247,7 +247,7 @@ class Policy:
     def forward(self, mb: MicroBatch, temperature: float = 1.0, model: VLM | None = None):
         """Per-token (log-probs, entropy) from inside the sharded model's forward (see VLM.forward)."""
         return (model or self.model)(mb.input_ids, mb.pixel_values, targets=mb.targets, temperature=temperature,
-                                     image_index=mb.image_index)
+                                     positions=mb.positions, cache=mb.attention, image_index=mb.image_index)
 
     def step(self, loss: float, grad_clip: float, rank: int) -> dict:
         """Clip, then step unless the loss or the gradient norm is not finite (then the update is dropped, logged,
@@ -398,7 +398,7 @@ class Run:
         plan = micro_batch_plan(seqs, cfg.micro_batch, cfg.micro_batch_tokens)
         count = int(all_max(len(plan), device=self.proc.device)[0])
         dtype = self.policy.rollout_model.language_model.embed_tokens.weight.dtype
-        return [pack(b, self.proc.device, dtype, pad_id(config), cfg.mask_truncated, config.tokens_per_tile)
+        return [pack(b, self.proc.device, dtype, cfg.mask_truncated, config.image_token_id, config.tokens_per_tile)
                 for b in plan + [[self.dummy]] * (count - len(plan))]
 
     def generate(self, requests: list, **kw) -> list:

@@ -67,7 +67,7 @@ def test_train_commands_and_table(tmp_path, monkeypatch, capsys):
         if command[-2] == "--out":  # a training: its metrics, step 1 much slower (the warm-up)
             Path(command[-1]).mkdir(parents=True)
             records = [dict(step=k, t_step=10.0 if k == 1 else k, t_rollout=1, t_logprob=2, t_update=3,
-                            tokens_per_s=100 * k, padding=0.25, peak_mem_mb=7) for k in (1, 2, 3, 4)]
+                            tokens_per_s=100 * k, packed=0.25, peak_mem_mb=7) for k in (1, 2, 3, 4)]
             Path(command[-1], "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     out = run(capsys, "train", "--out", str(tmp_path), "--steps", "4", "--no-compile")

@@ -1,6 +1,6 @@
-"""What makes train_rl.py fast, checked to change nothing but the cost: the vision tower once per prompt (loss and
-gradients equal the per-sample computation, fp64), token-budget micro-batches (equal to one big batch, 1 and 2
-processes), the GPU's bf16 configuration run on CPU, and the prepared GPU check's CPU dry run."""
+"""What makes train_rl.py fast, checked to change nothing but the cost: each prompt's tokens and tiles once for its
+samples (loss and gradients equal the per-sample computation, fp64), token-budget micro-batches (equal to one big
+batch, 1 and 2 processes), the GPU's bf16 configuration run on CPU, and the prepared GPU check's CPU dry run."""
 import json
 import os
 import subprocess
@@ -53,20 +53,36 @@ def group_sequences(config, tok) -> list[D.Sequence]:
     return seqs
 
 
-def loss_and_grads(model, batches, tokens: float):
+def grpo_loss_and_grads(model, batches, tokens: float):
+    """The GRPO loss of `batches` (each: the model's inputs and the per-token tensors the loss takes), divided by
+    `tokens`, and every parameter's gradient."""
     model.zero_grad(set_to_none=True)
     total = 0.0
-    for mb in batches:
-        logprobs, _ = model(mb.input_ids, mb.pixel_values, targets=mb.targets, image_index=mb.image_index)
-        loss, _ = T.grpo_loss(logprobs, logprobs.detach(), mb.advantages, mb.mask, T.TrainConfig().loss,
-                              mb.sampler_logprobs)
+    for inputs, advantages, mask, sampler in batches:
+        logprobs, _ = model(**inputs)
+        loss, _ = T.grpo_loss(logprobs, logprobs.detach(), advantages, mask, T.TrainConfig().loss, sampler)
         (loss / tokens).backward()
         total += loss.item() / tokens
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def packed(mb: D.MicroBatch):
+    return (dict(input_ids=mb.input_ids, pixel_values=mb.pixel_values, targets=mb.targets, positions=mb.positions,
+                 cache=mb.attention, image_index=mb.image_index), mb.advantages, mb.mask, mb.sampler_logprobs)
+
+
+def one_row(s: D.Sequence, pad: int):
+    """The reference: the sequence alone in a row of its own, its own tiles, the model's plain causal forward."""
+    row = D.right_pad([s.prompt], [s.response], pad)
+    place = lambda v: row.place([v], torch.float64)
+    return (dict(input_ids=row.input_ids, pixel_values=s.pixel_values, targets=row.targets), place(s.advantage),
+            place(1.0), place(s.sampler_logprobs))
+
+
 @pytest.mark.parametrize("frozen_tower", [False, True])
-def test_tower_once_per_prompt_equals_per_sample(tok, fp64_head, frozen_tower):
+def test_prompt_once_per_group_equals_per_sample(tok, fp64_head, frozen_tower):
+    """The packed micro-batch (each prompt's tokens and tiles once for its 4 samples) against each sequence in a
+    row of its own: loss and every gradient, fp64, with a trainable and a frozen tower."""
     config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(D.IMG_CONTEXT))
     model = M.VLM.from_config(config, dtype=torch.float64, seed=2).train()
     if frozen_tower:
@@ -75,20 +91,47 @@ def test_tower_once_per_prompt_equals_per_sample(tok, fp64_head, frozen_tower):
     tokens = float(sum(len(s.response) for s in seqs))
     seen = []
     count_tiles(model, seen)
-    pad = D.pad_id(config)
-    shared = D.pack(seqs, torch.device("cpu"), torch.float64, pad, False, config.tokens_per_tile)
-    assert shared.pixel_values.shape[0] == 6 and shared.image_index.numel() == 4 * 6 * config.tokens_per_tile
-    loss, grads = loss_and_grads(model, [shared], tokens)
+    mb = D.pack(seqs, torch.device("cpu"), torch.float64, False, config.image_token_id, config.tokens_per_tile)
+    assert mb.pixel_values.shape[0] == 6 and mb.image_index.numel() == 6 * config.tokens_per_tile
+    prompts = sum(len(s.prompt) - 1 for s in seqs[::4])
+    assert mb.input_ids.shape == (1, prompts + tokens)  # each prompt once, no padding
+    loss, grads = grpo_loss_and_grads(model, [packed(mb)], tokens)
     assert seen == [6]  # each prompt's tiles once, for its 4 samples
     seen.clear()
-    alone = [D.pack([s], torch.device("cpu"), torch.float64, pad, False) for s in seqs]  # each with its own tiles
-    want_loss, want = loss_and_grads(model, alone, tokens)
+    want_loss, want = grpo_loss_and_grads(model, [one_row(s, D.pad_id(config)) for s in seqs], tokens)
     assert sum(seen) == 4 * 6
     assert abs(loss - want_loss) <= 1e-10 and grads.keys() == want.keys()
     assert all((grads[k] - want[k]).abs().max() <= 1e-10 for k in want)
     tower = [k for k in want if k.startswith("vision_model.")]
     assert (not tower) if frozen_tower else all(want[k].abs().max() > 0 for k in tower)
     assert all(want[k].abs().max() > 0 for k in want if k.startswith("mlp1."))
+
+
+def test_packed_edge_cases_equal_one_row_each(tok, fp64_head):
+    """Prompts that end on their image (the last prompt token, carried by every suffix, is an image token), a
+    one-token prompt (no shared prefix), a sample with an empty response, and two prompts on one image tensor:
+    each response's log-probs and entropies from the packed row equal its own row's (fp64)."""
+    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(D.IMG_CONTEXT))
+    model = M.VLM.from_config(config, dtype=torch.float64, seed=4).train()
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(9, config.llm.vocab_size, (n,), generator=g).tolist()
+    image, per_tile = config.image_token_id, config.tokens_per_tile
+    pixels = torch.randn(2, 3, 56, 56, generator=g, dtype=torch.float64)
+    prompts = [(rand(3) + [image] * 2 * per_tile, pixels),  # ends on the image
+               (rand(1), None),  # one token
+               (rand(2) + [image] * 2 * per_tile + rand(2), pixels)]  # another question on the same tensor
+    seqs = [D.Sequence(k, p, rand(n), px) for k, (p, px) in enumerate(prompts) for n in (5, 0, 9)]
+    mb = D.pack(seqs, torch.device("cpu"), torch.float64, False, image, per_tile)
+    assert mb.pixel_values.shape[0] == 2  # the shared tensor once
+    got = model(mb.input_ids, mb.pixel_values, targets=mb.targets, positions=mb.positions, cache=mb.attention,
+                image_index=mb.image_index)
+    assert [s.row for s in mb.seqs] == [s.row for s in seqs]
+    for s, logprob, entropy in zip(mb.seqs, *map(mb.layout.split, got)):
+        row = D.right_pad([s.prompt], [s.response], D.pad_id(config))
+        want = [row.split(x)[0] for x in model(row.input_ids, s.pixel_values, targets=row.targets)]
+        assert logprob.shape == (len(s.response),)
+        assert torch.allclose(logprob, want[0], rtol=0, atol=1e-12) and torch.allclose(entropy, want[1], rtol=0,
+                                                                                         atol=1e-12)
 
 
 def test_micro_batch_plan_keeps_groups_and_fills_the_budget(tok):
@@ -126,7 +169,7 @@ def test_step_runs_each_prompt_through_the_tower_once(tmp_path, in_process, monk
                               overlong_buffer=0, threads=1, dynamic_sampling=False, **kw))
         assert seen == [8, 8], (name, seen)  # one tile per prompt, one forward per step
         metrics = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert all(0 <= m["padding"] < 1 for m in metrics)
+        assert all(0 < m["packed"] < 1 for m in metrics)  # 8 prompts run once each, not 64 times
 
 
 def run_driver(path: Path, nproc: int, *args: str) -> dict:

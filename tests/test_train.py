@@ -108,8 +108,8 @@ def naive(logprobs, old, adv, mask, c: T.LossConfig, sampler=None, ref=None, ent
 def test_grpo_loss_hand_computed():
     c = cfg()
     (lp1, old1, a1, m1), (lp2, old2, a2, m2) = tensors(MB1, 0), tensors(MB2, 1)
-    s1, st1 = T.grpo_loss(lp1, old1, a1, m1, c)
-    s2, st2 = T.grpo_loss(lp2, old2, a2, m2, c)
+    s1, st1 = T.grpo_loss(lp1, old1, a1[:, None], m1, c)
+    s2, st2 = T.grpo_loss(lp2, old2, a2[:, None], m2, c)
     tokens = st1.tokens + st2.tokens
     assert tokens == 7
     assert ((s1 + s2) / tokens).item() == pytest.approx(0.94, abs=1e-12)
@@ -132,7 +132,7 @@ def test_grpo_loss_terms_match_naive_fp64():
     sampler = old + torch.randn(old.shape, generator=g, dtype=torch.float64) * 0.8  # some weights hit the cap
     ref = old + torch.randn(old.shape, generator=g, dtype=torch.float64) * 0.3
     entropy = torch.rand(old.shape, generator=g, dtype=torch.float64).requires_grad_()
-    got, _ = T.grpo_loss(lp, old, adv, mask, c, sampler, ref, entropy)
+    got, _ = T.grpo_loss(lp, old, adv[:, None], mask, c, sampler, ref, entropy)
     got.backward()
     lp2, ent2 = lp.detach().clone().requires_grad_(), entropy.detach().clone().requires_grad_()
     want = naive(lp2, old, adv, mask, c, sampler, ref, ent2)

@@ -53,12 +53,12 @@ def main():
                 TR.TrainData([], [], None, None, [1], {}))
     seqs = sequences(config)
     mine = seqs[proc.rank::proc.world]
-    loss, stats = T.backward(run, mine, T.grpo_loss_of(run, observe=False))
+    loss, _ = T.backward(run, mine, T.grpo_loss_of(run, observe=False))
     batches = T.all_max(len(run.batches(mine)), device=proc.device)[0]
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
              for n, p in model.named_parameters()}
     if proc.rank == 0:
-        torch.save(dict(loss=loss, grads=grads, batches=batches, padding=(stats.padded, stats.padding)), out)
+        torch.save(dict(loss=loss, grads=grads, batches=batches), out)
     dist.barrier()
     dist.destroy_process_group()
 
