@@ -378,14 +378,14 @@ class SharedPrompts:
     @torch.compiler.disable  # --compile_blocks: the spans change every micro-batch; the rest of a block compiles
     def attend(self, layer: int, q, k, v, positions, slots=None):
         """q (1, T, H, D), k and v (1, T, KV, D) over the packed row -> (1, T, H * D)."""
-        out, at = [], 0
-        for span in self.spans:
+        out = []
+        # Split once: each span's gathers then cost (and their backward allocates) its own length, not the row's.
+        split = lambda x: x[0].split([span.length for span in self.spans])
+        for span, q_, k_, v_ in zip(self.spans, split(q), split(k), split(v)):
             P, G = span.prefix, span.suffix.shape[0]
-            rows = lambda x: torch.cat([x[at:at + P].expand(G, -1, -1, -1), x[at + span.suffix]],
-                                       dim=1)  # (G, P + S, heads, D)
-            y = causal_attention(rows(q[0]), rows(k[0]), rows(v[0]))  # (G, P + S, H * D)
+            rows = lambda x: torch.cat([x[:P].expand(G, -1, -1, -1), x[span.suffix]], dim=1)  # (G, P + S, heads, D)
+            y = causal_attention(rows(q_), rows(k_), rows(v_))  # (G, P + S, H * D)
             out += [y[0, :P], y[:, P:].reshape(-1, y.shape[-1])[span.real]]
-            at += span.length
         return torch.cat(out)[None]  # (1, T, H * D)
 
 
