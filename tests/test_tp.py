@@ -15,6 +15,7 @@ import torch
 
 import checkpoint as C
 import data as D
+import eval as E
 import model as M
 import parallel as P
 import trainer as TR
@@ -171,8 +172,18 @@ def against_one_process(vlm: Path, out: Path, nproc: int) -> tuple[Sampler, list
     return sampler, requests
 
 
+@pytest.fixture
+def one_thread():
+    """The one-process references on one thread, as each torchrun rank runs (OMP_NUM_THREADS=1): the tiny models'
+    ops are too small to share, and on a busy machine a second thread mostly waits for a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
-def test_tp2_generates_what_one_process_does(name, vlms, launched):
+def test_tp2_generates_what_one_process_does(name, vlms, launched, one_thread):
     """Greedy and temperature-1 completions (tokens exactly, log-probs within 1e-5) of image and text prompts, each
     rank keeping its own share; the copy equals its slices of the trained weights and gathers back to all of them."""
     sampler, requests = against_one_process(vlms[name], launched / name, nproc=2)
@@ -182,12 +193,12 @@ def test_tp2_generates_what_one_process_does(name, vlms, launched):
 
 
 @pytest.mark.skipif(COMPILER is None, reason="inductor on CPU needs a C++ compiler")
-def test_tp2_compiled_decode_step_generates_what_one_process_does(vlms, launched):
+def test_tp2_compiled_decode_step_generates_what_one_process_does(vlms, launched, one_thread):
     """The decode step compiled with the all-reduce hooks in its graph (functional collectives trace)."""
     against_one_process(vlms["qwen2"], launched / "qwen2_compiled", nproc=2)
 
 
-def test_two_groups_of_two_generate_what_one_process_does(vlms, launched):
+def test_two_groups_of_two_generate_what_one_process_does(vlms, launched, one_thread):
     """4 processes, 2 tensor-parallel groups: each group generates its own ranks' requests."""
     against_one_process(vlms["qwen2"], launched / "qwen2_4ranks", nproc=4)
 
@@ -214,13 +225,20 @@ def test_grpo_step_with_tp2_matches_without(launched):
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the step moved the weights
 
 
-def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, launched, tmp_path):
+def in_this_process(main, argv: list):
+    """`main(argv)` in pytest's process, as a plain `python` launch runs it (a world of one on a free port) without
+    another start-up of torch: the rendezvous variables the last call set are dropped first. For `in_process`."""
+    for k in DIST_ENV:
+        os.environ.pop(k, None)
+    main(list(map(str, argv)))
+
+
+def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, launched, tmp_path, capsys, in_process, one_thread):
     """eval.py on 2 processes holding one copy split between them: the same records as one process without tensor
-    parallelism (entropies within float rounding), and the same answers to --question."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    parallelism (entropies within float rounding), and the same answers to --question. The one process is this
+    one."""
     benchmark, question = eval_args(ckpt, mmmu_dir)
-    subprocess.run([sys.executable, "eval.py", *benchmark, "--out", tmp_path / "one.json"], check=True, cwd=REPO,
-                   env=env, capture_output=True)
+    in_this_process(E.main, [*benchmark, "--out", tmp_path / "one.json"])
     one, split = (json.loads(f.read_text()) for f in (tmp_path / "one.json", launched / "eval.json"))
     assert len(one["records"]) == len(split["records"]) == 15 and any(r["entropy"] for r in one["records"])
     for a, b in zip(one["records"], split["records"]):
@@ -229,10 +247,10 @@ def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, launched, tmp_path):
         assert (ea is None) == (eb is None)  # the sampled responses carry entropies, the greedy ones none
         assert ea is None or ea.keys() == eb.keys() and all(ea[k] == pytest.approx(eb[k], rel=1e-5, abs=1e-6)
                                                             for k in ea)
-    alone = subprocess.run([sys.executable, "eval.py", *question], check=True, cwd=REPO, env=env,
-                           capture_output=True, text=True)
+    capsys.readouterr()  # the benchmark's table
+    in_this_process(E.main, question)
     answers = lambda out: [line for line in out.splitlines() if not line.startswith("[")]
-    assert answers(alone.stdout) == answers((launched / "question.rank0.txt").read_text()) != []
+    assert answers(capsys.readouterr().out) == answers((launched / "question.rank0.txt").read_text()) != []
 
 
 def test_sizes_that_cannot_split_are_refused_at_the_door(ckpt, tmp_path):
