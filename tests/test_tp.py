@@ -258,12 +258,18 @@ def test_sizes_that_cannot_split_are_refused_at_the_door(ckpt, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(dict(id="a", question="how many", answer="1")) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                                       env=env, timeout=300)
-    train = run("train_rl.py", "--init_from", ckpt, "--data", rows, "--out", tmp_path / "out", "--rollout_tp", "2")
-    assert (train.returncode, train.stderr) == (2, "train_rl.py: error: --rollout_tp 2 must divide the 1 processes\n")
+    script = lambda *args: subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    # Both scripts at once: each is one process (one core) starting torch before it refuses.
+    train = script("train_rl.py", "--init_from", ckpt, "--data", rows, "--out", tmp_path / "out", "--rollout_tp", "2")
+    ev = script("eval.py", "--ckpt", ckpt, "--data", rows, "--out", tmp_path / "e.json", "--rollout_tp", "3")
+    try:
+        train_err, ev_err = (p.communicate(timeout=300)[1] for p in (train, ev))
+    finally:
+        for p in (train, ev):  # one that outlived a timeout ends here (a no-op on one that exited)
+            p.kill()
+    assert (train.returncode, train_err) == (2, "train_rl.py: error: --rollout_tp 2 must divide the 1 processes\n")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-    ev = run("eval.py", "--ckpt", ckpt, "--data", rows, "--out", tmp_path / "e.json", "--rollout_tp", "3")
-    assert (ev.returncode, ev.stderr) == (2, "eval.py: error: --rollout_tp 3 must divide the 1 processes\n")
+    assert (ev.returncode, ev_err) == (2, "eval.py: error: --rollout_tp 3 must divide the 1 processes\n")
     with pytest.raises(P.UsageError, match="--rollout_tp must be >= 1, got 0"):
         TR.TrainConfig(rollout_tp=0)
