@@ -106,10 +106,10 @@ def run_job(job: list[str]):
 
 
 def run_jobs(jobs_file: Path):
-    """Each job in a process group of its own, as in a launch of its own, which the job's code destroys as it does
-    at exit. A launch's first group lives on torchrun's store under keys that a group made again would reuse (and
-    connect to the last one's addresses), so each job's group is made here, on its own prefix of that store; the
-    job's code finds it made."""
+    """Each job as a launch of its own runs it: in a fresh default process group, which the job's code finds made
+    (init_distributed) and destroys at its end (process_group). A group made again from the launch's environment
+    would reuse the last one's keys in torchrun's store and connect to its addresses, so each job's group is made
+    here, on its own prefix of that store."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     for name, job in json.loads(jobs_file.read_text()).items():
