@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DIST_ENV
 from grid_task import GridTaskConfig, prepare
-from test_train import common, launch, max_diff, weights
+from test_train import common, max_diff, weights
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--stage", "grpo", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
@@ -24,29 +24,43 @@ def task(tmp_path_factory):
     return prepare(tmp_path_factory.mktemp("grid"), GridTaskConfig(n_train=32, n_heldout=8))
 
 
-def two_agents(args: list[str], timeout: int = 300) -> list[str]:
-    """`torchrun --nnodes 2 --node_rank R --nproc_per_node 1 ... train_rl.py ARGS` for R = 0, 1, started together;
-    both must exit 0. Returns each agent's output."""
+def agent(args: list[str], *torchrun: str) -> subprocess.Popen:
+    """`torchrun TORCHRUN... train_rl.py ARGS`, started; its output (stderr too) to a pipe for `outputs`."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun, str(REPO / "train_rl.py"),
+                             *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def two_agents(args: list[str]) -> list[subprocess.Popen]:
+    """`torchrun --nnodes 2 --node_rank R --nproc_per_node 1 ... train_rl.py ARGS` for R = 0, 1, started together."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1",
-         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "nanor1v-test",
-         str(REPO / "train_rl.py"), *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT) for r in (0, 1)]
-    outputs = [a.communicate(timeout=timeout)[0] for a in agents]
-    for a, text in zip(agents, outputs):
+    return [agent(args, "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                  "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "nanor1v-test") for r in (0, 1)]
+
+
+def outputs(*agents: subprocess.Popen, timeout: int = 300) -> list[str]:
+    """Waits for each agent; all must exit 0. Their outputs. One still going when this leaves (a timeout) is ended:
+    torchrun ends its ranks on SIGTERM."""
+    try:
+        texts = [a.communicate(timeout=timeout)[0] for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.terminate()
+    for a, text in zip(agents, texts):
         assert a.returncode == 0, text[-5000:]
-    return outputs
+    return texts
 
 
 def test_two_agents_match_one_agent_and_resume_from_what_they_wrote(task, tmp_path):
     one, multi = tmp_path / "one", tmp_path / "multi"
-    launch([str(REPO / "train_rl.py"), *common(task, one), *ARGS, "--steps", "2"], nproc=2)
-    first = two_agents([*common(task, multi), *ARGS, "--steps", "1"])
-    second = two_agents([*common(task, multi), *ARGS, "--steps", "2", "--resume"])
+    # The one-agent reference and the first two-agent run are independent: started together, each fills the cores
+    # the other leaves idle (torchrun's start, rank 0's saves, the teardowns).
+    *first, _ = outputs(*two_agents([*common(task, multi), *ARGS, "--steps", "1"]),
+                        agent([*common(task, one), *ARGS, "--steps", "2"], "--standalone", "--nproc_per_node=2"))
+    second = outputs(*two_agents([*common(task, multi), *ARGS, "--steps", "2", "--resume"]))
     for step in (1, 2):
         assert max_diff(weights(one, step), weights(multi, step)) <= 1e-5
     assert max_diff(weights(multi, 1), weights(multi, 2)) > 1e-4  # the resumed step did update

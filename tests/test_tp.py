@@ -1,7 +1,8 @@
 """--rollout_tp: the rollout copy split across the ranks of a tensor-parallel group (parallel.py). Two CPU processes
 (torchrun, gloo) with --rollout_tp 2 against one process without it: the same greedy and sampled tokens and
 log-probs on an image prompt, the copy equal to its slices of the trained weights after every refresh, and one GRPO
-step ending with the same parameters as without tensor parallelism; bad values refused at the door."""
+step ending with the same parameters as without tensor parallelism; bad values refused at the door. Every torchrun
+run of the module goes in one 2-process and one 4-process launch of tests/tp_driver.py (`launched`)."""
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 
 import checkpoint as C
 import data as D
+import eval as E
 import model as M
 import parallel as P
 import trainer as TR
@@ -24,14 +26,27 @@ from test_eval import ckpt, mmmu_dir, tok  # noqa: F401 - eval's tiny checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "tp_driver.py"
+VARIANTS = ("qwen2", "qwen3_o_bias")
+COMPILER = shutil.which("g++") or shutil.which("c++")  # inductor on CPU needs one
+GRID = GridTaskConfig(n_train=16, n_heldout=4)
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def torchrun(*launches: tuple[Path, int], timeout: int = 600):
+    """`torchrun --standalone --nproc_per_node=NPROC tests/tp_driver.py JOBS.json` for each (JOBS.json, NPROC), all
+    at once: each launch leaves cores idle (torchrun's start, one rank's saves, the teardowns) that the other fills.
+    Each must exit 0; one still going when this leaves (a timeout) is ended: torchrun ends its ranks on SIGTERM."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                          *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
+    runs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", str(DRIVER), str(jobs)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for jobs, nproc in launches]
+    try:
+        outputs = [r.communicate(timeout=timeout) for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.terminate()
+    for r, (out, err) in zip(runs, outputs):
+        assert r.returncode == 0, out[-3000:] + err[-5000:]
 
 
 def test_split_dims():
@@ -60,63 +75,91 @@ def test_bad_sizes_are_refused_in_one_line(size, world, local, match):
     assert "\n" not in str(e.value)
 
 
-@pytest.fixture(scope="module", params=["qwen2", "qwen3_o_bias"])
-def vlm(request, tmp_path_factory, tok):
-    """A tiny random VLM checkpoint with a ViT (native layout): Qwen2's attention, or Qwen3's with qk-norm and an
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory, tok) -> dict[str, Path]:
+    """Tiny random VLM checkpoints with a ViT (native layout): Qwen2's attention, and Qwen3's with qk-norm and an
     o_proj bias (the row-parallel bias held by one rank)."""
-    path = tmp_path_factory.mktemp(request.param)
-    config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
-    if request.param == "qwen3_o_bias":
-        config.llm = M.LLMConfig(**{**{k: getattr(config.llm, k) for k in ("vocab_size", "hidden_size",
-                                    "intermediate_size", "num_hidden_layers", "rope_theta")},
-                                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                                    "qkv_bias": True, "o_bias": True, "qk_norm": True})
-    model = M.VLM.from_config(config, seed=7)
-    with torch.no_grad():  # init_weights leaves biases at 0 and norms at 1: perturb them, so that a lost one shows
-        g = torch.Generator().manual_seed(8)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    C.save_model(model, path, layout="native")
-    tok.save(str(path / "tokenizer.json"))
-    return path
+    paths = {}
+    for name in VARIANTS:
+        path = paths[name] = tmp_path_factory.mktemp(name)
+        config = M.tiny_config(tok.get_vocab_size(), tok.token_to_id(C.IMG_CONTEXT))
+        if name == "qwen3_o_bias":
+            config.llm = M.LLMConfig(**{**{k: getattr(config.llm, k) for k in ("vocab_size", "hidden_size",
+                                        "intermediate_size", "num_hidden_layers", "rope_theta")},
+                                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                        "qkv_bias": True, "o_bias": True, "qk_norm": True})
+        model = M.VLM.from_config(config, seed=7)
+        # init_weights leaves biases at 0 and norms at 1: perturb them, so that a lost one shows
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(8)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        C.save_model(model, path, layout="native")
+        tok.save(str(path / "tokenizer.json"))
+    return paths
 
 
-def test_tp2_generates_what_one_process_does(vlm, tok, tmp_path):
-    """Greedy and temperature-1 completions (tokens exactly, log-probs within 1e-5) of image and text prompts, each
-    rank keeping its own share; the copy equals its slices of the trained weights and gathers back to all of them."""
-    sampler, requests = against_one_process(vlm, tok, tmp_path)
-    sampled = [c.ids for group in sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=1.0)
-               for c in group]
-    assert len({tuple(s) for s in sampled}) > 1  # the sampled check is not a greedy one in disguise
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="inductor on CPU needs a C++ compiler")
-@pytest.mark.parametrize("vlm", ["qwen2"], indirect=True)
-def test_tp2_compiled_decode_step_generates_what_one_process_does(vlm, tok, tmp_path):
-    """The decode step compiled with the all-reduce hooks in its graph (functional collectives trace)."""
-    against_one_process(vlm, tok, tmp_path, compile=True)
-
-
-@pytest.mark.parametrize("vlm", ["qwen2"], indirect=True)
-def test_two_groups_of_two_generate_what_one_process_does(vlm, tok, tmp_path):
-    """4 processes, 2 tensor-parallel groups: each group generates its own ranks' requests."""
-    against_one_process(vlm, tok, tmp_path, nproc=4)
-
-
-def against_one_process(vlm, tok, tmp_path, compile: bool = False, nproc: int = 2) -> tuple[Sampler, list[Request]]:
-    """The driver's completions on `nproc` ranks with --rollout_tp 2 against one process's, with the plain copy."""
-    ref = C.load_model(vlm)
-    ids, pixels = image_prompt(tok, ref.config)
-    text = D.build_prompt(tok, ref.config, "how many squares")[0]
+def generate_job(vlm: Path, tok, out: Path, compile: bool = False) -> list[str]:
+    """The driver's generate job for `vlm`: image and text prompts (OUT/requests.pt), completions to OUT."""
+    config = C.read_config(vlm)
+    ids, pixels = image_prompt(tok, config)
+    text = D.build_prompt(tok, config, "how many squares")[0]
     rows = [(ids[0].tolist(), pixels, 11), (text, None, 12), (ids[0].tolist(), pixels, 13), (text, None, 14),
             (text[:-2], None, 15)]
-    torch.save(rows, tmp_path / "requests.pt")
-    torchrun([DRIVER, "generate", vlm, tmp_path / "requests.pt", tmp_path, *(["compile"] if compile else [])], nproc)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
+    out.mkdir(parents=True)
+    torch.save(rows, out / "requests.pt")
+    return ["generate", str(vlm), str(out / "requests.pt"), str(out), *(["compile"] if compile else [])]
+
+
+def grpo_args(task) -> list[str]:
+    """One GRPO step (temperature 1.5 rollouts) and a held-out evaluation, with and without --rollout_tp alike."""
+    return ["--init_from", str(task.init_checkpoint), "--data", str(task.train_jsonl), "--eval_data",
+            str(task.heldout_jsonl), "--eval_samples", "2", "--max_len", "96", "--max_new_tokens", "40", "--threads",
+            "1", "--seed", "3", "--stage", "grpo", "--steps", "1", "--prompts_per_step", "4", "--group_size", "4",
+            "--micro_batch", "4", "--lr", "1e-3", "--no-dynamic_sampling", "--temperature", "1.5"]
+
+
+def eval_args(ckpt: Path, mmmu_dir: Path) -> tuple[list[str], list[str]]:
+    """eval.py's benchmark (without --out) and --question arguments, for torchrun and one process alike."""
+    benchmark = ["--ckpt", str(ckpt), "--data", str(mmmu_dir), "--samples", "2", "--max_new_tokens", "6",
+                 "--max_len", "256", "--chunk", "2", "--no-progress"]
+    return benchmark, ["--ckpt", str(ckpt), "--question", "how many squares", "--samples", "2", "--max_new_tokens",
+                       "6"]
+
+
+@pytest.fixture(scope="module")
+def launched(vlms, tok, ckpt, mmmu_dir, tmp_path_factory) -> Path:
+    """Every torchrun run of the tests below, in two launches of the driver started together, each job as a launch
+    of its own would run it (one start-up of torch per launch for all its jobs). On 2 ranks: both checkpoints'
+    completions (OUT/VARIANT) and Qwen2's with the compiled decode step where a C++ compiler exists
+    (OUT/qwen2_compiled); the GRPO step without and with --rollout_tp 2 (OUT/plain, OUT/tp, the task in OUT/grid);
+    eval.py's benchmark (OUT/eval.json) and --question (its stdout OUT/question.rank0.txt) with --rollout_tp 2. On
+    4 ranks: Qwen2's completions (OUT/qwen2_4ranks). Returns OUT."""
+    root = tmp_path_factory.mktemp("launched")
+    two = {f"generate_{name}": generate_job(vlms[name], tok, root / name) for name in VARIANTS}
+    if COMPILER:
+        two["generate_compiled"] = generate_job(vlms["qwen2"], tok, root / "qwen2_compiled", compile=True)
+    args = grpo_args(prepare(root / "grid", GRID))
+    two |= {"plain": ["train_rl.py", *args, "--out", str(root / "plain")],
+            "tp": ["train", *args, "--out", str(root / "tp"), "--rollout_tp", "2"]}
+    benchmark, question = eval_args(ckpt, mmmu_dir)
+    two |= {"eval": ["eval.py", *benchmark, "--out", str(root / "eval.json"), "--rollout_tp", "2"],
+            "question": ["eval.py", *question, "--rollout_tp", "2"]}
+    four = {"generate_4ranks": generate_job(vlms["qwen2"], tok, root / "qwen2_4ranks")}
+    for name, jobs in (("jobs2.json", two), ("jobs4.json", four)):
+        (root / name).write_text(json.dumps(jobs))
+    torchrun((root / "jobs2.json", 2), (root / "jobs4.json", 4))
+    return root
+
+
+def against_one_process(vlm: Path, out: Path, nproc: int) -> tuple[Sampler, list[Request]]:
+    """The driver's completions in OUT from `nproc` ranks with --rollout_tp 2 against one process's, with the plain
+    copy, of OUT/requests.pt."""
+    ref = C.load_model(vlm)
+    got = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     assert all(g["copy_matches"] and g["gathered_ok"] for g in got) and got[0]["local_heads"] == 2
     sampler = Sampler(ref, max_slots=8, max_len=64, stop_ids=[0])
-    requests = [Request(i, px, seed=s) for i, px, s in rows]
+    requests = [Request(i, px, seed=s) for i, px, s in torch.load(out / "requests.pt")]
     for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         want = sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=temperature)
         for r in range(nproc):
@@ -129,21 +172,45 @@ def against_one_process(vlm, tok, tmp_path, compile: bool = False, nproc: int = 
     return sampler, requests
 
 
-def test_grpo_step_with_tp2_matches_without(tmp_path):
+@pytest.fixture
+def one_thread():
+    """The one-process references on one thread, as each torchrun rank runs (OMP_NUM_THREADS=1): the tiny models'
+    ops are too small to share, and on a busy machine a second thread mostly waits for a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_tp2_generates_what_one_process_does(name, vlms, launched, one_thread):
+    """Greedy and temperature-1 completions (tokens exactly, log-probs within 1e-5) of image and text prompts, each
+    rank keeping its own share; the copy equals its slices of the trained weights and gathers back to all of them."""
+    sampler, requests = against_one_process(vlms[name], launched / name, nproc=2)
+    sampled = [c.ids for group in sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=1.0)
+               for c in group]
+    assert len({tuple(s) for s in sampled}) > 1  # the sampled check is not a greedy one in disguise
+
+
+@pytest.mark.skipif(COMPILER is None, reason="inductor on CPU needs a C++ compiler")
+def test_tp2_compiled_decode_step_generates_what_one_process_does(vlms, launched, one_thread):
+    """The decode step compiled with the all-reduce hooks in its graph (functional collectives trace)."""
+    against_one_process(vlms["qwen2"], launched / "qwen2_compiled", nproc=2)
+
+
+def test_two_groups_of_two_generate_what_one_process_does(vlms, launched, one_thread):
+    """4 processes, 2 tensor-parallel groups: each group generates its own ranks' requests."""
+    against_one_process(vlms["qwen2"], launched / "qwen2_4ranks", nproc=4)
+
+
+def test_grpo_step_with_tp2_matches_without(launched):
     """One GRPO step (temperature 1.5 rollouts) and a held-out evaluation, on 2 processes with and without
     --rollout_tp 2: the same rollouts, rewards and evaluation, the same parameters after the step (the checkpoint is
     saved from the gathered copy), and the split copy equal to its slices of the trained weights after every
     refresh."""
-    task = prepare(tmp_path / "grid", GridTaskConfig(n_train=16, n_heldout=4))
-    args = ["--init_from", task.init_checkpoint, "--data", task.train_jsonl, "--eval_data", task.heldout_jsonl,
-            "--eval_samples", "2", "--max_len", "96", "--max_new_tokens", "40", "--threads", "1", "--seed", "3",
-            "--stage", "grpo", "--steps", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
-            "--lr", "1e-3", "--no-dynamic_sampling", "--temperature", "1.5"]
-    torchrun([REPO / "train_rl.py", *args, "--out", tmp_path / "plain"])
-    torchrun([DRIVER, "train", *args, "--out", tmp_path / "tp", "--rollout_tp", "2"])
-    checks = [json.loads((tmp_path / "tp" / f"refresh_rank{r}.json").read_text()) for r in range(2)]
+    checks = [json.loads((launched / "tp" / f"refresh_rank{r}.json").read_text()) for r in range(2)]
     assert all(len(c) == 2 and all(c) for c in checks), checks  # after loading and after the step
-    read = lambda run, name: json.loads((tmp_path / run / name).read_text().splitlines()[0])
+    read = lambda run, name: json.loads((launched / run / name).read_text().splitlines()[0])
     plain, split = read("plain", "metrics.jsonl"), read("tp", "metrics.jsonl")
     for key in ("rollout_tokens", "response_len_max", "reward", "accuracy"):
         assert plain[key] == split[key], key
@@ -152,22 +219,27 @@ def test_grpo_step_with_tp2_matches_without(tmp_path):
     for key in ("greedy_accuracy", "sampled_accuracy", "response_length"):
         assert evals[0][key] == evals[1][key], key
     for saved in ("step_000001/model", "best"):
-        a, b = (C.load_model(tmp_path / run / saved).state_dict() for run in ("plain", "tp"))
+        a, b = (C.load_model(launched / run / saved).state_dict() for run in ("plain", "tp"))
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    init = C.load_model(task.init_checkpoint).state_dict()
+    init = C.load_model(prepare(launched / "grid", GRID).init_checkpoint).state_dict()
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the step moved the weights
 
 
-def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, tmp_path):
+def in_this_process(main, argv: list):
+    """`main(argv)` in pytest's process, as a plain `python` launch runs it (a world of one on a free port) without
+    another start-up of torch: the rendezvous variables the last call set are dropped first. For `in_process`."""
+    for k in DIST_ENV:
+        os.environ.pop(k, None)
+    main(list(map(str, argv)))
+
+
+def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, launched, tmp_path, capsys, in_process, one_thread):
     """eval.py on 2 processes holding one copy split between them: the same records as one process without tensor
-    parallelism (entropies within float rounding), and the same answers to --question."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    common = ["eval.py", "--ckpt", ckpt, "--data", mmmu_dir, "--samples", "2", "--max_new_tokens", "6",
-              "--max_len", "256", "--chunk", "2", "--no-progress"]
-    subprocess.run([sys.executable, *map(str, common), "--out", tmp_path / "one.json"], check=True, cwd=REPO,
-                   env=env, capture_output=True)
-    torchrun([*common, "--out", tmp_path / "tp.json", "--rollout_tp", "2"])
-    one, split = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "tp.json"))
+    parallelism (entropies within float rounding), and the same answers to --question. The one process is this
+    one."""
+    benchmark, question = eval_args(ckpt, mmmu_dir)
+    in_this_process(E.main, [*benchmark, "--out", tmp_path / "one.json"])
+    one, split = (json.loads(f.read_text()) for f in (tmp_path / "one.json", launched / "eval.json"))
     assert len(one["records"]) == len(split["records"]) == 15 and any(r["entropy"] for r in one["records"])
     for a, b in zip(one["records"], split["records"]):
         ea, eb = a.pop("entropy"), b.pop("entropy")
@@ -175,11 +247,10 @@ def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, tmp_path):
         assert (ea is None) == (eb is None)  # the sampled responses carry entropies, the greedy ones none
         assert ea is None or ea.keys() == eb.keys() and all(ea[k] == pytest.approx(eb[k], rel=1e-5, abs=1e-6)
                                                             for k in ea)
-    ask = ["eval.py", "--ckpt", ckpt, "--question", "how many squares", "--samples", "2", "--max_new_tokens", "6"]
+    capsys.readouterr()  # the benchmark's table
+    in_this_process(E.main, question)
     answers = lambda out: [line for line in out.splitlines() if not line.startswith("[")]
-    alone = subprocess.run([sys.executable, *map(str, ask)], check=True, cwd=REPO, env=env, capture_output=True,
-                           text=True)
-    assert answers(alone.stdout) == answers(torchrun([*ask, "--rollout_tp", "2"]).stdout) != []
+    assert answers(capsys.readouterr().out) == answers((launched / "question.rank0.txt").read_text()) != []
 
 
 def test_sizes_that_cannot_split_are_refused_at_the_door(ckpt, tmp_path):
@@ -187,12 +258,18 @@ def test_sizes_that_cannot_split_are_refused_at_the_door(ckpt, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(dict(id="a", question="how many", answer="1")) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                                       env=env, timeout=300)
-    train = run("train_rl.py", "--init_from", ckpt, "--data", rows, "--out", tmp_path / "out", "--rollout_tp", "2")
-    assert (train.returncode, train.stderr) == (2, "train_rl.py: error: --rollout_tp 2 must divide the 1 processes\n")
+    script = lambda *args: subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    # Both scripts at once: each is one process (one core) starting torch before it refuses.
+    train = script("train_rl.py", "--init_from", ckpt, "--data", rows, "--out", tmp_path / "out", "--rollout_tp", "2")
+    ev = script("eval.py", "--ckpt", ckpt, "--data", rows, "--out", tmp_path / "e.json", "--rollout_tp", "3")
+    try:
+        train_err, ev_err = (p.communicate(timeout=300)[1] for p in (train, ev))
+    finally:
+        for p in (train, ev):  # one that outlived a timeout ends here (a no-op on one that exited)
+            p.kill()
+    assert (train.returncode, train_err) == (2, "train_rl.py: error: --rollout_tp 2 must divide the 1 processes\n")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-    ev = run("eval.py", "--ckpt", ckpt, "--data", rows, "--out", tmp_path / "e.json", "--rollout_tp", "3")
-    assert (ev.returncode, ev.stderr) == (2, "eval.py: error: --rollout_tp 3 must divide the 1 processes\n")
+    assert (ev.returncode, ev_err) == (2, "eval.py: error: --rollout_tp 3 must divide the 1 processes\n")
     with pytest.raises(P.UsageError, match="--rollout_tp must be >= 1, got 0"):
         TR.TrainConfig(rollout_tp=0)

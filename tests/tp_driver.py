@@ -1,23 +1,33 @@
-"""The tensor-parallel rollout copy under torchrun (gloo), for tests/test_tp.py: `generate` loads a checkpoint into
-FSDP shards and a --rollout_tp copy, checks the copy against its slices of the trained weights and the gathered
-copy against all of them (--rollout_tp 2 on any even number of processes), and writes each rank's greedy and
-sampled completions of its share of the requests; `compile` compiles the sampler's decode step (the all-reduce
-hooks traced into its graph); `train` runs train_rl.py with every refresh of the copy checked the same way.
+"""The tensor-parallel rollout copy under torchrun (gloo), for tests/test_tp.py: the jobs of JOBS.json in turn, each
+as a launch of its own would run it, in one launch (one start-up of torch for them all).
 
-    torchrun --standalone --nproc_per_node=2 tests/tp_driver.py generate CKPT REQUESTS.pt OUT [compile]
-    torchrun --standalone --nproc_per_node=2 tests/tp_driver.py train --init_from ... --rollout_tp 2 --out OUT
+    torchrun --standalone --nproc_per_node=2 tests/tp_driver.py JOBS.json
+
+The command lines of jobs:
+    ["generate", CKPT, REQUESTS.pt, OUT] loads CKPT into FSDP shards and a --rollout_tp 2 copy (on any even number
+        of processes), checks the copy against its slices of the trained weights and the gathered copy against all
+        of them, and writes each rank's greedy and sampled completions of its share of the requests to
+        OUT/rank{r}.json; with a fifth word "compile", the sampler's decode step is compiled (the all-reduce hooks
+        traced into its graph);
+    ["train", ARGS...] runs train_rl.py's main with every refresh of the copy checked the same way (the checks in
+        OUT/refresh_rank{r}.json);
+    ["train_rl.py", ARGS...] and ["eval.py", ARGS...] run the script as its entry point does.
+JOBS.json maps each job's name to its command line; job NAME's stdout goes to JOBS.json's folder, NAME.rank{r}.txt.
 """
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402 - after the repository is on the path
+import eval as E  # noqa: E402
 import parallel as P  # noqa: E402
 import train_rl as T  # noqa: E402
 import trainer as TR  # noqa: E402
@@ -78,12 +88,35 @@ def train(argv: list[str]):
         checks.append(copy_matches(copy, units, tp or P.TPLayout()))
 
     TR.refresh = checked_refresh
-    cli.run(T.main, "train_rl.py", argv)
-    (out / f"refresh_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(checks))
+    try:
+        cli.run(T.main, "train_rl.py", argv)
+    finally:
+        TR.refresh = original
+    (out / f"refresh_rank{os.environ['RANK']}.json").write_text(json.dumps(checks))
+
+
+def run_job(job: list[str]):
+    kind, *args = job
+    if kind == "generate":
+        generate(args[0], args[1], Path(args[2]), args[3:] == ["compile"])
+    elif kind == "train":
+        train(args)
+    else:
+        cli.run({"train_rl.py": T.main, "eval.py": E.main}[kind], kind, args)
+
+
+def run_jobs(jobs_file: Path):
+    """Each job as a launch of its own runs it: in a fresh default process group, which the job's code finds made
+    (init_distributed) and destroys at its end (process_group). A group made again from the launch's environment
+    would reuse the last one's keys in torchrun's store and connect to its addresses, so each job's group is made
+    here, on its own prefix of that store."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    for name, job in json.loads(jobs_file.read_text()).items():
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"{name}/", store), rank=rank, world_size=world)
+        with (jobs_file.parent / f"{name}.rank{rank}.txt").open("w") as f, contextlib.redirect_stdout(f):
+            run_job(job)
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "generate":
-        generate(sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5:] == ["compile"])
-    else:
-        train(sys.argv[2:])
+    run_jobs(Path(sys.argv[1]))
