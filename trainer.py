@@ -69,8 +69,9 @@ class TrainConfig:
     group_size: int = arg(32, "GRPO samples per prompt (R1V3: 32, so 1,024 rollouts per step)")
     micro_batch: int = arg(16, "sequences per forward/backward on each process (when --micro_batch_tokens is unset)")
     micro_batch_tokens: int | None = arg(None, "padded tokens (count x longest prompt + response) per forward/backward "
-                                         "on each process: length-sorted micro-batches that fill this budget, a "
-                                         "prompt's samples together (unset: --micro_batch sequences)")
+                                         "on each process, a bound: the packed row runs each prompt once; "
+                                         "length-sorted micro-batches that fill this budget, a prompt's samples "
+                                         "together (unset: --micro_batch sequences)")
     max_new_tokens: int = arg(1024, "response length cap")
     max_len: int = arg(4096, "prompt + response tokens of a sequence, at most")
     kv_tokens: int | None = arg(None, "KV pool budget in tokens per sampler (pages shared by the running "
