@@ -109,8 +109,10 @@ def attend_pages(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
     slots, heads, head_dim = q.shape
     kv_heads = k_pages.shape[2]
     dtype = torch.promote_types(q.dtype, torch.float32)
-    k = k_pages[pages].flatten(1, 2).transpose(1, 2).to(dtype)  # (slots, kv_heads, L, D) view, L = pages x size
-    v = v_pages[pages].flatten(1, 2).transpose(1, 2).to(dtype)
+    # index_select copies whole pages (several times faster on CPU than advanced indexing with the 2-D `pages`)
+    gather = lambda x: x.index_select(0, pages.flatten()).view(slots, -1, *x.shape[1:])  # (slots, pages, size, kv, D)
+    k = gather(k_pages).flatten(1, 2).transpose(1, 2).to(dtype)  # (slots, kv_heads, L, D) view, L = pages x size
+    v = gather(v_pages).flatten(1, 2).transpose(1, 2).to(dtype)
     out = F.scaled_dot_product_attention(q.to(dtype).reshape(slots, kv_heads, heads // kv_heads, head_dim), k, v,
                                          attn_mask=visible, scale=scale)  # (slots, kv, G, D)
     return out.reshape(slots, heads, head_dim).to(q.dtype)
