@@ -651,17 +651,16 @@ def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, mask_tr
         ids += prompt[:-1]
         positions += range(P)
         targets += [IGNORE_INDEX] * P
-        S = max(lengths)
         for s, n in zip(members, lengths):
             starts.append(len(ids))
             ids += ([prompt[-1]] + s.response)[:n]
             positions += range(P, P + n)
             targets += s.response
-        first = [P + sum(lengths[:j]) for j in range(len(members))]  # each suffix's start within the span
-        last = P + sum(lengths) - 1  # a sample without response tokens points its padding at the span's end
-        suffix = torch.tensor([[min(f + min(i, n - 1), last) if n else last for i in range(S)]
-                               for f, n in zip(first, lengths)], dtype=torch.long).view(len(members), S)  # (G, S)
-        real = torch.tensor([j * S + i for j, n in enumerate(lengths) for i in range(n)], dtype=torch.long)
+        last = len(ids) - at - 1  # a sample without response tokens points its padding at the span's end
+        suffix = torch.tensor([[f - at + min(i, n - 1) if n else last for i in range(max(lengths))]
+                               for f, n in zip(starts[-len(members):], lengths)], dtype=torch.long)  # (G, S)
+        real = torch.tensor([j * suffix.shape[1] + i for j, n in enumerate(lengths) for i in range(n)],
+                            dtype=torch.long)
         spans.append(PromptSpan(P, len(ids) - at, suffix.to(device), real.to(device)))
         ordered += members
         if pixels is not None:
@@ -671,7 +670,7 @@ def pack(seqs: list[Sequence], device: torch.device, dtype: torch.dtype, mask_tr
             n_prefix = prompt[:-1].count(image_token_id)
             ends = [n_prefix] * sum(n > 0 for n in lengths) if prompt[-1] == image_token_id else []
             index.append(torch.tensor(list(range(n_prefix)) + ends, dtype=torch.long) + offsets[id(pixels)])
-    row = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype).view(1, len(ids))  # (1, T)
+    row = lambda values: torch.tensor(values, dtype=torch.long).view(1, len(ids))  # (1, T)
     layout = Layout(row(ids), row(targets), [0] * len(ordered), starts, [len(s.response) for s in ordered])
     mask = layout.place([s.weight * (0.0 if mask_truncated and s.truncated else 1.0) for s in ordered])
     sampler = layout.place([s.sampler_logprobs if s.sampler_logprobs is not None else 0.0 for s in ordered])
