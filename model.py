@@ -389,41 +389,6 @@ class SharedPrompts:
         return torch.cat(out)[None]  # (1, T, H * D)
 
 
-class FusedLinears:
-    """Several Linears of one input stacked into one weight (and bias) along the output rows, each Linear's
-    parameters re-made as views of it: one GEMM computes them all, and in-place writes to the Linears' parameters
-    (parallel.refresh, load_state_dict, an optimizer step) write the stacked tensor. The sampler fuses q/k/v and
-    gate/up (`LLM.fuse_projections`): a decode step's GEMMs have one row per slot, so each call's fixed cost (on a
-    CPU, packing the weight's panels) is a large share of it. A move to another dtype or device replaces the
-    parameters and leaves the views; `intact` sees it."""
-
-    def __init__(self, linears: list[nn.Linear]):
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight for m in linears])  # (sum of out_features, in_features)
-            self.bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-        self.linears, self.widths = linears, [m.out_features for m in linears]
-        for m, weight, bias in zip(linears, self.weight.split(self.widths),
-                                   self.bias.split(self.widths) if self.bias is not None else [None] * len(linears)):
-            m.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
-            if bias is not None:
-                m.bias = nn.Parameter(bias, requires_grad=m.bias.requires_grad)
-
-    def intact(self) -> bool:
-        stacked = self.weight.untyped_storage().data_ptr()
-        return all(m.weight.untyped_storage().data_ptr() == stacked for m in self.linears)
-
-    def __call__(self, h) -> tuple[torch.Tensor, ...]:
-        return F.linear(h, self.weight, self.bias).split(self.widths, dim=-1)
-
-
-def _projections(linears: list[nn.Linear], fused: FusedLinears | None, h) -> tuple[torch.Tensor, ...]:
-    """Each Linear of h: the fused GEMM where there is one and no gradient is wanted (training runs the Linears,
-    whose weights get the gradients)."""
-    if fused is None or torch.is_grad_enabled():
-        return tuple(m(h) for m in linears)
-    return fused(h)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -436,13 +401,13 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # one RMSNorm per head (width D, shared by the heads), unlike InternViT's over all heads
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.fused: FusedLinears | None = None  # q/k/v in one GEMM (LLM.fuse_projections)
 
     def forward(self, h, cos, sin, positions=None, cache=None, layer: int = 0, slots=None):
         B, T, _ = h.shape
         H, KV, D = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
-        q, k, v = _projections([self.q_proj, self.k_proj, self.v_proj], self.fused, h)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)  # (B, T, heads, D)
+        q = self.q_proj(h).view(B, T, H, D)  # (B, T, H, D)
+        k = self.k_proj(h).view(B, T, KV, D)  # (B, T, KV, D)
+        v = self.v_proj(h).view(B, T, KV, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -458,11 +423,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused: FusedLinears | None = None  # gate/up in one GEMM (LLM.fuse_projections)
 
     def forward(self, h):
-        gate, up = _projections([self.gate_proj, self.up_proj], self.fused, h)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
 class Block(nn.Module):
@@ -509,18 +472,6 @@ class LLM(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, None if new else positions, cache, i, slots)
         return self.norm(h)
-
-    def fuse_projections(self) -> bool:
-        """Stacks each block's q/k/v and gate/up weights (FusedLinears) where they are not stacked already (or no
-        longer: the model moved); True if anything was (re)stacked. Inference then runs one GEMM for each."""
-        changed = False
-        for block in self.layers:
-            a, m = block.self_attn, block.mlp
-            if a.fused is None or not a.fused.intact():
-                a.fused, changed = FusedLinears([a.q_proj, a.k_proj, a.v_proj]), True
-            if m.fused is None or not m.fused.intact():
-                m.fused, changed = FusedLinears([m.gate_proj, m.up_proj]), True
-        return changed
 
     def logits(self, h):
         logits = F.linear(h, self.head_weight)

@@ -331,7 +331,6 @@ class Sampler:
         param = model.language_model.embed_tokens.weight
         dev, S = param.device, max_slots
         self.model, self.max_slots, self.max_len, self.compiled = model, max_slots, max_len, compile
-        self._fuse()
         self.prefill_tokens, self.page_size = prefill_tokens, page_size
         cache_dtype = cache_dtype or param.dtype
         if kv_tokens is None:
@@ -375,17 +374,6 @@ class Sampler:
             # the inputs are the same tensors every step, so their size checks are dropped.
             options = dict(cpp_wrapper=True, size_asserts=False) if dev.type == "cpu" else None
             self._step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False, options=options)
-
-    def _fuse(self):
-        """Every step then runs one GEMM for q/k/v and one for gate/up (model.FusedLinears), stacked again if the
-        model moved since. Compiled, the stacked weights are static inputs like the pool (CUDA graphs read them in
-        place instead of copying them every replay)."""
-        if self.model.language_model.fuse_projections() and self.compiled:
-            for block in self.model.language_model.layers:
-                for fused in (block.self_attn.fused, block.mlp.fused):
-                    for t in (fused.weight, fused.bias):
-                        if t is not None:
-                            torch._dynamo.mark_static_address(t)
 
     def _decode_step(self, temperature: float, top_p: float, top_k: int, columns: torch.Tensor | None):
         """Every slot advances one token in one batched call; idle and finished slots attend over nothing, write
@@ -477,7 +465,6 @@ class Sampler:
                   for r in requests]
         for i, r in enumerate(requests):
             self._check(i, r, limits[i])
-        self._fuse()
         t_start = time.perf_counter()
         run = _Run(requests, [r.seed if r.seed is not None else mix_seed(seed, i) for i, r in enumerate(requests)],
                    limits, num_samples, (temperature, top_p, top_k), [None] * self.max_slots,
