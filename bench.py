@@ -607,15 +607,15 @@ def bench_trl(cfg: TrlBench) -> None:
             raise RuntimeError(f"train_rl.py failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
         m = cli.read_jsonl(run / "metrics.jsonl")[1:]
         med = lambda k: _median([x[k] for x in m])
-        our_runs.append(dict(step=med("t_step"), rollout=med("t_rollout"), update=med("t_update"),
-                             logprob=med("t_logprob"), tokens=med("rollout_tokens"), packed=med("packed")))
+        our_runs.append(dict(step=med("t_step"), rollout=med("t_generate"), phase=med("t_rollout"),
+                             update=med("t_update"), tokens=med("rollout_tokens"), packed=med("packed")))
     best = lambda runs: min(runs, key=lambda x: x["step"] / x["tokens"])
     a, b = best(trl_runs), best(our_runs)
     print(f"device: {device_name(torch.device('cpu'))} x 1 process, torch {torch.__version__}, trl {trl.__version__}; "
           f"Qwen2 {TRL_MODEL['hidden_size']}d x {TRL_MODEL['num_hidden_layers']} layers, vocab "
           f"{TRL_MODEL['vocab_size']}; {S['prompts']} prompts x {S['group']} samples x {S['new_tokens']} new tokens; "
           f"medians over steps 2..{cfg.steps}, best of {cfg.repeats} runs")
-    print(f"{'engine':>8s}{'step s':>9s}{'rollout':>9s}{'update':>9s}{'tokens':>8s}{'step tok/s':>12s}"
+    print(f"{'engine':>8s}{'step s':>9s}{'generate':>9s}{'update':>9s}{'tokens':>8s}{'step tok/s':>12s}"
           f"{'gen tok/s':>11s}")
     print(f"{'TRL':>8s}{a['step']:>9.3f}{a['rollout']:>9.3f}{a['step'] - a['rollout']:>9.3f}{a['tokens']:>8.0f}"
           f"{a['tokens'] / a['step']:>12.0f}{a['tokens'] / a['rollout']:>11.0f}")
@@ -623,7 +623,8 @@ def bench_trl(cfg: TrlBench) -> None:
           f"{b['tokens'] / b['step']:>12.0f}{b['tokens'] / b['rollout']:>11.0f}")
     step_ratio = b["tokens"] / b["step"] / (a["tokens"] / a["step"])
     print(f"ratios (ours / TRL, tokens per second): whole step {step_ratio:.2f}x"
-          f", rollout vs generate {b['tokens'] / b['rollout'] / (a['tokens'] / a['rollout']):.2f}x, update "
+          f", generate {b['tokens'] / b['rollout'] / (a['tokens'] / a['rollout']):.2f}x (our whole rollout phase, "
+          f"reward included: {b['tokens'] / b['phase'] / (a['tokens'] / a['rollout']):.2f}x), update "
           f"{(a['step'] - a['rollout']) / b['update']:.2f}x; our packed fraction {b['packed']:.2f}")
     for name, runs in (("TRL", trl_runs), ("ours", our_runs)):
         print(f"  every {name} run (step s): " + ", ".join(f"{x['step']:.3f}" for x in runs))

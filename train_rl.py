@@ -142,7 +142,7 @@ def grpo_step(run: Run, step: int) -> dict:
         scores = score(run, prompts, groups)  # reward
         advantages = group_advantages(scores.reward, cfg.adv_std)  # advantages
         kept |= informative_groups(prompts, groups, scores, advantages, rnd, cfg.dynamic_sampling)  # group filter
-        stats.add(groups, scores)
+        stats.add(groups, scores, run.sampler.stats)
         record_pass_rates(run, prompts, scores)
         if not cfg.dynamic_sampling or all_sum(len(kept), device=run.proc.device)[0] >= cfg.prompts_per_step:
             break
@@ -339,9 +339,11 @@ class RolloutStats:
     longest: float = 0.0  # reduced with max
     rounds: int = 0
     kept: float = 0.0
+    generate_s: float = 0.0  # reduced with max: seconds inside the sampler's generate, without the reward
 
-    def add(self, groups: list[list[Completion]], scores: Scores):
+    def add(self, groups: list[list[Completion]], scores: Scores, sampler_stats: dict):
         flat = [c for group in groups for c in group]
+        self.generate_s += sampler_stats["seconds"]
         self.reward += scores.reward.sum().item()
         self.reward_sq += (scores.reward ** 2).sum().item()
         self.accuracy += scores.accuracy.sum().item()
@@ -354,13 +356,14 @@ class RolloutStats:
         self.longest = max([self.longest] + [len(c.ids) for c in flat])
 
     def metrics(self, run: Run) -> dict:
-        t = summed_over_ranks(self, run.proc.device, maxima=("longest", "rounds"))
+        t = summed_over_ranks(self, run.proc.device, maxima=("longest", "rounds", "generate_s"))
         n = max(t.samples, 1)
         mean = t.reward / n
         return dict(reward=mean, reward_std=math.sqrt(max(0.0, t.reward_sq / n - mean ** 2)), accuracy=t.accuracy / n,
                     format=t.format / n, response_len=t.length / n, response_len_max=t.longest,
                     truncated=t.truncated / n, kept_groups=t.kept / max(t.groups, 1), reward_errors=int(t.errors),
-                    rounds=int(t.rounds), rollout_tokens=int(t.length), skipped_rows=len(run.data.skipped))
+                    rounds=int(t.rounds), rollout_tokens=int(t.length), skipped_rows=len(run.data.skipped),
+                    t_generate=t.generate_s)
 
 
 def update_metrics(u: UpdateStats, results: list[dict]) -> dict:
@@ -440,10 +443,8 @@ def train_locked(cfg: TrainConfig, proc: Dist, out: Path) -> dict:
     saved_json = json.dumps(asdict(cfg) | {"data_file": data_file(cfg.data)}, indent=2) + "\n"  # step_N/config.json
     if proc.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        decode = "compiled (once per sampling setting: the first rollout waits for it)" if run.sampler.compiled \
-            else "eager"
         print(f"{cfg.stage} on {proc.world} process(es), {proc.device}, {torch.get_num_threads()} threads each; "
-              f"decode step {decode}; {len(run.data.rows)} rows, {len(run.data.eval_rows)} held-out; config:\n"
+              f"decode step {run.decode}; {len(run.data.rows)} rows, {len(run.data.eval_rows)} held-out; config:\n"
               f"{config_json}", flush=True)
         cli.write_atomic(out / "config.json", config_json)  # this run's settings, resumed ones included
     start = 0

@@ -123,8 +123,8 @@ class TrainConfig:
     keep: int = arg(0, "keep the N newest step checkpoints (0: all)")
     resume: bool = arg(False, "continue from OUT/latest, the newest complete checkpoint")
     seed: int = arg(0, "data order and sampling seed")
-    compile: bool | None = arg(None, "compile the sampler's decode step (default: on CUDA; on CPU it needs a C++ "
-                               "compiler)")
+    compile: bool | None = arg(None, "compile the sampler's decode step (default: on CUDA; on a CPU, GRPO runs long "
+                               "enough to pay the compile back, where a C++ compiler builds inductor's kernels)")
     compile_blocks: bool = arg(False, "torch.compile each transformer block of the trainer")
     rollout_tp: int = arg(1, "ranks that hold one rollout copy split between them (tensor parallelism of the "
                           "sampler's weights: heads and MLP channels; a 38B copy fits 80 GB cards at 2); must divide "
@@ -381,6 +381,7 @@ class Run:
     policy: Policy
     sampler: Sampler  # on policy.rollout_model
     data: TrainData
+    decode: str  # how the sampler's decode step runs and why (decode_compile), for the run's first line
     stopping: bool = False  # SIGTERM received: save and leave at the end of this step
     val_best: float = math.inf  # the lowest val_loss so far (the same on every rank: it is reduced over them)
     val_stale: int = 0  # evaluations since it last improved (--patience)
@@ -406,6 +407,39 @@ class Run:
         """The sampler's completions of this rank's `requests`; under --rollout_tp the ranks of a group generate
         all of theirs together (parallel.tp_generate)."""
         return tp_generate(self.sampler, requests, self.policy.tp, **kw)
+
+
+# A compiled CPU decode step saves a few milliseconds a step and costs tens of seconds to compile, once per sampling
+# setting (README: compiling the decode step): a GRPO run planning fewer decode steps than this stays eager.
+CPU_COMPILE_DECODE_STEPS = 10_000
+
+
+def inductor_builds() -> str | None:
+    """None if inductor builds and runs a CPU kernel here (a C++ compiler, with OpenMP), else the error's first line.
+    Cheap where the kernel is cached; a laptop without a toolchain fails here instead of in the first rollout."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, fullgraph=True, options=dict(cpp_wrapper=True))(torch.ones(4))
+    except Exception as e:  # inductor raises many kinds (no compiler, no OpenMP, a failed link): all mean eager
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+def decode_compile(cfg: TrainConfig, device: torch.device) -> tuple[bool, str]:
+    """Whether the sampler compiles its decode step, and the run log's words for it. --compile / --no-compile
+    decide; unset, CUDA compiles (CUDA graphs), and a CPU compiles a GRPO run of at least CPU_COMPILE_DECODE_STEPS
+    planned decode steps (steps x max_new_tokens) where inductor builds kernels, eager otherwise."""
+    graphs = "compiled (once per sampling setting: the first rollout waits for it)"
+    if cfg.compile is not None:
+        return cfg.compile, graphs if cfg.compile else "eager"
+    if device.type == "cuda":
+        return True, graphs
+    planned = cfg.steps * cfg.max_new_tokens if cfg.stage == "grpo" else 0
+    if planned < CPU_COMPILE_DECODE_STEPS:
+        return False, (f"eager (a CPU compile pays back past {CPU_COMPILE_DECODE_STEPS:,} decode steps, this run "
+                       f"plans {planned:,}: --compile to compile anyway)")
+    if error := inductor_builds():
+        return False, f"eager (inductor cannot build kernels here: {error})"
+    return True, f"{graphs}; a CPU run of {planned:,} planned decode steps (--no-compile: eager)"
 
 
 def check_paths(cfg: TrainConfig):
@@ -468,10 +502,7 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     rollout_model = build_rollout_copy(config, proc.device, prec, tp)
     refresh(rollout_model, units, tp)
     stop_ids, banned_ids = special_ids(tokenizer)
-    # Compiled by default on CUDA (CUDA graphs). On a CPU the compile needs a C++ toolchain with OpenMP, which a
-    # laptop may lack, and pays back only after several steps (README: bench.py trl), so it stays eager there
-    # unless --compile asks; compiled, it compiles once per sampling setting whatever the lengths.
-    compile = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
+    compile, decode = decode_compile(cfg, proc.device)
     # a tensor-parallel group's ranks generate all of its ranks' prompts
     slots = cfg.prompts_per_step // proc.world * tp.size * (cfg.group_size if cfg.stage == "grpo" else 1)
     sampler = Sampler(rollout_model, max_slots=max(slots, cfg.eval_samples, 1), max_len=cfg.max_len,
@@ -480,7 +511,7 @@ def setup(cfg: TrainConfig, proc: Dist) -> Run:
     policy = Policy(model, units, optimizer, scheduler, reference, rollout_model, tp)
     data = TrainData(rows, eval_rows, tokenizer, PromptStream(len(rows), cfg.seed, cfg.curriculum), stop_ids,
                      critical_token_ids(tokenizer), template, set(skipped))
-    return Run(cfg, proc, policy, sampler, data)
+    return Run(cfg, proc, policy, sampler, data, decode)
 
 
 # -----------------------------------------------------------------------------------------------------------------

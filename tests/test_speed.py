@@ -204,3 +204,30 @@ def test_gpu_check_dry_runs_on_cpu(tmp_path):
     for part in ("CUDA tests", "bench.py entropy", "bench.py rollout", "bench.py train"):
         assert f"## {part}" in report and f"{part}" in out.stdout
     assert report.count("skipped (no CUDA device)") == out.stdout.count("skipped (no CUDA device)") == 4
+
+
+def test_decode_compile_default_follows_the_device_the_run_and_the_toolchain(monkeypatch):
+    """--compile unset: CUDA compiles; a CPU compiles a GRPO run long enough to pay the compile back, and only where
+    inductor builds kernels; --compile / --no-compile decide whatever the run."""
+    import torch._inductor.config as inductor_config
+    import trainer as TR
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    long = dict(stage="grpo", steps=200, max_new_tokens=512)
+    assert TR.CPU_COMPILE_DECODE_STEPS <= 200 * 512
+    probes = []
+    monkeypatch.setattr(TR, "inductor_builds", lambda: probes.append(1) or None)
+    assert TR.decode_compile(T.TrainConfig(**long), cpu)[0] and len(probes) == 1
+    assert TR.decode_compile(T.TrainConfig(**long), cuda)[0] and TR.decode_compile(T.TrainConfig(compile=True), cpu)[0]
+    short = TR.decode_compile(T.TrainConfig(stage="grpo", steps=2, max_new_tokens=64), cpu)
+    assert short == (False, f"eager (a CPU compile pays back past {TR.CPU_COMPILE_DECODE_STEPS:,} decode steps, this "
+                            f"run plans 128: --compile to compile anyway)")
+    assert not TR.decode_compile(T.TrainConfig(**long | dict(stage="sft", group_size=1)), cpu)[0]
+    assert TR.decode_compile(T.TrainConfig(**long, compile=False), cuda) == (False, "eager")
+    assert len(probes) == 1  # only the long CPU run asked the toolchain
+    monkeypatch.setattr(TR, "inductor_builds", lambda: "InvalidCxxCompiler: none found")
+    assert TR.decode_compile(T.TrainConfig(**long), cpu) == (
+        False, "eager (inductor cannot build kernels here: InvalidCxxCompiler: none found)")
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.cxx": (str(REPO / "no-such-compiler"),), "fx_graph_cache": False}):
+        assert "InvalidCxxCompiler" in TR.inductor_builds()  # the real probe, failing

@@ -50,7 +50,7 @@ def main():
     copy = VLM.from_config(config, dtype=torch.float64, seed=5).eval()
     cfg = T.TrainConfig(micro_batch=64, micro_batch_tokens=budget, tis_cap=2.0)
     run = TR.Run(cfg, proc, TR.Policy(model, units, None, None, None, copy), None,
-                TR.TrainData([], [], None, None, [1], {}))
+                TR.TrainData([], [], None, None, [1], {}), decode="eager")
     seqs = sequences(config)
     mine = seqs[proc.rank::proc.world]
     loss, _ = T.backward(run, mine, T.grpo_loss_of(run, observe=False))
