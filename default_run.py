@@ -50,7 +50,7 @@ import cli
 from checkpoint import load_model
 from cli import arg, read_jsonl
 from data import load_chat_template, load_rows, load_tokenizer, special_ids
-from eval import EvalConfig, banned_ids, evaluate, results_json
+from eval import EvalConfig, banned_ids, compiled, evaluate, results_json
 from grid_task import MANIFEST, GridTaskConfig, prepare, prepare_ood
 from parallel import init_distributed, process_group
 from rollout import Sampler
@@ -142,7 +142,7 @@ def evaluate_model(model_dir: Path, rows_file: Path, cfg: TrainConfig, out_file:
         if None in extra:
             raise ValueError(f"ban: {ban} are not all single tokens of {model_dir}'s tokenizer")
         sampler = Sampler(model, eval_cfg.max_slots, min(eval_cfg.max_len, model.config.llm.max_position_embeddings),
-                          special_ids(tok)[0], banned_ids(tok, eval_cfg) + extra, compile=eval_cfg.compile,
+                          special_ids(tok)[0], banned_ids(tok, eval_cfg) + extra, compile=compiled(eval_cfg, model),
                           kv_tokens=eval_cfg.kv_tokens)
     result = evaluate(model, tok, load_rows(rows_file)[:limit or None], eval_cfg, sampler,
                       template=load_chat_template(model_dir))

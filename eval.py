@@ -96,7 +96,8 @@ class EvalConfig:
     kv_tokens: int | None = cli.arg(None, "KV pool budget in tokens per sampler (pages shared by the running "
                                     "sequences; unset: half the GPU memory free after the model is built, 128 MiB "
                                     "on a CPU)")
-    compile: bool = cli.arg(False, "compile the sampler's decode step (CUDA graphs on a GPU) when evaluate builds it")
+    compile: bool | None = cli.arg(None, "compile the sampler's decode step when evaluate builds it (default: on "
+                                         "CUDA, with CUDA graphs)")
     entropy_batch_tokens: int = cli.arg(16384, "padded tokens per teacher-forced forward of the entropy pass")
     time_limit_s: float = cli.arg(reward.DEFAULT_TIME_LIMIT_S, "seconds per math-verify check (the project's "
                                   "expression rows)")
@@ -255,11 +256,16 @@ def banned_ids(tokenizer, cfg: EvalConfig) -> list[int]:
     return ids + sorted(critical_token_ids(tokenizer, cfg.critical_words)) if cfg.no_wait else ids
 
 
+def compiled(cfg: EvalConfig, model: VLM) -> bool:
+    """--compile, or unset: on CUDA (a CPU compile pays back only on long runs: trainer.decode_compile)."""
+    return cfg.compile if cfg.compile is not None else model.language_model.embed_tokens.weight.device.type == "cuda"
+
+
 def build_sampler(model: VLM, tokenizer, cfg: EvalConfig, max_slots: int, max_len: int) -> Sampler:
     """A sampler that stops at the tokenizer's end-of-turn tokens and never draws image tokens (nor, with
     --no_wait, the critical words)."""
     return Sampler(model, max_slots, min(max_len, model.config.llm.max_position_embeddings),
-                   special_ids(tokenizer)[0], banned_ids(tokenizer, cfg), compile=cfg.compile,
+                   special_ids(tokenizer)[0], banned_ids(tokenizer, cfg), compile=compiled(cfg, model),
                    kv_tokens=cfg.kv_tokens)
 
 
