@@ -85,6 +85,14 @@ def in_process():
     torch.set_num_threads(threads)
 
 
+def in_this_process(main, argv: list):
+    """`main(argv)` in pytest's process, as a plain `python` launch runs it (a world of one on a free port) without
+    another start-up of torch: the rendezvous variables the last call set are dropped first. For `in_process`."""
+    for k in DIST_ENV:
+        os.environ.pop(k, None)
+    main(list(map(str, argv)))
+
+
 def hf_greedy(hf, request, n: int, stop: list[int], banned: list[int]) -> list[int]:
     """transformers' greedy completion of a rollout.Request (the independent reference for the sampler): up to n
     tokens, never a banned id, cut after the first stop id as the sampler's completions are."""

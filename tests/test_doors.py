@@ -106,35 +106,55 @@ def test_eval_flags_out_of_range_name_the_flag(flags, message):
 # 2. One line, the right exit code, under python and torchrun
 
 
-def launch(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+def start(args: list[str], nproc: int = 1) -> subprocess.Popen:
+    """`python ARGS`, or `torchrun --standalone --nproc_per_node=NPROC ARGS`, started; `finish` collects it."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
     head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                 f"--nproc_per_node={nproc}"]
-    return subprocess.run([*head, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.Popen([*head, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=env)
+
+
+def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Waits for each run; their exit codes and outputs. Runs started together share the cores: each is mostly a
+    start-up of torch on one core before it refuses. One still going when this leaves (a timeout) is ended (torchrun
+    ends its ranks on SIGTERM)."""
+    try:
+        outputs = [r.communicate(timeout=timeout) for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.terminate()
+    return [subprocess.CompletedProcess(r.args, r.returncode, out, err) for r, (out, err) in zip(runs, outputs)]
 
 
 def test_errors_at_the_door_are_one_line(tmp_path):
     init, rows = bandit_task(tmp_path)
-    out = tmp_path / "out"
-    base = [str(REPO / "train_rl.py"), "--init_from", str(init), "--out", str(out), "--threads", "1"]
-    typo = launch([*base, "--data", "nowhere.jsonl"])
-    assert (typo.returncode, typo.stdout, typo.stderr) == (
-        1, "", "train_rl.py: error: --data: data file not found: nowhere.jsonl\n")
-    assert not out.exists()  # refused before OUT is even locked
-    bad = launch([*base, "--data", str(rows), "--lr", "inf"])
-    assert (bad.returncode, bad.stderr) == (2, "train_rl.py: error: --lr must be finite and > 0, got inf\n")
-    parse = launch([*base, "--data", str(rows), "--lr", "fast"])
-    assert parse.returncode == 2 and parse.stderr.splitlines() == [
-        "train_rl.py: error: argument --lr: invalid float value: 'fast' (see --help)"]
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": 1, "question": "q", "answer": "5"}\n{not json\n')
-    rows_error = launch([*base, "--data", str(broken)])
+
+    def train(out: str, *args: str, nproc: int = 1) -> subprocess.Popen:
+        return start([str(REPO / "train_rl.py"), "--init_from", str(init), "--out", str(tmp_path / out), "--threads",
+                      "1", *args], nproc)
+
+    # Independent runs, started at once. Each has an OUT of its own: the bad rows' run locks (makes) its OUT, the
+    # missing file's is refused before it makes one.
+    two, typo, bad, parse, rows_error = finish(
+        train("two", "--data", "nowhere.jsonl", nproc=2), train("typo", "--data", "nowhere.jsonl"),
+        train("bad", "--data", str(rows), "--lr", "inf"), train("parse", "--data", str(rows), "--lr", "fast"),
+        train("rows", "--data", str(broken)))
+    assert (typo.returncode, typo.stdout, typo.stderr) == (
+        1, "", "train_rl.py: error: --data: data file not found: nowhere.jsonl\n")
+    assert not (tmp_path / "typo").exists()  # refused before OUT is even locked
+    assert (bad.returncode, bad.stderr) == (2, "train_rl.py: error: --lr must be finite and > 0, got inf\n")
+    assert parse.returncode == 2 and parse.stderr.splitlines() == [
+        "train_rl.py: error: argument --lr: invalid float value: 'fast' (see --help)"]
     assert rows_error.returncode == 1 and "Traceback" not in rows_error.stderr
     assert rows_error.stderr.startswith(f"train_rl.py: error: {broken}: 1 bad row(s) of 2:\n{broken}:2: malformed "
                                         f"JSON")
+    out = tmp_path / "rows"
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("step_*"))
 
-    two = launch([*base, "--data", "nowhere.jsonl"], nproc=2)
     text = two.stdout + two.stderr
     ours = [x for x in text.splitlines() if x.startswith("train_rl.py: error:")]
     assert two.returncode != 0 and ours == ["train_rl.py: error: --data: data file not found: nowhere.jsonl"], text
@@ -143,6 +163,7 @@ def test_errors_at_the_door_are_one_line(tmp_path):
     assert "traceback : train_rl.py: error: --data: data file not found: nowhere.jsonl" in root, text
     assert text.count("traceback : train_rl.py: error:") == 1 and "<NO_OTHER_FAILURES>" in text, text  # once
     assert "<N/A>" not in text and len(text.splitlines()) <= 40, text  # ours, then torchrun's report
+
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # @record's, under pytest's captured stderr
 def test_cli_run_exit_codes_and_unexpected_errors_keep_their_traceback(capsys, monkeypatch):
@@ -163,11 +184,11 @@ def test_cli_run_exit_codes_and_unexpected_errors_keep_their_traceback(capsys, m
 
 def test_eval_errors_are_one_line(tmp_path):
     init, rows = bandit_task(tmp_path)
-    missing = launch([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(tmp_path / "nowhere.jsonl"),
-                      "--out", str(tmp_path / "r.json")])
+    missing, bad = finish(start([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(tmp_path / "nowhere.jsonl"),
+                                 "--out", str(tmp_path / "r.json")]),
+                          start([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(rows), "--samples", "-1"]))
     assert (missing.returncode, missing.stderr) == (1, f"eval.py: error: data file not found: "
                                                        f"{tmp_path / 'nowhere.jsonl'}\n")
-    bad = launch([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(rows), "--samples", "-1"])
     assert (bad.returncode, bad.stderr) == (2, "eval.py: error: --samples must be >= 0, got -1\n")
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -532,20 +532,40 @@ def test_eval_config_refuses_nonsense():
 # torchrun: two processes give what one gives
 
 
-def run(args: list[str], nproc: int = 1, **env) -> subprocess.CompletedProcess:
+def start(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:
+    """`python ARGS`, or `torchrun --standalone --nproc_per_node=NPROC ARGS`, started with ENV added; `finish`
+    collects it."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"} | env
     head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                 f"--nproc_per_node={nproc}"]
-    out = subprocess.run([*head, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
+    return subprocess.Popen([*head, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=env)
+
+
+def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Waits for each run; all must exit 0. Their outputs. One still going when this leaves (a timeout) is ended
+    (torchrun ends its ranks on SIGTERM)."""
+    try:
+        outputs = [r.communicate(timeout=timeout) for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.terminate()
+    for r, (out, err) in zip(runs, outputs):
+        assert r.returncode == 0, out[-3000:] + err[-5000:]
+    return [subprocess.CompletedProcess(r.args, r.returncode, out, err) for r, (out, err) in zip(runs, outputs)]
+
+
+def run(args: list[str], nproc: int = 1, **env) -> subprocess.CompletedProcess:
+    return finish(start(args, nproc, **env))[0]
 
 
 def test_torchrun_two_processes_match_one(mmmu_dir, ckpt, tmp_path):
     common = ["eval.py", "--ckpt", str(ckpt), "--data", str(mmmu_dir), "--samples", "2", "--max_new_tokens", "6",
               "--max_len", "256", "--chunk", "2", "--no-progress"]
-    run(common + ["--out", str(tmp_path / "one.json")])
-    run(common + ["--out", str(tmp_path / "two.json")], nproc=2)
+    # Independent runs, at once: each fills the cores the other leaves idle (torchrun's start, the teardowns).
+    finish(start(common + ["--out", str(tmp_path / "one.json")]),
+           start(common + ["--out", str(tmp_path / "two.json")], nproc=2))
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one.pop("timing").keys() == two.pop("timing").keys()
     assert one == two

@@ -16,7 +16,8 @@ from torch.distributed.fsdp import fully_shard
 
 import model as M
 import rundir as R
-from conftest import DIST_ENV
+import train_rl as T
+from conftest import DIST_ENV, in_this_process
 from grid_task import GridTaskConfig, prepare
 from parallel import init_distributed
 
@@ -260,26 +261,28 @@ def test_a_rank_without_a_saved_rng_derives_it_from_seed_and_rank(world, tmp_pat
 # The trainer resumed on another number of processes
 
 
-def launch(args: list[str], nproc: int) -> str:
+def torchrun(args: list[str], nproc: int) -> str:
+    """`torchrun --standalone --nproc_per_node=NPROC train_rl.py ARGS` (gloo); its output."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                f"--nproc_per_node={nproc}"]
-    out = subprocess.run([*head, str(REPO / "train_rl.py"), *args], capture_output=True, text=True, cwd=REPO,
-                         env=env, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                          str(REPO / "train_rl.py"), *args], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-12000:]  # a rank's traceback precedes torchrun's
     return out.stdout
 
 
-def test_trainer_resumes_from_one_process_on_two_and_back(tmp_path):
+def test_trainer_resumes_from_one_process_on_two_and_back(tmp_path, in_process, capsys):
     task = prepare(tmp_path / "grid", GridTaskConfig(n_train=16, n_heldout=4))
     out = tmp_path / "run"
     args = ["--init_from", str(task.init_checkpoint), "--data", str(task.train_jsonl), "--out", str(out),
             "--max_len", "96", "--threads", "1", "--seed", "3", "--stage", "sft", "--train", "vit,connector,llm",
             "--prompts_per_step", "4", "--micro_batch", "4", "--lr", "1e-2", "--save_every", "1"]
-    launch([*args, "--steps", "1"], nproc=1)
-    two = launch([*args, "--steps", "2", "--resume"], nproc=2)
+    # The one process is this one (`in_process`), each time: two start-ups of torch fewer.
+    in_this_process(T.main, [*args, "--steps", "1"])
+    two = torchrun([*args, "--steps", "2", "--resume"], nproc=2)
     assert f"resumed from {out / 'step_000001'} (step 1)" in two
-    one = launch([*args, "--steps", "3", "--resume"], nproc=1)
-    assert f"resumed from {out / 'step_000002'} (step 2)" in one
+    capsys.readouterr()
+    in_this_process(T.main, [*args, "--steps", "3", "--resume"])
+    assert f"resumed from {out / 'step_000002'} (step 2)" in capsys.readouterr().out
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and R.newest_checkpoint(out) == out / "step_000003"

@@ -5,18 +5,15 @@ lock, the lock of a killed run is taken over), and a resume after step directori
 """
 import hashlib
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DIST_ENV
 from grid_task import GridTaskConfig, prepare
 from test_train import common, launch, start, wait_for, weights
 
@@ -39,6 +36,18 @@ def steps_of(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[str]:
+    """Waits for each run `start`ed (stderr in stdout); their outputs, each exit code in its `returncode`. Runs
+    started together share the cores, each mostly a start-up of torch on one. One still going when this leaves (a
+    timeout) is killed."""
+    try:
+        return [r.communicate(timeout=timeout)[0] for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.kill()
+
+
 def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path):
     out = tmp_path / "run"
     args = [*common(task, out), "--stage", "sft", "--prompts_per_step", "4", "--micro_batch", "4", "--save_every", "1"]
@@ -56,16 +65,15 @@ def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path):
         lock = json.loads((out / ".lock").read_text())
         assert (lock["pid"], lock["host"]) == (a.pid, socket.gethostname())
         before = contents(out)
-        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-        for extra in ([], ["--resume"]):  # a fresh run and a resume alike: the lock is checked first
-            b = subprocess.run([sys.executable, str(REPO / "train_rl.py"), *args, "--steps", "10000", *extra],
-                               capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-            lines = (b.stdout + b.stderr).strip().splitlines()
-            assert b.returncode == 1, b.stdout[-3000:] + b.stderr[-3000:]
+        # A fresh run and a resume alike: the lock is checked first. Both at once: each is refused before it writes.
+        refused = [start([*args, "--steps", "10000", *extra]) for extra in ([], ["--resume"])]
+        for b, text in zip(refused, finish(*refused)):
+            lines = text.strip().splitlines()
+            assert b.returncode == 1, text[-6000:]
             assert lines == [f"train_rl.py: error: {out} is in use by another run (pid {a.pid} on "
                              f"{socket.gethostname()}, started {lock['started']}): wait for it, or choose another "
                              f"--out (if that run is gone, delete {out / '.lock'})"], lines
-            assert contents(out) == before  # A's lock, checkpoints, metrics and config.json as they were
+        assert contents(out) == before  # A's lock, checkpoints, metrics and config.json as they were
         logged = steps_of(out)
         assert logged == list(range(1, len(logged) + 1)), logged  # only A's steps, once each
         a.kill()  # SIGKILL (a stopped process too): OUT/.lock stays, naming a dead pid
@@ -90,8 +98,9 @@ def test_resume_after_deleting_the_newest_steps_continues_from_the_one_before(ta
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
             "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    launch([str(REPO / "train_rl.py"), *common(task, whole), *args])
-    launch([str(REPO / "train_rl.py"), *common(task, cut), *args])
+    runs = [start([*common(task, out), *args]) for out in (whole, cut)]  # independent: at once
+    for run, text in zip(runs, finish(*runs)):
+        assert run.returncode == 0, text[-6000:]
     shutil.rmtree(cut / "step_000004")
     shutil.rmtree(cut / "step_000003")  # rolled back to step 2; OUT/latest still names step_000004, now gone
     assert (cut / "latest").read_text() == "step_000004"

@@ -19,7 +19,7 @@ import eval as E
 import model as M
 import parallel as P
 import trainer as TR
-from conftest import DIST_ENV, image_prompt
+from conftest import DIST_ENV, image_prompt, in_this_process
 from grid_task import GridTaskConfig, prepare
 from rollout import Request, Sampler
 from test_eval import ckpt, mmmu_dir, tok  # noqa: F401 - eval's tiny checkpoint and MMMU folder (and their tokenizer)
@@ -223,14 +223,6 @@ def test_grpo_step_with_tp2_matches_without(launched):
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     init = C.load_model(prepare(launched / "grid", GRID).init_checkpoint).state_dict()
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # the step moved the weights
-
-
-def in_this_process(main, argv: list):
-    """`main(argv)` in pytest's process, as a plain `python` launch runs it (a world of one on a free port) without
-    another start-up of torch: the rendezvous variables the last call set are dropped first. For `in_process`."""
-    for k in DIST_ENV:
-        os.environ.pop(k, None)
-    main(list(map(str, argv)))
 
 
 def test_eval_with_tp2_matches_one_process(mmmu_dir, ckpt, launched, tmp_path, capsys, in_process, one_thread):
