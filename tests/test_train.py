@@ -48,6 +48,31 @@ def launch(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.Co
     return out
 
 
+def start(args: list[str], nproc: int = 1, script: Path = REPO / "train_rl.py") -> subprocess.Popen:
+    """`python SCRIPT ARGS`, or `torchrun --standalone --nproc_per_node=NPROC SCRIPT ARGS`, in the background; its
+    output (stderr too) read line by line as it comes, or collected by `finish`."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
+    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                f"--nproc_per_node={nproc}"]
+    return subprocess.Popen([*head, str(script), *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[str]:
+    """Waits for each run `start`ed; all must exit 0. Their outputs. Independent runs started together fill the
+    cores one leaves idle (torch's start-up, torchrun's rendezvous, the teardowns). One still going when this leaves
+    (a timeout) is ended: torchrun ends its ranks on SIGTERM."""
+    try:
+        texts = [r.communicate(timeout=timeout)[0] for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.terminate()
+    for r, text in zip(runs, texts):
+        assert r.returncode == 0, text[-8000:]
+    return texts
+
+
 def weights(run_dir: Path, step: int) -> dict:
     return load_file(run_dir / f"step_{step:06d}" / "model" / "model.safetensors")
 
@@ -159,8 +184,7 @@ def test_advantages():
 def test_sft_step_two_processes_match_one(task, tmp_path):
     args = ["--stage", "sft", "--train", "vit,connector,llm", "--steps", "1", "--prompts_per_step", "8",
             "--micro_batch", "3", "--lr", "1e-3"]
-    launch([str(REPO / "train_rl.py"), *common(task, tmp_path / "one"), *args])
-    launch([str(REPO / "train_rl.py"), *common(task, tmp_path / "two"), *args], nproc=2)
+    finish(start([*common(task, tmp_path / "one"), *args]), start([*common(task, tmp_path / "two"), *args], nproc=2))
     same_step(tmp_path / "one", tmp_path / "two", task)
 
 
@@ -181,14 +205,14 @@ def test_grpo_step_two_processes_match_one(task, tmp_path):
     driver = REPO / "tests" / "grpo_fixed_rollout.py"
     args = ["--stage", "grpo", "--steps", "1", "--prompts_per_step", "6", "--micro_batch", "2", "--lr", "1e-3",
             "--tis_cap", "0", "--updates_per_rollout", "2"]
-    launch([str(driver), *common(task, tmp_path / "fixed1"), *args])
-    launch([str(driver), *common(task, tmp_path / "fixed2"), *args], nproc=2)
-    same_step(tmp_path / "fixed1", tmp_path / "fixed2", task)
-
     real = ["--stage", "grpo", "--steps", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
             "--lr", "1e-3", "--no-dynamic_sampling", "--temperature", "1.5"]
-    launch([str(REPO / "train_rl.py"), *common(task, tmp_path / "real1"), *real])
-    launch([str(REPO / "train_rl.py"), *common(task, tmp_path / "real2"), *real], nproc=2)
+    # Four independent runs, each in an OUT of its own, at once.
+    finish(start([*common(task, tmp_path / "fixed1"), *args], script=driver),
+           start([*common(task, tmp_path / "fixed2"), *args], nproc=2, script=driver),
+           start([*common(task, tmp_path / "real1"), *real]),
+           start([*common(task, tmp_path / "real2"), *real], nproc=2))
+    same_step(tmp_path / "fixed1", tmp_path / "fixed2", task)
     m1, m2 = (json.loads((tmp_path / r / "metrics.jsonl").read_text()) for r in ("real1", "real2"))
     assert m1["rollout_tokens"] == m2["rollout_tokens"] and m1["response_len_max"] == m2["response_len_max"]
     assert m1["reward"] == pytest.approx(m2["reward"], rel=1e-12)  # the same samples, whichever process drew them
@@ -196,13 +220,6 @@ def test_grpo_step_two_processes_match_one(task, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Resume, frozen modules
-
-
-def start(args: list[str]) -> subprocess.Popen:
-    """`python train_rl.py ...` in the background, its output read line by line as it comes."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "train_rl.py"), *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def wait_for(proc: subprocess.Popen, line: str) -> list[str]:
@@ -219,8 +236,9 @@ def test_resume_after_sigkill_is_bitwise(task, tmp_path):
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
             "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2", "--curriculum", "pass_rate",
             "--keep", "2"]
-    launch([str(REPO / "train_rl.py"), *common(task, tmp_path / "whole"), *args])
     cut = tmp_path / "cut"
+    # The uninterrupted reference is independent of the cut run: it runs alongside the kill and the resume.
+    reference = start([*common(task, tmp_path / "whole"), *args])
     proc = start([*common(task, cut), *args])
     wait_for(proc, f"saved {cut / 'step_000002'}")
     proc.kill()  # SIGKILL: no handler runs, whatever step 3 was doing is lost
@@ -228,6 +246,7 @@ def test_resume_after_sigkill_is_bitwise(task, tmp_path):
     proc.stdout.close()
     assert (cut / "latest").read_text() == "step_000002" and not (cut / "step_000004").exists()
     launch([str(REPO / "train_rl.py"), *common(task, cut), *args, "--resume"])
+    finish(reference)
     whole, resumed = weights(tmp_path / "whole", 4), weights(cut, 4)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert max_diff(whole, weights(tmp_path / "whole", 3)) > 1e-4  # the resumed steps did update
