@@ -1,6 +1,10 @@
 """Shared test setup and helpers: without a GPU, Triton kernels run in the interpreter (set before triton is
-imported); a word-level tokenizer, tiny random transformers checkpoints (the parity oracle) and image prompts."""
+imported); a word-level tokenizer, tiny random transformers checkpoints (the parity oracle) and image prompts;
+scripts launched as a user runs them (`start`, `finish`)."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +19,8 @@ import checkpoint as C  # noqa: E402 - after TRITON_INTERPRET is set
 import data as D  # noqa: E402
 
 WORDS = "how many red squares are there in the image answer is one two three".split()
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+            "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # what torchrun sets for its ranks: never inherited by a launch
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +88,38 @@ def in_process():
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(threads)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start(args: list, nproc: int = 1, torchrun: tuple[str, ...] = (), merge_output: bool = False,
+          **env) -> subprocess.Popen:
+    """`python ARGS`; with nproc > 1 `torchrun --standalone --nproc_per_node=NPROC ARGS`; with `torchrun`, those
+    torchrun flags instead (gloo on CPU). In the repository, one thread, no rendezvous variables inherited, ENV
+    added; output piped (stderr into stdout with merge_output), read as it comes or collected by `finish`."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"} | env
+    if nproc > 1 and not torchrun:
+        torchrun = ("--standalone", f"--nproc_per_node={nproc}")
+    head = [sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable]
+    return subprocess.Popen([*head, *map(str, args)], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE)
+
+
+def finish(*runs: subprocess.Popen, timeout: int = 300, check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Waits for runs `start`ed together: each fills the cores another leaves idle (torch's start-up, torchrun's
+    rendezvous, the teardowns). With `check`, each must exit 0. One still going when this leaves (a timeout) is
+    ended: torchrun ends its ranks on SIGTERM."""
+    try:
+        outputs = [r.communicate(timeout=timeout) for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.terminate()
+    done = [subprocess.CompletedProcess(r.args, r.returncode, out, err) for r, (out, err) in zip(runs, outputs)]
+    for d in done if check else ():  # a rank's traceback precedes torchrun's report
+        assert d.returncode == 0, d.stdout[-3000:] + (d.stderr or "")[-12000:]
+    return done
 
 
 def in_this_process(main, argv: list):

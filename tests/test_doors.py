@@ -6,9 +6,7 @@ load_model that fails the test) or before any step (no metrics.jsonl)."""
 import dataclasses
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,7 +23,7 @@ import eval as E
 import model as M
 import train_rl as T
 import trainer as TR
-from conftest import DIST_ENV
+from conftest import finish, start
 from test_train import bandit_task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,28 +104,6 @@ def test_eval_flags_out_of_range_name_the_flag(flags, message):
 # 2. One line, the right exit code, under python and torchrun
 
 
-def start(args: list[str], nproc: int = 1) -> subprocess.Popen:
-    """`python ARGS`, or `torchrun --standalone --nproc_per_node=NPROC ARGS`, started; `finish` collects it."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                f"--nproc_per_node={nproc}"]
-    return subprocess.Popen([*head, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=env)
-
-
-def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """Waits for each run; their exit codes and outputs. Runs started together share the cores: each is mostly a
-    start-up of torch on one core before it refuses. One still going when this leaves (a timeout) is ended (torchrun
-    ends its ranks on SIGTERM)."""
-    try:
-        outputs = [r.communicate(timeout=timeout) for r in runs]
-    finally:
-        for r in runs:
-            if r.poll() is None:
-                r.terminate()
-    return [subprocess.CompletedProcess(r.args, r.returncode, out, err) for r, (out, err) in zip(runs, outputs)]
-
-
 def test_errors_at_the_door_are_one_line(tmp_path):
     init, rows = bandit_task(tmp_path)
     broken = tmp_path / "broken.jsonl"
@@ -142,7 +118,7 @@ def test_errors_at_the_door_are_one_line(tmp_path):
     two, typo, bad, parse, rows_error = finish(
         train("two", "--data", "nowhere.jsonl", nproc=2), train("typo", "--data", "nowhere.jsonl"),
         train("bad", "--data", str(rows), "--lr", "inf"), train("parse", "--data", str(rows), "--lr", "fast"),
-        train("rows", "--data", str(broken)))
+        train("rows", "--data", str(broken)), check=False)
     assert (typo.returncode, typo.stdout, typo.stderr) == (
         1, "", "train_rl.py: error: --data: data file not found: nowhere.jsonl\n")
     assert not (tmp_path / "typo").exists()  # refused before OUT is even locked
@@ -186,7 +162,8 @@ def test_eval_errors_are_one_line(tmp_path):
     init, rows = bandit_task(tmp_path)
     missing, bad = finish(start([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(tmp_path / "nowhere.jsonl"),
                                  "--out", str(tmp_path / "r.json")]),
-                          start([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(rows), "--samples", "-1"]))
+                          start([str(REPO / "eval.py"), "--ckpt", str(init), "--data", str(rows), "--samples", "-1"]),
+                          check=False)
     assert (missing.returncode, missing.stderr) == (1, f"eval.py: error: data file not found: "
                                                        f"{tmp_path / 'nowhere.jsonl'}\n")
     assert (bad.returncode, bad.stderr) == (2, "eval.py: error: --samples must be >= 0, got -1\n")

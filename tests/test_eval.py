@@ -22,11 +22,10 @@ import eval as E
 import mmmu
 import model as M
 import reward
+from conftest import finish, start
 from rollout import Completion, Request, Sampler
 
 REPO = Path(__file__).resolve().parents[1]
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-            "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 # ----------------------------------------------------------------------------------------------------------------
 # The judge: MMMU's rules, one rule named per case
@@ -530,30 +529,6 @@ def test_eval_config_refuses_nonsense():
 
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun: two processes give what one gives
-
-
-def start(args: list[str], nproc: int = 1, **env) -> subprocess.Popen:
-    """`python ARGS`, or `torchrun --standalone --nproc_per_node=NPROC ARGS`, started with ENV added; `finish`
-    collects it."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"} | env
-    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                f"--nproc_per_node={nproc}"]
-    return subprocess.Popen([*head, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=env)
-
-
-def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """Waits for each run; all must exit 0. Their outputs. One still going when this leaves (a timeout) is ended
-    (torchrun ends its ranks on SIGTERM)."""
-    try:
-        outputs = [r.communicate(timeout=timeout) for r in runs]
-    finally:
-        for r in runs:
-            if r.poll() is None:
-                r.terminate()
-    for r, (out, err) in zip(runs, outputs):
-        assert r.returncode == 0, out[-3000:] + err[-5000:]
-    return [subprocess.CompletedProcess(r.args, r.returncode, out, err) for r, (out, err) in zip(runs, outputs)]
 
 
 def run(args: list[str], nproc: int = 1, **env) -> subprocess.CompletedProcess:

@@ -2,15 +2,13 @@
 rendezvous on 127.0.0.1) against one agent with two processes. The same parameters after each step, checkpoints and
 logs written once (by global rank 0, although each node has a local rank 0), and `--resume` from what they wrote."""
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import DIST_ENV
+from conftest import finish, start
 from grid_task import GridTaskConfig, prepare
 from test_train import common, max_diff, weights
 
@@ -26,9 +24,7 @@ def task(tmp_path_factory):
 
 def agent(args: list[str], *torchrun: str) -> subprocess.Popen:
     """`torchrun TORCHRUN... train_rl.py ARGS`, started; its output (stderr too) to a pipe for `outputs`."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun, str(REPO / "train_rl.py"),
-                             *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return start([REPO / "train_rl.py", *args], torchrun=torchrun, merge_output=True)
 
 
 def two_agents(args: list[str]) -> list[subprocess.Popen]:
@@ -41,17 +37,8 @@ def two_agents(args: list[str]) -> list[subprocess.Popen]:
 
 
 def outputs(*agents: subprocess.Popen, timeout: int = 300) -> list[str]:
-    """Waits for each agent; all must exit 0. Their outputs. One still going when this leaves (a timeout) is ended:
-    torchrun ends its ranks on SIGTERM."""
-    try:
-        texts = [a.communicate(timeout=timeout)[0] for a in agents]
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.terminate()
-    for a, text in zip(agents, texts):
-        assert a.returncode == 0, text[-5000:]
-    return texts
+    """Waits for agents started together; each must exit 0. Their outputs."""
+    return [done.stdout for done in finish(*agents, timeout=timeout)]
 
 
 def test_two_agents_match_one_agent_and_resume_from_what_they_wrote(task, tmp_path):

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 import model as M
 import rundir as R
 import train_rl as T
-from conftest import DIST_ENV, in_this_process
+from conftest import finish, in_this_process, start
 from grid_task import GridTaskConfig, prepare
 from parallel import init_distributed
 
@@ -263,12 +263,7 @@ def test_a_rank_without_a_saved_rng_derives_it_from_seed_and_rank(world, tmp_pat
 
 def torchrun(args: list[str], nproc: int) -> str:
     """`torchrun --standalone --nproc_per_node=NPROC train_rl.py ARGS` (gloo); its output."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                          str(REPO / "train_rl.py"), *args], capture_output=True, text=True, cwd=REPO, env=env,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-12000:]  # a rank's traceback precedes torchrun's
-    return out.stdout
+    return finish(start([REPO / "train_rl.py", *args], nproc), timeout=600)[0].stdout
 
 
 def test_trainer_resumes_from_one_process_on_two_and_back(tmp_path, in_process, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from grid_task import GridTaskConfig, prepare
 from test_train import common, launch, start, wait_for, weights
 
@@ -37,15 +38,8 @@ def steps_of(out: Path) -> list[int]:
 
 
 def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[str]:
-    """Waits for each run `start`ed (stderr in stdout); their outputs, each exit code in its `returncode`. Runs
-    started together share the cores, each mostly a start-up of torch on one. One still going when this leaves (a
-    timeout) is killed."""
-    try:
-        return [r.communicate(timeout=timeout)[0] for r in runs]
-    finally:
-        for r in runs:
-            if r.poll() is None:
-                r.kill()
+    """Waits for runs `start`ed together (stderr in stdout); their outputs, each exit code in its `returncode`."""
+    return [done.stdout for done in conftest.finish(*runs, timeout=timeout, check=False)]
 
 
 def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path):

@@ -19,7 +19,7 @@ import eval as E
 import model as M
 import parallel as P
 import trainer as TR
-from conftest import DIST_ENV, image_prompt, in_this_process
+from conftest import DIST_ENV, finish, image_prompt, in_this_process, start
 from grid_task import GridTaskConfig, prepare
 from rollout import Request, Sampler
 from test_eval import ckpt, mmmu_dir, tok  # noqa: F401 - eval's tiny checkpoint and MMMU folder (and their tokenizer)
@@ -34,19 +34,8 @@ GRID = GridTaskConfig(n_train=16, n_heldout=4)
 def torchrun(*launches: tuple[Path, int], timeout: int = 600):
     """`torchrun --standalone --nproc_per_node=NPROC tests/tp_driver.py JOBS.json` for each (JOBS.json, NPROC), all
     at once: each launch leaves cores idle (torchrun's start, one rank's saves, the teardowns) that the other fills.
-    Each must exit 0; one still going when this leaves (a timeout) is ended: torchrun ends its ranks on SIGTERM."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    runs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={nproc}", str(DRIVER), str(jobs)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for jobs, nproc in launches]
-    try:
-        outputs = [r.communicate(timeout=timeout) for r in runs]
-    finally:
-        for r in runs:
-            if r.poll() is None:
-                r.terminate()
-    for r, (out, err) in zip(runs, outputs):
-        assert r.returncode == 0, out[-3000:] + err[-5000:]
+    Each must exit 0."""
+    finish(*[start([DRIVER, jobs], nproc) for jobs, nproc in launches], timeout=timeout)
 
 
 def test_split_dims():

@@ -2,10 +2,8 @@
 gloo) on the same global batch, bitwise resume after SIGKILL, connector-only training, a learning test with the
 rollout copy checked after every step, and bad input stopped before step 0."""
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import model as M
 import parallel as P
 import train_rl as T
 import trainer as TR
-from conftest import DIST_ENV
+import conftest
 from grid_task import GridTaskConfig, prepare
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,38 +37,19 @@ def common(task, out) -> list[str]:
 
 
 def launch(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python train_rl.py ...`, or `torchrun --standalone --nproc_per_node=N train_rl.py ...` (gloo on CPU)."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                f"--nproc_per_node={nproc}"]
-    out = subprocess.run([*head, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
+    """`python train_rl.py ...`, or `torchrun --standalone --nproc_per_node=N train_rl.py ...`; must exit 0."""
+    return conftest.finish(conftest.start(args, nproc), timeout=timeout)[0]
 
 
 def start(args: list[str], nproc: int = 1, script: Path = REPO / "train_rl.py") -> subprocess.Popen:
-    """`python SCRIPT ARGS`, or `torchrun --standalone --nproc_per_node=NPROC SCRIPT ARGS`, in the background; its
-    output (stderr too) read line by line as it comes, or collected by `finish`."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                f"--nproc_per_node={nproc}"]
-    return subprocess.Popen([*head, str(script), *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    """`python SCRIPT ARGS`, or torchrun's on NPROC processes, in the background; its output (stderr too) read line
+    by line as it comes, or collected by `finish`."""
+    return conftest.start([script, *args], nproc, merge_output=True)
 
 
 def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[str]:
-    """Waits for each run `start`ed; all must exit 0. Their outputs. Independent runs started together fill the
-    cores one leaves idle (torch's start-up, torchrun's rendezvous, the teardowns). One still going when this leaves
-    (a timeout) is ended: torchrun ends its ranks on SIGTERM."""
-    try:
-        texts = [r.communicate(timeout=timeout)[0] for r in runs]
-    finally:
-        for r in runs:
-            if r.poll() is None:
-                r.terminate()
-    for r, text in zip(runs, texts):
-        assert r.returncode == 0, text[-8000:]
-    return texts
+    """The outputs of runs `start`ed together; each must exit 0."""
+    return [done.stdout for done in conftest.finish(*runs, timeout=timeout)]
 
 
 def weights(run_dir: Path, step: int) -> dict:
