@@ -142,7 +142,7 @@ def grpo_step(run: Run, step: int) -> dict:
         scores = score(run, prompts, groups)  # reward
         advantages = group_advantages(scores.reward, cfg.adv_std)  # advantages
         kept |= informative_groups(prompts, groups, scores, advantages, rnd, cfg.dynamic_sampling)  # group filter
-        stats.add(groups, scores, run.sampler.stats)
+        stats.add(groups, scores, run.sampler.stats["seconds"])
         record_pass_rates(run, prompts, scores)
         if not cfg.dynamic_sampling or all_sum(len(kept), device=run.proc.device)[0] >= cfg.prompts_per_step:
             break
@@ -341,9 +341,9 @@ class RolloutStats:
     kept: float = 0.0
     generate_s: float = 0.0  # reduced with max: seconds inside the sampler's generate, without the reward
 
-    def add(self, groups: list[list[Completion]], scores: Scores, sampler_stats: dict):
+    def add(self, groups: list[list[Completion]], scores: Scores, generate_s: float):
         flat = [c for group in groups for c in group]
-        self.generate_s += sampler_stats["seconds"]
+        self.generate_s += generate_s
         self.reward += scores.reward.sum().item()
         self.reward_sq += (scores.reward ** 2).sum().item()
         self.accuracy += scores.accuracy.sum().item()
