@@ -611,7 +611,7 @@ def bench_trl(cfg: TrlBench) -> None:
                              update=med("t_update"), tokens=med("rollout_tokens"), packed=med("packed")))
     best = lambda runs: min(runs, key=lambda x: x["step"] / x["tokens"])
     a, b = best(trl_runs), best(our_runs)
-    print(f"device: {device_name(torch.device('cpu'))} x 1 process, torch {torch.__version__}, trl {trl.__version__}; "
+    print(f"device: CPU, 1 thread and 1 process per engine, torch {torch.__version__}, trl {trl.__version__}; "
           f"Qwen2 {TRL_MODEL['hidden_size']}d x {TRL_MODEL['num_hidden_layers']} layers, vocab "
           f"{TRL_MODEL['vocab_size']}; {S['prompts']} prompts x {S['group']} samples x {S['new_tokens']} new tokens; "
           f"medians over steps 2..{cfg.steps}, best of {cfg.repeats} runs")
