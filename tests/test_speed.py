@@ -4,7 +4,6 @@ batch, 1 and 2 processes), the GPU's bf16 configuration run on CPU, and the prep
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,10 @@ import torch
 import data as D
 import model as M
 import train_rl as T
-from conftest import DIST_ENV
+from conftest import finish, in_this_process, start
 from entropy import logprob_entropy_reference
 from test_train import bandit_task
+import token_budget_driver
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "token_budget_driver.py"
@@ -172,26 +172,21 @@ def test_step_runs_each_prompt_through_the_tower_once(tmp_path, in_process, monk
         assert all(0 < m["packed"] < 1 for m in metrics)  # 8 prompts run once each, not 64 times
 
 
-def run_driver(path: Path, nproc: int, *args: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                f"--nproc_per_node={nproc}"]
-    out = subprocess.run([*head, str(DRIVER), str(path), *args], capture_output=True, text=True, cwd=REPO, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return torch.load(path)
-
-
 def test_token_budget_equals_one_big_batch_on_1_and_2_processes(tmp_path):
     """Prompts with 0-3 tiles and responses of 1-60 tokens: one micro-batch of everything vs budgets of 150 and
     400 padded tokens, on one process and on two (uneven micro-batch counts: dummies), fp64 through."""
-    big = run_driver(tmp_path / "big.pt", 1)
+    flags = lambda budget: ("--micro_batch_tokens", str(budget)) if budget else ()
+    two = [start([DRIVER, tmp_path / f"2_{budget}.pt", *flags(budget)], 2) for budget in (150, 400)]
+    for name, budget in (("big", None), ("1_150", 150)):  # meanwhile, the one-process legs without a start-up
+        in_this_process(token_budget_driver.main, [tmp_path / f"{name}.pt", *flags(budget)])
+    finish(*two)
+    big = torch.load(tmp_path / "big.pt")
     assert big["batches"] == 1
-    for nproc, budget in ((1, 150), (2, 150), (2, 400)):
-        got = run_driver(tmp_path / f"{nproc}_{budget}.pt", nproc, "--micro_batch_tokens", str(budget))
+    for name in ("1_150", "2_150", "2_400"):
+        got = torch.load(tmp_path / f"{name}.pt")
         assert got["batches"] >= 2
-        assert abs(got["loss"] - big["loss"]) <= 1e-10, (nproc, budget)
-        assert all((got["grads"][k] - big["grads"][k]).abs().max() <= 1e-10 for k in big["grads"]), (nproc, budget)
+        assert abs(got["loss"] - big["loss"]) <= 1e-10, name
+        assert all((got["grads"][k] - big["grads"][k]).abs().max() <= 1e-10 for k in big["grads"]), name
     assert all(g.abs().max() > 0 for g in big["grads"].values())
 
 

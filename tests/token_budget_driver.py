@@ -36,14 +36,8 @@ def sequences(config) -> list[Sequence]:
     return seqs
 
 
-def main():
-    out = Path(sys.argv[1])
-    budget = int(sys.argv[sys.argv.index("--micro_batch_tokens") + 1]) if "--micro_batch_tokens" in sys.argv else None
-    # The fused head keeps its softmax statistics in fp32 whatever the inputs; the full-logits reference is fp64
-    # through, so the comparison sees the batching alone.
-    M.logprob_entropy = lambda h, w, t, temperature: logprob_entropy_reference(h, w, t, temperature)
+def step(out: Path, budget: int | None):
     proc = init_distributed()
-    torch.set_num_threads(1)
     config = tiny_config(VOCAB, IMAGE_TOKEN)
     model = VLM.from_config(config, dtype=torch.float64, seed=5)
     units = shard(model, proc.device)  # CPU: no mixed precision, the parameters stay fp64
@@ -63,5 +57,21 @@ def main():
     dist.destroy_process_group()
 
 
+def main(argv: list[str]):
+    """OUT.pt [--micro_batch_tokens N]; also called in pytest's process (conftest.in_this_process): what it changes
+    there (the head, the thread count) is put back."""
+    budget = int(argv[argv.index("--micro_batch_tokens") + 1]) if "--micro_batch_tokens" in argv else None
+    head, threads = M.logprob_entropy, torch.get_num_threads()
+    # The fused head keeps its softmax statistics in fp32 whatever the inputs; the full-logits reference is fp64
+    # through, so the comparison sees the batching alone.
+    M.logprob_entropy = lambda h, w, t, temperature: logprob_entropy_reference(h, w, t, temperature)
+    torch.set_num_threads(1)
+    try:
+        step(Path(argv[0]), budget)
+    finally:
+        M.logprob_entropy = head
+        torch.set_num_threads(threads)
+
+
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
