@@ -141,15 +141,16 @@ def launched(vlms, tok, ckpt, mmmu_dir, tmp_path_factory) -> Path:
     return root
 
 
-def against_one_process(vlm: Path, out: Path, nproc: int) -> tuple[Sampler, list[Request]]:
+def against_one_process(vlm: Path, out: Path, nproc: int, settings=(("greedy", 0.0), ("sampled", 1.0))
+                        ) -> tuple[Sampler, list[Request]]:
     """The driver's completions in OUT from `nproc` ranks with --rollout_tp 2 against one process's, with the plain
-    copy, of OUT/requests.pt."""
+    copy, of OUT/requests.pt, for each (name, temperature) of `settings` (the driver's)."""
     ref = C.load_model(vlm)
     got = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     assert all(g["copy_matches"] and g["gathered_ok"] for g in got) and got[0]["local_heads"] == 2
     sampler = Sampler(ref, max_slots=8, max_len=64, stop_ids=[0])
     requests = [Request(i, px, seed=s) for i, px, s in torch.load(out / "requests.pt")]
-    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+    for name, temperature in settings:
         want = sampler.generate(requests, num_samples=2, max_new_tokens=12, temperature=temperature)
         for r in range(nproc):
             mine = want[r::nproc]
@@ -183,8 +184,8 @@ def test_tp2_generates_what_one_process_does(name, vlms, launched, one_thread):
 
 @pytest.mark.skipif(COMPILER is None, reason="inductor on CPU needs a C++ compiler")
 def test_tp2_compiled_decode_step_generates_what_one_process_does(vlms, launched, one_thread):
-    """The decode step compiled with the all-reduce hooks in its graph (functional collectives trace)."""
-    against_one_process(vlms["qwen2"], launched / "qwen2_compiled", nproc=2)
+    """The decode step compiled with the all-reduce hooks in its graph (functional collectives trace), sampled."""
+    against_one_process(vlms["qwen2"], launched / "qwen2_compiled", nproc=2, settings=(("sampled", 1.0),))
 
 
 def test_two_groups_of_two_generate_what_one_process_does(vlms, launched, one_thread):
