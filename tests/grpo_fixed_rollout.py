@@ -31,10 +31,10 @@ def fixed_sequences(run: TR.Run) -> list[Sequence]:
     return seqs
 
 
-def main():
+def main(argv: list[str] | None = None):
     p = cli.parser(__doc__.split("\n\n")[0])
     cli.add_flags(p, T.TrainConfig)
-    cfg = cli.config_from(p.parse_args(), T.TrainConfig)
+    cfg = cli.config_from(p.parse_args(argv), T.TrainConfig)
     proc = init_distributed()
     set_threads(cfg.threads, proc.world)
     with process_group():

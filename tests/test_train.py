@@ -20,6 +20,7 @@ import parallel as P
 import train_rl as T
 import trainer as TR
 import conftest
+import grpo_fixed_rollout
 from grid_task import GridTaskConfig, prepare
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,16 +182,18 @@ def same_step(one: Path, two: Path, task):
 def test_grpo_step_two_processes_match_one(task, tmp_path):
     """Fixed rollouts (two micro-batches per process of uneven size: token means across ranks and micro-batches),
     then the real sampler with fixed seeds."""
-    driver = REPO / "tests" / "grpo_fixed_rollout.py"
+    driver = Path(grpo_fixed_rollout.__file__)
     args = ["--stage", "grpo", "--steps", "1", "--prompts_per_step", "6", "--micro_batch", "2", "--lr", "1e-3",
             "--tis_cap", "0", "--updates_per_rollout", "2"]
     real = ["--stage", "grpo", "--steps", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
             "--lr", "1e-3", "--no-dynamic_sampling", "--temperature", "1.5"]
-    # Four independent runs, each in an OUT of its own, at once.
-    finish(start([*common(task, tmp_path / "fixed1"), *args], script=driver),
-           start([*common(task, tmp_path / "fixed2"), *args], nproc=2, script=driver),
-           start([*common(task, tmp_path / "real1"), *real]),
-           start([*common(task, tmp_path / "real2"), *real], nproc=2))
+    # Four independent runs, each in an OUT of its own, at once: the one-process ones in pytest's process, without a
+    # start-up of their own, while the two-process ones run.
+    two = [start([*common(task, tmp_path / "fixed2"), *args], nproc=2, script=driver),
+           start([*common(task, tmp_path / "real2"), *real], nproc=2)]
+    conftest.in_this_process(grpo_fixed_rollout.main, [*common(task, tmp_path / "fixed1"), *args])
+    conftest.in_this_process(T.main, [*common(task, tmp_path / "real1"), *real])
+    finish(*two)
     same_step(tmp_path / "fixed1", tmp_path / "fixed2", task)
     m1, m2 = (json.loads((tmp_path / r / "metrics.jsonl").read_text()) for r in ("real1", "real2"))
     assert m1["rollout_tokens"] == m2["rollout_tokens"] and m1["response_len_max"] == m2["response_len_max"]
