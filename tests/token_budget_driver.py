@@ -37,6 +37,8 @@ def sequences(config) -> list[Sequence]:
 
 
 def step(out: Path, budget: int | None):
+    """The backward of the fixed sequences on this rank's share, micro-batched by `budget` (None: one big batch);
+    rank 0 saves the loss, the full gradients and the micro-batch count to OUT."""
     proc = init_distributed()
     config = tiny_config(VOCAB, IMAGE_TOKEN)
     model = VLM.from_config(config, dtype=torch.float64, seed=5)
