@@ -161,10 +161,17 @@ def test_advantages():
 # One process vs two
 
 
+def one_and_two(task, tmp_path, args: list[str]):
+    """train_rl.py ARGS to TMP/two on two processes (torchrun) and meanwhile to TMP/one in pytest's process, without a
+    start-up of its own."""
+    two = start([*common(task, tmp_path / "two"), *args], nproc=2)
+    conftest.in_this_process(T.main, [*common(task, tmp_path / "one"), *args])
+    finish(two)
+
+
 def test_sft_step_two_processes_match_one(task, tmp_path):
-    args = ["--stage", "sft", "--train", "vit,connector,llm", "--steps", "1", "--prompts_per_step", "8",
-            "--micro_batch", "3", "--lr", "1e-3"]
-    finish(start([*common(task, tmp_path / "one"), *args]), start([*common(task, tmp_path / "two"), *args], nproc=2))
+    one_and_two(task, tmp_path, ["--stage", "sft", "--train", "vit,connector,llm", "--steps", "1",
+                                 "--prompts_per_step", "8", "--micro_batch", "3", "--lr", "1e-3"])
     same_step(tmp_path / "one", tmp_path / "two", task)
 
 

@@ -13,7 +13,7 @@ import torch
 import checkpoint as C
 import model as M
 from grid_task import GridTaskConfig, prepare
-from test_train import common, finish, same_step, start
+from test_train import one_and_two, same_step
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,12 @@ LR = "5e-4"
 def test_sft_step_two_processes_match_one(task, tmp_path):
     args = ["--stage", "sft", "--train", "vit,connector,llm", "--steps", "1", "--prompts_per_step", "8",
             "--micro_batch", "3", "--lr", LR]
-    finish(start([*common(task, tmp_path / "one"), *args]), start([*common(task, tmp_path / "two"), *args], nproc=2))
+    one_and_two(task, tmp_path, args)
     same_step(tmp_path / "one", tmp_path / "two", task)
 
 
 def test_grpo_step_two_processes_match_one(task, tmp_path):
     args = ["--stage", "grpo", "--steps", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
             "--lr", LR, "--no-dynamic_sampling", "--temperature", "1.5"]
-    finish(start([*common(task, tmp_path / "one"), *args]), start([*common(task, tmp_path / "two"), *args], nproc=2))
+    one_and_two(task, tmp_path, args)
     same_step(tmp_path / "one", tmp_path / "two", task)
