@@ -122,6 +122,17 @@ def finish(*runs: subprocess.Popen, timeout: int = 300, check: bool = True) -> l
     return done
 
 
+@pytest.fixture
+def one_thread():
+    """One-process references in pytest's process on one thread, as each launched process runs (OMP_NUM_THREADS=1):
+    the same reductions, and the tiny models' ops are too small to share (on a busy machine a second thread mostly
+    waits for a core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def in_this_process(main, argv: list):
     """`main(argv)` in pytest's process, as a plain `python` launch runs it (a world of one on a free port) without
     another start-up of torch: the rendezvous variables the last call set are dropped first. For `in_process`."""

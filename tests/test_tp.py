@@ -162,16 +162,6 @@ def against_one_process(vlm: Path, out: Path, nproc: int, settings=(("greedy", 0
     return sampler, requests
 
 
-@pytest.fixture
-def one_thread():
-    """The one-process references on one thread, as each torchrun rank runs (OMP_NUM_THREADS=1): the tiny models'
-    ops are too small to share, and on a busy machine a second thread mostly waits for a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_tp2_generates_what_one_process_does(name, vlms, launched, one_thread):
     """Greedy and temperature-1 completions (tokens exactly, log-probs within 1e-5) of image and text prompts, each
