@@ -15,11 +15,9 @@ import pytest
 import torch
 
 import conftest
+import train_rl as T
 from grid_task import GridTaskConfig, prepare
-from test_train import common, launch, start, wait_for, weights
-
-REPO = Path(__file__).resolve().parent.parent
-
+from test_train import common, start, wait_for, weights
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
@@ -42,7 +40,7 @@ def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[str]:
     return [done.stdout for done in conftest.finish(*runs, timeout=timeout, check=False)]
 
 
-def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path):
+def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     args = [*common(task, out), "--stage", "sft", "--prompts_per_step", "4", "--micro_batch", "4", "--save_every", "1"]
     a = start([*args, "--steps", "10000"])
@@ -79,27 +77,35 @@ def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path):
         a.stdout.close()
     assert json.loads((out / ".lock").read_text()) == lock
     k = len(steps_of(out))
-    c = launch([str(REPO / "train_rl.py"), *args, "--steps", str(k + 1), "--resume"])
+    capsys.readouterr()
+    conftest.in_this_process(T.main, [*args, "--steps", str(k + 1), "--resume"])  # no start-up of its own
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
     assert (f"warning: {out / '.lock'} was left by pid {a.pid} on {socket.gethostname()} (started "
-            f"{lock['started']}), which is no longer running: taking it over") in c.stdout, c.stdout[-3000:]
-    assert f"resumed from {out / 'step_'}" in c.stdout, c.stdout[-3000:]
+            f"{lock['started']}), which is no longer running: taking it over") in text, text[-3000:]
+    assert f"resumed from {out / 'step_'}" in text, text[-3000:]
     assert not (out / ".lock").exists()  # released at the end
     assert steps_of(out) == list(range(1, k + 2))
     assert (out / "latest").read_text() == f"step_{k + 1:06d}" and not list(out.glob("step_*.tmp"))
 
 
-def test_resume_after_deleting_the_newest_steps_continues_from_the_one_before(task, tmp_path):
+def test_resume_after_deleting_the_newest_steps_continues_from_the_one_before(task, tmp_path, capsys, one_thread):
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
             "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    runs = [start([*common(task, out), *args]) for out in (whole, cut)]  # independent: at once
-    for run, text in zip(runs, finish(*runs)):
-        assert run.returncode == 0, text[-6000:]
+    # The uninterrupted reference is launched; the cut run goes in pytest's process meanwhile, and so does its
+    # resume later: no start-ups of their own.
+    reference = start([*common(task, whole), *args])
+    conftest.in_this_process(T.main, [*common(task, cut), *args])
+    (text,) = finish(reference)
+    assert reference.returncode == 0, text[-6000:]
     shutil.rmtree(cut / "step_000004")
     shutil.rmtree(cut / "step_000003")  # rolled back to step 2; OUT/latest still names step_000004, now gone
     assert (cut / "latest").read_text() == "step_000004"
-    resumed = launch([str(REPO / "train_rl.py"), *common(task, cut), *args, "--resume"])
-    assert f"resumed from {cut / 'step_000002'} (step 2)" in resumed.stdout, resumed.stdout[-3000:]
+    capsys.readouterr()
+    conftest.in_this_process(T.main, [*common(task, cut), *args, "--resume"])
+    printed = capsys.readouterr().out
+    assert f"resumed from {cut / 'step_000002'} (step 2)" in printed, printed[-3000:]
     w, r = weights(whole, 4), weights(cut, 4)
     assert w.keys() == r.keys() and all(torch.equal(w[k], r[k]) for k in w)
     assert not all(torch.equal(w[k], weights(whole, 2)[k]) for k in w)  # steps 3 and 4 did move the weights
