@@ -19,6 +19,7 @@ import train_rl as T
 from grid_task import GridTaskConfig, prepare
 from test_train import common, start, wait_for, weights
 
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     """As test_train's: the default run's task at a small size."""
