@@ -221,7 +221,7 @@ def wait_for(proc: subprocess.Popen, line: str) -> list[str]:
     raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {line!r}:\n" + "\n".join(seen[-30:]))
 
 
-def test_resume_after_sigkill_is_bitwise(task, tmp_path):
+def test_resume_after_sigkill_is_bitwise(task, tmp_path, one_thread):
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
             "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2", "--curriculum", "pass_rate",
             "--keep", "2"]
@@ -234,7 +234,7 @@ def test_resume_after_sigkill_is_bitwise(task, tmp_path):
     proc.wait()
     proc.stdout.close()
     assert (cut / "latest").read_text() == "step_000002" and not (cut / "step_000004").exists()
-    launch([str(REPO / "train_rl.py"), *common(task, cut), *args, "--resume"])
+    conftest.in_this_process(T.main, [*common(task, cut), *args, "--resume"])  # no start-up of its own
     finish(reference)
     whole, resumed = weights(tmp_path / "whole", 4), weights(cut, 4)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
