@@ -259,9 +259,9 @@ def test_sigterm_saves_and_exits(task, tmp_path):
     assert f"SIGTERM: saved {out / f'step_{step:06d}'} at step {step}; continue with --resume" in rest
 
 
-def test_connector_only_changes_only_the_connector(task, tmp_path):
-    launch([str(REPO / "train_rl.py"), *common(task, tmp_path), "--stage", "sft", "--train", "connector",
-            "--steps", "2", "--prompts_per_step", "4", "--micro_batch", "4", "--lr", "1e-2"])
+def test_connector_only_changes_only_the_connector(task, tmp_path, one_thread):
+    conftest.in_this_process(T.main, [*common(task, tmp_path), "--stage", "sft", "--train", "connector", "--steps", "2",
+                                      "--prompts_per_step", "4", "--micro_batch", "4", "--lr", "1e-2"])
     init, after = load_file(task.init_checkpoint / "model.safetensors"), weights(tmp_path, 2)
     connector = [k for k in init if k.startswith("multi_modal_projector.")]
     assert connector and all((after[k] - init[k]).abs().max() > 1e-4 for k in connector)
