@@ -589,16 +589,19 @@ def test_unknown_dtype_flag(capsys):
     assert e.value.code == 2 and "argument --dtype: invalid choice: 'foo'" in capsys.readouterr().err
 
 
-def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tmp_path):
-    """`python eval.py --ckpt --question --image` prints the greedy response the Sampler gives in-process."""
+def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tmp_path, capsys, one_thread):
+    """`eval.py --ckpt --question --image` (its main, in this process) prints the greedy response the Sampler
+    gives."""
     Image.open(io.BytesIO(WIDE)).save(tmp_path / "grid.png")
     model = C.load_model(ckpt)
     ids, pixels = D.build_prompt(tok, model.config, "how many red cells ?", [tmp_path / "grid.png"])
     stop, banned = D.special_ids(tok)
     [[want]] = Sampler(model, max_slots=1, max_len=len(ids) + 6, stop_ids=stop, banned_ids=banned).generate(
         [Request(ids, pixels)], max_new_tokens=6, temperature=0.0)
-    out = run(["eval.py", "--ckpt", str(ckpt), "--question", "how many red cells ?", "--image",
-               str(tmp_path / "grid.png"), "--max_new_tokens", "6", "--dtype", "float32"]).stdout
+    capsys.readouterr()
+    in_this_process(E.main, ["--ckpt", ckpt, "--question", "how many red cells ?", "--image", tmp_path / "grid.png",
+                             "--max_new_tokens", "6", "--dtype", "float32"])
+    out = capsys.readouterr().out
     response, stats = out.removesuffix("\n").rsplit("\n", 1)
     assert response == D.decode_response(tok, want.ids, stop) and want.ids, (response, want)
     assert stats.startswith(f"[{len(ids)} prompt tokens, {len(want.ids)} generated ({want.finish_reason}) in ")
