@@ -4,10 +4,7 @@ log-probs on an image prompt, the copy equal to its slices of the trained weight
 step ending with the same parameters as without tensor parallelism; bad values refused at the door. Every torchrun
 run of the module goes in one 2-process and one 4-process launch of tests/tp_driver.py (`launched`)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import eval as E
 import model as M
 import parallel as P
 import trainer as TR
-from conftest import DIST_ENV, finish, image_prompt, in_this_process, start
+from conftest import finish, image_prompt, in_this_process, start
 from grid_task import GridTaskConfig, prepare
 from rollout import Request, Sampler
 from test_eval import ckpt, mmmu_dir, tok  # noqa: F401 - eval's tiny checkpoint and MMMU folder (and their tokenizer)
@@ -229,19 +226,13 @@ def test_sizes_that_cannot_split_are_refused_at_the_door(ckpt, tmp_path):
     """One line, exit 2, before anything is loaded or OUT is made: train_rl.py and eval.py alike."""
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(dict(id="a", question="how many", answer="1")) + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": "1"}
-    script = lambda *args: subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     # Both scripts at once: each is one process (one core) starting torch before it refuses.
-    train = script("train_rl.py", "--init_from", ckpt, "--data", rows, "--out", tmp_path / "out", "--rollout_tp", "2")
-    ev = script("eval.py", "--ckpt", ckpt, "--data", rows, "--out", tmp_path / "e.json", "--rollout_tp", "3")
-    try:
-        train_err, ev_err = (p.communicate(timeout=300)[1] for p in (train, ev))
-    finally:
-        for p in (train, ev):  # one that outlived a timeout ends here (a no-op on one that exited)
-            p.kill()
-    assert (train.returncode, train_err) == (2, "train_rl.py: error: --rollout_tp 2 must divide the 1 processes\n")
+    train, ev = finish(start(["train_rl.py", "--init_from", ckpt, "--data", rows, "--out", tmp_path / "out",
+                              "--rollout_tp", "2"]),
+                       start(["eval.py", "--ckpt", ckpt, "--data", rows, "--out", tmp_path / "e.json",
+                              "--rollout_tp", "3"]), check=False)
+    assert (train.returncode, train.stderr) == (2, "train_rl.py: error: --rollout_tp 2 must divide the 1 processes\n")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-    assert (ev.returncode, ev_err) == (2, "eval.py: error: --rollout_tp 3 must divide the 1 processes\n")
+    assert (ev.returncode, ev.stderr) == (2, "eval.py: error: --rollout_tp 3 must divide the 1 processes\n")
     with pytest.raises(P.UsageError, match="--rollout_tp must be >= 1, got 0"):
         TR.TrainConfig(rollout_tp=0)
