@@ -368,25 +368,37 @@ class SharedPrompts:
     prompt's last token, then the response but its last: the positions that predict the response). The linear
     layers, the norms and the vision tower see each prompt once instead of G times, and no padding.
 
-    Attention, per prompt, gathers the span into G rows of prefix + suffix and runs SDPA's causal kernel on them
-    (flash, GQA, no mask), taking the prefix's outputs from the first row: the prefix's queries run G times, a
-    waste of (G - 1) x prefix^2 / 2 attention scores that keeps every backend's fused causal path. Autograd sums
-    the G uses of the prefix's keys and values. Speaks KVCache's `attend` protocol (positions come from the
-    caller: a suffix continues its prefix's positions)."""
+    Attention gathers each span into G rows of prefix + suffix, the rows of all spans in one right-padded batch, and
+    runs SDPA's causal kernel on it once (flash, GQA, no mask: a row's padding comes after its tokens, which causal
+    attention never lets see it); each token's output comes from its row, a prefix token's from its span's first.
+    The prefix's queries run G times, a waste of (G - 1) x prefix^2 / 2 attention scores that keeps every backend's
+    fused causal path, and attention (alone) runs the batch's padding. Autograd sums the G uses of the prefix's keys
+    and values. Speaks KVCache's `attend` protocol (positions come from the caller: a suffix continues its
+    prefix's positions)."""
     spans: list[PromptSpan]
+
+    def __post_init__(self):
+        # Computed once for every layer: the packed-row position of each batch row's tokens (padding repeats the
+        # row's last one), and where each packed token's output sits in the flattened batch.
+        L = max(span.prefix + span.suffix.shape[1] for span in self.spans)
+        rows, out, at, first = [], [], 0, 0  # first: the span's first row in the batch
+        for span in self.spans:
+            P, (G, S) = span.prefix, span.suffix.shape
+            dev = span.suffix.device
+            row = torch.cat([torch.arange(at, at + P, device=dev).expand(G, P), at + span.suffix], dim=1)  # (G, P+S)
+            rows.append(torch.cat([row, row[:, -1:].expand(G, L - P - S)], dim=1))  # (G, L)
+            suffix = (first + span.real // S) * L + P + span.real % S if S else span.real
+            out += [first * L + torch.arange(P, device=dev), suffix]
+            at, first = at + span.length, first + G
+        self.width, self.gather = L, torch.cat(rows).flatten()  # (R * L,)
+        self.out_index = torch.cat(out)  # (T,)
 
     @torch.compiler.disable  # --compile_blocks: the spans change every micro-batch; the rest of a block compiles
     def attend(self, layer: int, q, k, v, positions, slots=None):
         """q (1, T, H, D), k and v (1, T, KV, D) over the packed row -> (1, T, H * D)."""
-        out = []
-        # Split once: each span's gathers then cost (and their backward allocates) its own length, not the row's.
-        split = lambda x: x[0].split([span.length for span in self.spans])
-        for span, q_, k_, v_ in zip(self.spans, split(q), split(k), split(v)):
-            P, G = span.prefix, span.suffix.shape[0]
-            rows = lambda x: torch.cat([x[:P].expand(G, -1, -1, -1), x[span.suffix]], dim=1)  # (G, P + S, heads, D)
-            y = causal_attention(rows(q_), rows(k_), rows(v_))  # (G, P + S, H * D)
-            out += [y[0, :P], y[:, P:].reshape(-1, y.shape[-1])[span.real]]
-        return torch.cat(out)[None]  # (1, T, H * D)
+        rows = lambda x: x[0].index_select(0, self.gather).view(-1, self.width, *x.shape[2:])  # (R, L, heads, D)
+        y = causal_attention(rows(q), rows(k), rows(v))  # (R, L, H * D)
+        return y.flatten(0, 1).index_select(0, self.out_index)[None]  # (1, T, H * D)
 
 
 class Attention(nn.Module):
