@@ -535,7 +535,7 @@ def run(args: list[str], nproc: int = 1, **env) -> subprocess.CompletedProcess:
     return finish(start(args, nproc, **env))[0]
 
 
-def test_torchrun_two_processes_match_one(mmmu_dir, ckpt, tmp_path, one_thread):
+def test_torchrun_two_processes_match_one(mmmu_dir, ckpt, tmp_path, in_process, one_thread):
     common = ["--ckpt", str(ckpt), "--data", str(mmmu_dir), "--samples", "2", "--max_new_tokens", "6",
               "--max_len", "256", "--chunk", "2", "--no-progress"]
     # Independent runs, at once: the one-process one in pytest's process, without a start-up of its own.
@@ -589,7 +589,8 @@ def test_unknown_dtype_flag(capsys):
     assert e.value.code == 2 and "argument --dtype: invalid choice: 'foo'" in capsys.readouterr().err
 
 
-def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tmp_path, capsys, one_thread):
+def test_one_question_prints_the_greedy_response_the_sampler_gives(ckpt, tok, tmp_path, capsys, in_process,
+                                                                   one_thread):
     """`eval.py --ckpt --question --image` (its main, in this process) prints the greedy response the Sampler
     gives."""
     Image.open(io.BytesIO(WIDE)).save(tmp_path / "grid.png")

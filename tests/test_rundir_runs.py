@@ -41,7 +41,7 @@ def finish(*runs: subprocess.Popen, timeout: int = 300) -> list[str]:
     return [done.stdout for done in conftest.finish(*runs, timeout=timeout, check=False)]
 
 
-def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path, capsys, one_thread):
+def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path, capsys, in_process):
     out = tmp_path / "run"
     args = [*common(task, out), "--stage", "sft", "--prompts_per_step", "4", "--micro_batch", "4", "--save_every", "1"]
     a = start([*args, "--steps", "10000"])
@@ -90,7 +90,7 @@ def test_one_run_per_out_and_a_dead_runs_lock_is_taken_over(task, tmp_path, caps
     assert (out / "latest").read_text() == f"step_{k + 1:06d}" and not list(out.glob("step_*.tmp"))
 
 
-def test_resume_after_deleting_the_newest_steps_continues_from_the_one_before(task, tmp_path, capsys, one_thread):
+def test_resume_after_deleting_the_newest_steps_continues_from_the_one_before(task, tmp_path, capsys, in_process):
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
             "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"

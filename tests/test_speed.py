@@ -172,7 +172,7 @@ def test_step_runs_each_prompt_through_the_tower_once(tmp_path, in_process, monk
         assert all(0 < m["packed"] < 1 for m in metrics)  # 8 prompts run once each, not 64 times
 
 
-def test_token_budget_equals_one_big_batch_on_1_and_2_processes(tmp_path):
+def test_token_budget_equals_one_big_batch_on_1_and_2_processes(tmp_path, in_process, one_thread):
     """Prompts with 0-3 tiles and responses of 1-60 tokens: one micro-batch of everything vs budgets of 150 and
     400 padded tokens, on one process and on two (uneven micro-batch counts: dummies), fp64 through."""
     flags = lambda budget: ("--micro_batch_tokens", str(budget)) if budget else ()

@@ -163,13 +163,13 @@ def test_advantages():
 
 def one_and_two(task, tmp_path, args: list[str]):
     """train_rl.py ARGS to TMP/two on two processes (torchrun) and meanwhile to TMP/one in pytest's process, without a
-    start-up of its own."""
+    start-up of its own (the caller takes the `in_process` fixture)."""
     two = start([*common(task, tmp_path / "two"), *args], nproc=2)
     conftest.in_this_process(T.main, [*common(task, tmp_path / "one"), *args])
     finish(two)
 
 
-def test_sft_step_two_processes_match_one(task, tmp_path):
+def test_sft_step_two_processes_match_one(task, tmp_path, in_process):
     one_and_two(task, tmp_path, ["--stage", "sft", "--train", "vit,connector,llm", "--steps", "1",
                                  "--prompts_per_step", "8", "--micro_batch", "3", "--lr", "1e-3"])
     same_step(tmp_path / "one", tmp_path / "two", task)
@@ -186,7 +186,7 @@ def same_step(one: Path, two: Path, task):
     assert max_diff(weights(one, 1), load_file(task.init_checkpoint / "model.safetensors")) > 1e-4  # it moved
 
 
-def test_grpo_step_two_processes_match_one(task, tmp_path):
+def test_grpo_step_two_processes_match_one(task, tmp_path, in_process):
     """Fixed rollouts (two micro-batches per process of uneven size: token means across ranks and micro-batches),
     then the real sampler with fixed seeds."""
     driver = Path(grpo_fixed_rollout.__file__)
@@ -221,7 +221,7 @@ def wait_for(proc: subprocess.Popen, line: str) -> list[str]:
     raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {line!r}:\n" + "\n".join(seen[-30:]))
 
 
-def test_resume_after_sigkill_is_bitwise(task, tmp_path, one_thread):
+def test_resume_after_sigkill_is_bitwise(task, tmp_path, in_process):
     args = ["--stage", "grpo", "--steps", "4", "--save_every", "1", "--prompts_per_step", "4", "--group_size", "4",
             "--micro_batch", "8", "--lr", "1e-2", "--updates_per_rollout", "2", "--curriculum", "pass_rate",
             "--keep", "2"]
@@ -259,7 +259,7 @@ def test_sigterm_saves_and_exits(task, tmp_path):
     assert f"SIGTERM: saved {out / f'step_{step:06d}'} at step {step}; continue with --resume" in rest
 
 
-def test_connector_only_changes_only_the_connector(task, tmp_path, one_thread):
+def test_connector_only_changes_only_the_connector(task, tmp_path, in_process):
     conftest.in_this_process(T.main, [*common(task, tmp_path), "--stage", "sft", "--train", "connector", "--steps", "2",
                                       "--prompts_per_step", "4", "--micro_batch", "4", "--lr", "1e-2"])
     init, after = load_file(task.init_checkpoint / "model.safetensors"), weights(tmp_path, 2)

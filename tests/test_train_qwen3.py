@@ -41,14 +41,14 @@ def task(tmp_path_factory):
 LR = "5e-4"
 
 
-def test_sft_step_two_processes_match_one(task, tmp_path):
+def test_sft_step_two_processes_match_one(task, tmp_path, in_process):
     args = ["--stage", "sft", "--train", "vit,connector,llm", "--steps", "1", "--prompts_per_step", "8",
             "--micro_batch", "3", "--lr", LR]
     one_and_two(task, tmp_path, args)
     same_step(tmp_path / "one", tmp_path / "two", task)
 
 
-def test_grpo_step_two_processes_match_one(task, tmp_path):
+def test_grpo_step_two_processes_match_one(task, tmp_path, in_process):
     args = ["--stage", "grpo", "--steps", "1", "--prompts_per_step", "4", "--group_size", "4", "--micro_batch", "4",
             "--lr", LR, "--no-dynamic_sampling", "--temperature", "1.5"]
     one_and_two(task, tmp_path, args)

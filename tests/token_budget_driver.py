@@ -60,19 +60,17 @@ def step(out: Path, budget: int | None):
 
 
 def main(argv: list[str]):
-    """OUT.pt [--micro_batch_tokens N]; also called in pytest's process (conftest.in_this_process): what it changes
-    there (the head, the thread count) is put back."""
+    """OUT.pt [--micro_batch_tokens N]; also called in pytest's process (conftest.in_this_process), where the
+    head it swaps is put back."""
     budget = int(argv[argv.index("--micro_batch_tokens") + 1]) if "--micro_batch_tokens" in argv else None
-    head, threads = M.logprob_entropy, torch.get_num_threads()
+    head = M.logprob_entropy
     # The fused head keeps its softmax statistics in fp32 whatever the inputs; the full-logits reference is fp64
     # through, so the comparison sees the batching alone.
     M.logprob_entropy = lambda h, w, t, temperature: logprob_entropy_reference(h, w, t, temperature)
-    torch.set_num_threads(1)
     try:
         step(Path(argv[0]), budget)
     finally:
         M.logprob_entropy = head
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
